@@ -1,0 +1,90 @@
+//! The `nearby` domain, free of I/O.
+//!
+//! This crate decides; it never waits. It owns the vocabulary shared by every
+//! other crate ([`UserId`], [`Location`], [`FriendStatus`], [`LeftReason`]),
+//! the account rules ([`account`]) and the heart of the product, the
+//! per-connection [`session::Session`] state machine that turns "my friend
+//! moved", "I moved", "time passed" and "a friendship changed" into the events
+//! a client sees. The server crate feeds it and does the I/O.
+//!
+//! **Architecture invariant:** no dependency on tokio, a network or a database
+//! crate; everything here is a pure function of its inputs (time included,
+//! which is always passed in as Unix milliseconds).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod account;
+pub mod session;
+
+mod ids;
+
+pub use ids::{ParseUserIdError, UserId};
+pub use nearby_geo::{CoordError, Point};
+
+use serde::{Deserialize, Serialize};
+
+/// A user's position at an instant: what the location cache stores, what the
+/// bus carries and what history appends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Location {
+    /// Where.
+    pub point: Point,
+    /// When the server accepted it, Unix milliseconds.
+    pub ts_ms: i64,
+}
+
+/// How a user relates to another user in the friend graph, seen from one side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FriendStatus {
+    /// Mutual friendship.
+    Friends,
+    /// The other user asked me; I have not answered.
+    Incoming,
+    /// I asked the other user; they have not answered.
+    Outgoing,
+}
+
+impl FriendStatus {
+    /// The same relation seen from the other side.
+    pub fn mirrored(self) -> Self {
+        match self {
+            Self::Friends => Self::Friends,
+            Self::Incoming => Self::Outgoing,
+            Self::Outgoing => Self::Incoming,
+        }
+    }
+
+    /// Stable text form, as stored and as sent on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Friends => "friends",
+            Self::Incoming => "incoming",
+            Self::Outgoing => "outgoing",
+        }
+    }
+
+    /// Parses [`FriendStatus::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "friends" => Some(Self::Friends),
+            "incoming" => Some(Self::Incoming),
+            "outgoing" => Some(Self::Outgoing),
+            _ => None,
+        }
+    }
+}
+
+/// Why a friend disappeared from a user's nearby list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeftReason {
+    /// The friend (or the user) moved and they are now farther apart than the radius.
+    OutOfRange,
+    /// The friend's latest location is older than the location TTL.
+    Inactive,
+    /// The friend stopped sharing their location with the user.
+    Unshared,
+    /// The friendship was removed (by either side).
+    Unfriended,
+}

@@ -1,0 +1,499 @@
+//! The nearby-friends state machine of one live connection.
+//!
+//! A [`Session`] knows the user's own latest location and, for every friend
+//! who shares their location with the user, that friend's latest known
+//! location and whether the client currently shows them. Every input returns
+//! the events to push, so the rule "the client never shows a ghost" lives in
+//! one place:
+//!
+//! * a friend is *shown* when both locations are known, the friend's is
+//!   fresher than the TTL, and they are within the radius;
+//! * every transition from hidden to shown emits [`FriendEvent::Location`];
+//!   every transition from shown to hidden emits exactly one
+//!   [`FriendEvent::Left`] with its reason; a friend who is not shown never
+//!   gets a `Left` (the client has nothing to remove);
+//! * while shown, a friend's own move always emits a `Location` (their
+//!   `updated_at` changed); the user's own move emits one only when the
+//!   distance changed by at least [`SessionConfig::distance_epsilon_m`], which
+//!   keeps a walking user from re-sending every friend's row each update.
+
+use std::collections::HashMap;
+
+use crate::{LeftReason, Location, UserId};
+
+/// The knobs of the nearby rule.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SessionConfig {
+    /// Friends farther than this (metres) are not nearby.
+    pub radius_m: f64,
+    /// A location older than this (milliseconds) means the friend is inactive.
+    pub ttl_ms: i64,
+    /// On the user's own move, re-send a shown friend's distance only if it
+    /// changed by at least this many metres.
+    pub distance_epsilon_m: f64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            radius_m: 8047.0,
+            ttl_ms: 600_000,
+            distance_epsilon_m: 25.0,
+        }
+    }
+}
+
+/// A friend the client should show: who, how far, how recent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Nearby {
+    /// The friend.
+    pub id: UserId,
+    /// Great-circle distance from the user, metres.
+    pub distance_m: f64,
+    /// When the friend's location was accepted, Unix milliseconds.
+    pub updated_at: i64,
+}
+
+/// What the client must be told.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FriendEvent {
+    /// Show (or update) this friend.
+    Location(Nearby),
+    /// Stop showing this friend, for this reason.
+    Left {
+        /// The friend.
+        id: UserId,
+        /// Why.
+        reason: LeftReason,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Tracked {
+    last: Option<Location>,
+    /// The distance last sent to the client, if the client shows the friend.
+    shown: Option<f64>,
+}
+
+/// One user's live view of their friends. See the module docs for the rules.
+#[derive(Debug, Clone)]
+pub struct Session {
+    me: UserId,
+    cfg: SessionConfig,
+    own: Option<Location>,
+    friends: HashMap<UserId, Tracked>,
+}
+
+impl Session {
+    /// Starts a session from what storage knows: the user's own cached
+    /// location and each sharing friend's cached location. Returns the session
+    /// and the snapshot to send first, nearest friend first.
+    pub fn start(
+        me: UserId,
+        cfg: SessionConfig,
+        own: Option<Location>,
+        friends: impl IntoIterator<Item = (UserId, Option<Location>)>,
+        now_ms: i64,
+    ) -> (Self, Vec<Nearby>) {
+        let mut session = Self {
+            me,
+            cfg,
+            own,
+            friends: HashMap::new(),
+        };
+        let mut snapshot = Vec::new();
+        for (id, last) in friends {
+            if id == me {
+                continue;
+            }
+            session.friends.insert(id, Tracked { last, shown: None });
+            if let Some(FriendEvent::Location(n)) = session.evaluate(id, true, now_ms) {
+                snapshot.push(n);
+            }
+        }
+        snapshot.sort_by(|a, b| a.distance_m.total_cmp(&b.distance_m));
+        (session, snapshot)
+    }
+
+    /// The user this session belongs to.
+    pub fn user(&self) -> UserId {
+        self.me
+    }
+
+    /// The user's own latest location, if known.
+    pub fn own_location(&self) -> Option<Location> {
+        self.own
+    }
+
+    /// Whether `id` is a friend who shares with this user (so the session
+    /// listens to their channel).
+    pub fn tracks(&self, id: UserId) -> bool {
+        self.friends.contains_key(&id)
+    }
+
+    /// The friends this session listens to.
+    pub fn tracked(&self) -> impl Iterator<Item = UserId> + '_ {
+        self.friends.keys().copied()
+    }
+
+    /// The friends the client currently shows.
+    pub fn shown(&self) -> impl Iterator<Item = UserId> + '_ {
+        self.friends
+            .iter()
+            .filter(|(_, t)| t.shown.is_some())
+            .map(|(id, _)| *id)
+    }
+
+    /// The user moved. Returns the friends who entered or left the radius
+    /// and the shown friends whose distance changed noticeably.
+    pub fn on_own_location(&mut self, loc: Location, now_ms: i64) -> Vec<FriendEvent> {
+        if self.own.is_some_and(|o| o.ts_ms > loc.ts_ms) {
+            return Vec::new();
+        }
+        self.own = Some(loc);
+        let ids: Vec<UserId> = self.friends.keys().copied().collect();
+        ids.into_iter()
+            .filter_map(|id| self.evaluate(id, false, now_ms))
+            .collect()
+    }
+
+    /// A friend's update arrived from the bus. Updates from users this
+    /// session does not track, and updates older than the one known, are
+    /// ignored (a late message must not move a friend back in time).
+    pub fn on_friend_location(
+        &mut self,
+        id: UserId,
+        loc: Location,
+        now_ms: i64,
+    ) -> Option<FriendEvent> {
+        let t = self.friends.get_mut(&id)?;
+        if t.last.is_some_and(|l| l.ts_ms >= loc.ts_ms) {
+            return None;
+        }
+        t.last = Some(loc);
+        self.evaluate(id, true, now_ms)
+    }
+
+    /// A friend became visible (friendship accepted or sharing granted), with
+    /// their cached location if any. Returns the event if they are nearby.
+    pub fn add_friend(
+        &mut self,
+        id: UserId,
+        last: Option<Location>,
+        now_ms: i64,
+    ) -> Option<FriendEvent> {
+        if id == self.me {
+            return None;
+        }
+        let t = self.friends.entry(id).or_default();
+        if let Some(l) = last {
+            if t.last.is_none_or(|old| old.ts_ms < l.ts_ms) {
+                t.last = Some(l);
+            }
+        }
+        self.evaluate(id, true, now_ms)
+    }
+
+    /// A friend stopped being visible (unshared or unfriended). Returns the
+    /// `Left` event if the client was showing them.
+    pub fn remove_friend(&mut self, id: UserId, reason: LeftReason) -> Option<FriendEvent> {
+        let t = self.friends.remove(&id)?;
+        t.shown.map(|_| FriendEvent::Left { id, reason })
+    }
+
+    /// When the next shown friend goes stale, Unix milliseconds: the caller
+    /// sleeps until then and calls [`Session::on_tick`].
+    pub fn next_expiry(&self) -> Option<i64> {
+        self.friends
+            .values()
+            .filter(|t| t.shown.is_some())
+            .filter_map(|t| t.last.map(|l| l.ts_ms.saturating_add(self.cfg.ttl_ms)))
+            .min()
+    }
+
+    /// Time passed: friends whose location went stale leave as `inactive`.
+    pub fn on_tick(&mut self, now_ms: i64) -> Vec<FriendEvent> {
+        let stale: Vec<UserId> = self
+            .friends
+            .iter()
+            .filter(|(_, t)| t.shown.is_some() && !self.is_fresh(t.last, now_ms))
+            .map(|(id, _)| *id)
+            .collect();
+        stale
+            .into_iter()
+            .filter_map(|id| self.evaluate(id, false, now_ms))
+            .collect()
+    }
+
+    /// The friends the client shows right now, nearest first.
+    pub fn snapshot(&self) -> Vec<Nearby> {
+        let mut v: Vec<Nearby> = self
+            .friends
+            .iter()
+            .filter_map(|(id, t)| {
+                Some(Nearby {
+                    id: *id,
+                    distance_m: t.shown?,
+                    updated_at: t.last?.ts_ms,
+                })
+            })
+            .collect();
+        v.sort_by(|a, b| a.distance_m.total_cmp(&b.distance_m));
+        v
+    }
+
+    fn is_fresh(&self, loc: Option<Location>, now_ms: i64) -> bool {
+        loc.is_some_and(|l| now_ms.saturating_sub(l.ts_ms) < self.cfg.ttl_ms)
+    }
+
+    /// Re-decides whether friend `id` is shown and returns the transition, if
+    /// any. `friend_moved` forces a `Location` for a shown friend (their
+    /// timestamp changed even if the distance did not).
+    fn evaluate(&mut self, id: UserId, friend_moved: bool, now_ms: i64) -> Option<FriendEvent> {
+        let fresh = self.friends.get(&id).map(|t| self.is_fresh(t.last, now_ms))?;
+        let (cfg, own) = (self.cfg, self.own);
+        let t = self.friends.get_mut(&id)?;
+        let in_range = match (own, t.last) {
+            (Some(o), Some(l)) if fresh => {
+                let d = o.point.distance_m(l.point);
+                (d <= cfg.radius_m).then_some(d)
+            }
+            _ => None,
+        };
+        let updated_at = t.last.map_or(0, |l| l.ts_ms);
+        let show = |t: &mut Tracked, distance_m: f64| {
+            t.shown = Some(distance_m);
+            Some(FriendEvent::Location(Nearby {
+                id,
+                distance_m,
+                updated_at,
+            }))
+        };
+        match (t.shown, in_range) {
+            (None, Some(d)) => show(t, d),
+            (Some(prev), Some(d)) if friend_moved || (d - prev).abs() >= cfg.distance_epsilon_m => {
+                show(t, d)
+            }
+            (Some(_), None) => {
+                t.shown = None;
+                let reason = if fresh {
+                    LeftReason::OutOfRange
+                } else {
+                    t.last = None;
+                    LeftReason::Inactive
+                };
+                Some(FriendEvent::Left { id, reason })
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Point;
+    use proptest::prelude::*;
+
+    const ME: UserId = UserId(1);
+    const BOB: UserId = UserId(2);
+    const CAROL: UserId = UserId(3);
+
+    fn cfg() -> SessionConfig {
+        SessionConfig {
+            radius_m: 1000.0,
+            ttl_ms: 10_000,
+            distance_epsilon_m: 25.0,
+        }
+    }
+
+    /// A location `north_m` metres north of (0, 0) at time `ts`.
+    fn at(north_m: f64, ts: i64) -> Location {
+        let lat = north_m / nearby_geo::EARTH_RADIUS_M;
+        Location {
+            point: Point::new(lat.to_degrees(), 0.0).unwrap(),
+            ts_ms: ts,
+        }
+    }
+
+    fn left(id: UserId, reason: LeftReason) -> Option<FriendEvent> {
+        Some(FriendEvent::Left { id, reason })
+    }
+
+    fn distance(ev: Option<FriendEvent>) -> f64 {
+        match ev {
+            Some(FriendEvent::Location(n)) => n.distance_m,
+            other => panic!("expected a location event, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn snapshot_holds_only_fresh_friends_in_range_nearest_first() {
+        let friends = [
+            (BOB, Some(at(800.0, 0))),
+            (CAROL, Some(at(300.0, 0))),
+            (UserId(4), Some(at(5000.0, 0))),
+            (UserId(5), None),
+            (UserId(6), Some(at(10.0, -20_000))),
+        ];
+        let (s, snap) = Session::start(ME, cfg(), Some(at(0.0, 0)), friends, 1);
+        let ids: Vec<_> = snap.iter().map(|n| n.id).collect();
+        assert_eq!(ids, vec![CAROL, BOB]);
+        assert!((snap[0].distance_m - 300.0).abs() < 0.01);
+        assert_eq!(s.snapshot(), snap);
+        assert_eq!(s.tracked().count(), 5);
+    }
+
+    #[test]
+    fn no_own_location_means_empty_snapshot_until_the_first_move() {
+        let (mut s, snap) = Session::start(ME, cfg(), None, [(BOB, Some(at(100.0, 0)))], 0);
+        assert!(snap.is_empty());
+        let evs = s.on_own_location(at(0.0, 1), 1);
+        assert_eq!(evs.len(), 1);
+        assert!((distance(evs.first().copied()) - 100.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn friend_moving_out_and_back_in() {
+        let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), [(BOB, None)], 0);
+        assert!((distance(s.on_friend_location(BOB, at(500.0, 1), 1)) - 500.0).abs() < 0.01);
+        // A shown friend's move always emits, even a tiny one.
+        assert!(s.on_friend_location(BOB, at(501.0, 2), 2).is_some());
+        assert_eq!(
+            s.on_friend_location(BOB, at(1500.0, 3), 3),
+            left(BOB, LeftReason::OutOfRange)
+        );
+        // Out of range and still out: nothing, not a second `Left`.
+        assert_eq!(s.on_friend_location(BOB, at(2000.0, 4), 4), None);
+        assert!(s.on_friend_location(BOB, at(10.0, 5), 5).is_some());
+    }
+
+    #[test]
+    fn stale_and_foreign_updates_are_ignored() {
+        let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), [(BOB, None)], 0);
+        assert!(s.on_friend_location(BOB, at(100.0, 10), 10).is_some());
+        assert_eq!(s.on_friend_location(BOB, at(2000.0, 5), 11), None);
+        assert_eq!(s.snapshot().len(), 1);
+        assert_eq!(s.on_friend_location(CAROL, at(1.0, 12), 12), None);
+    }
+
+    #[test]
+    fn own_move_brings_friends_in_and_out_at_once() {
+        let friends = [(BOB, Some(at(1500.0, 0))), (CAROL, Some(at(-500.0, 0)))];
+        let (mut s, snap) = Session::start(ME, cfg(), Some(at(0.0, 0)), friends, 0);
+        assert_eq!(snap.len(), 1);
+        let evs = s.on_own_location(at(900.0, 1), 1);
+        assert_eq!(evs.len(), 2, "{evs:?}");
+        assert!(evs.contains(&FriendEvent::Left {
+            id: CAROL,
+            reason: LeftReason::OutOfRange
+        }));
+        assert!(evs
+            .iter()
+            .any(|e| matches!(e, FriendEvent::Location(n) if n.id == BOB)));
+    }
+
+    #[test]
+    fn own_small_moves_do_not_resend_distances() {
+        let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), [(BOB, Some(at(500.0, 0)))], 0);
+        assert!(s.on_own_location(at(10.0, 1), 1).is_empty());
+        assert!(s.on_own_location(at(20.0, 2), 2).is_empty());
+        // 30 m from the distance last sent: re-sent.
+        let evs = s.on_own_location(at(30.0, 3), 3);
+        assert!((distance(evs.first().copied()) - 470.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn inactive_friends_leave_once_at_their_expiry() {
+        let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), [(BOB, Some(at(10.0, 100)))], 100);
+        assert_eq!(s.next_expiry(), Some(10_100));
+        assert!(s.on_tick(10_099).is_empty());
+        assert_eq!(s.on_tick(10_100), vec![FriendEvent::Left { id: BOB, reason: LeftReason::Inactive }]);
+        assert!(s.on_tick(20_000).is_empty());
+        assert_eq!(s.next_expiry(), None);
+        // Back with a fresh update: shown again.
+        assert!(s.on_friend_location(BOB, at(10.0, 20_001), 20_001).is_some());
+    }
+
+    #[test]
+    fn removal_emits_only_for_shown_friends() {
+        let friends = [(BOB, Some(at(10.0, 0))), (CAROL, Some(at(5000.0, 0)))];
+        let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), friends, 0);
+        assert_eq!(s.remove_friend(BOB, LeftReason::Unshared), left(BOB, LeftReason::Unshared));
+        assert_eq!(s.remove_friend(BOB, LeftReason::Unfriended), None);
+        assert_eq!(s.remove_friend(CAROL, LeftReason::Unfriended), None);
+        assert!(!s.tracks(CAROL));
+        assert_eq!(s.on_friend_location(BOB, at(1.0, 1), 1), None);
+    }
+
+    #[test]
+    fn added_friend_shows_at_once_when_near() {
+        let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), [], 0);
+        assert!(s.add_friend(BOB, Some(at(10.0, 0)), 1).is_some());
+        assert_eq!(s.add_friend(ME, Some(at(0.0, 0)), 1), None);
+        assert!(s.tracks(BOB) && !s.tracks(ME));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Input {
+        Own(f64),
+        Friend(u8, f64),
+        Tick,
+        Remove(u8),
+        Add(u8, f64),
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        prop_oneof![
+            (-3000.0f64..3000.0).prop_map(Input::Own),
+            (0u8..4, -3000.0f64..3000.0).prop_map(|(f, m)| Input::Friend(f, m)),
+            Just(Input::Tick),
+            (0u8..4).prop_map(Input::Remove),
+            (0u8..4, -3000.0f64..3000.0).prop_map(|(f, m)| Input::Add(f, m)),
+        ]
+    }
+
+    proptest! {
+        /// Whatever happens, the events form a valid show/hide sequence per
+        /// friend (no `Left` for a hidden friend), the client's reconstructed
+        /// list equals the session's snapshot, and every shown friend is fresh
+        /// and within the radius.
+        #[test]
+        fn events_replay_to_the_snapshot(inputs in proptest::collection::vec((input(), 0i64..4000), 1..60)) {
+            let friends = (0..4).map(|i| (UserId(10 + i), None));
+            let (mut s, snap) = Session::start(ME, cfg(), Some(at(0.0, 0)), friends, 0);
+            let mut client: HashMap<UserId, f64> = snap.iter().map(|n| (n.id, n.distance_m)).collect();
+            let mut now = 0i64;
+            for (inp, dt) in inputs {
+                now += dt;
+                let evs: Vec<FriendEvent> = match inp {
+                    Input::Own(m) => s.on_own_location(at(m, now), now),
+                    Input::Friend(f, m) => s.on_friend_location(UserId(10 + f as i64), at(m, now), now).into_iter().collect(),
+                    Input::Tick => s.on_tick(now),
+                    Input::Remove(f) => s.remove_friend(UserId(10 + f as i64), LeftReason::Unfriended).into_iter().collect(),
+                    Input::Add(f, m) => s.add_friend(UserId(10 + f as i64), Some(at(m, now)), now).into_iter().collect(),
+                };
+                for ev in evs {
+                    match ev {
+                        FriendEvent::Location(n) => { client.insert(n.id, n.distance_m); }
+                        FriendEvent::Left { id, .. } => prop_assert!(client.remove(&id).is_some(), "left for a friend not shown"),
+                    }
+                }
+                let expiry = s.next_expiry();
+                if expiry.is_some_and(|e| e <= now) {
+                    for ev in s.on_tick(now) {
+                        let inactive = matches!(ev, FriendEvent::Left { reason: LeftReason::Inactive, .. });
+                        prop_assert!(inactive, "tick emitted {:?}", ev);
+                        if let FriendEvent::Left { id, .. } = ev { prop_assert!(client.remove(&id).is_some()); }
+                    }
+                }
+                let snap: HashMap<UserId, f64> = s.snapshot().iter().map(|n| (n.id, n.distance_m)).collect();
+                prop_assert_eq!(&snap, &client);
+                for n in s.snapshot() {
+                    prop_assert!(n.distance_m <= cfg().radius_m);
+                    prop_assert!(now - n.updated_at < cfg().ttl_ms);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! The seams of `nearby`: role-named traits that the server talks to and the
+//! storage adapters implement.
+//!
+//! | trait | role | embedded adapter | production adapter |
+//! |---|---|---|---|
+//! | [`LocationCache`] | latest location per user, with TTL | `nearby-store-memory` | Redis |
+//! | [`PubSub`] | one channel per user, node-local fan-out | `nearby-store-memory` | Redis pub/sub |
+//! | [`UserStore`] | users, tokens, friendships, sharing | `nearby-store-sqlite` | PostgreSQL |
+//! | [`HistoryStore`] | append-only location history | `nearby-store-sqlite` | PostgreSQL |
+//!
+//! **Architecture invariant:** traits and plain data only. The one runtime
+//! type used is tokio's `mpsc::Sender`, the hand-off from a bus to a session.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nearby_core::{FriendStatus, LeftReason, Location, UserId};
+use tokio::sync::mpsc;
+
+/// What every adapter may fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule was broken (e.g. the username is taken).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The thing acted upon does not exist (unknown user, not friends).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The backend failed or is unreachable; the operation may be retried.
+    #[error("backend error: {0}")]
+    Backend(String),
+}
+
+/// Result of an adapter call.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Latest location per user; an entry older than its TTL is gone (the user is
+/// inactive).
+#[async_trait]
+pub trait LocationCache: Send + Sync + 'static {
+    /// Stores `loc` as the user's latest location, expiring after `ttl`.
+    async fn put(&self, user: UserId, loc: Location, ttl: Duration) -> StoreResult<()>;
+    /// Reads many users' latest locations in one round trip, in the order asked.
+    async fn get_many(&self, users: &[UserId]) -> StoreResult<Vec<Option<Location>>>;
+    /// Reads one user's latest location.
+    async fn get(&self, user: UserId) -> StoreResult<Option<Location>> {
+        Ok(self.get_many(&[user]).await?.pop().flatten())
+    }
+}
+
+/// A channel on the bus. Each user has two: `Location(u)` carries u's moves to
+/// the sessions of u's friends; `Inbox(u)` carries friendship and sharing
+/// changes to u's own sessions (the callback of the design).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Channel {
+    /// The user's location updates.
+    Location(UserId),
+    /// Control messages for the user's sessions.
+    Inbox(UserId),
+}
+
+impl Channel {
+    /// The channel's name on an external broker (`loc:42`, `inbox:42`).
+    pub fn name(self) -> String {
+        match self {
+            Self::Location(u) => format!("loc:{u}"),
+            Self::Inbox(u) => format!("inbox:{u}"),
+        }
+    }
+}
+
+/// A message on the bus.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BusMessage {
+    /// `user` moved (published on `Location(user)`).
+    Location {
+        /// Who moved.
+        user: UserId,
+        /// Where, when.
+        loc: Location,
+    },
+    /// `friend` now shares with the inbox's owner (published on `Inbox`).
+    FriendVisible {
+        /// The friend now visible.
+        friend: UserId,
+    },
+    /// `friend` no longer shares with the inbox's owner (published on `Inbox`).
+    FriendHidden {
+        /// The friend now hidden.
+        friend: UserId,
+        /// `Unshared` or `Unfriended`.
+        reason: LeftReason,
+    },
+}
+
+/// A session's end of the bus: messages for every channel it subscribed to
+/// arrive on one bounded queue. Delivery never blocks the publisher: when the
+/// queue is full (a stalled client) the message is dropped and counted.
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    id: u64,
+    tx: mpsc::Sender<BusMessage>,
+}
+
+impl Subscriber {
+    /// A new subscriber with a queue of `capacity` messages, and the
+    /// receiving end for the session.
+    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<BusMessage>) {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        (Self { id, tx }, rx)
+    }
+
+    /// Unique within the process; the key a bus keeps subscriptions under.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Hands `msg` to the session without waiting. Returns false if it was
+    /// dropped (queue full or session gone).
+    pub fn deliver(&self, msg: BusMessage) -> bool {
+        self.tx.try_send(msg).is_ok()
+    }
+}
+
+/// The routing layer: publish to a channel; subscribers of that channel, on
+/// any node, receive it.
+#[async_trait]
+pub trait PubSub: Send + Sync + 'static {
+    /// Publishes `msg` on `channel`. Fire and forget: success means the bus
+    /// accepted it, not that anyone received it.
+    async fn publish(&self, channel: Channel, msg: BusMessage) -> StoreResult<()>;
+    /// Adds `sub` to each channel.
+    async fn subscribe(&self, sub: &Subscriber, channels: &[Channel]) -> StoreResult<()>;
+    /// Removes `sub` from each channel (unknown ones are ignored).
+    async fn unsubscribe(&self, sub: &Subscriber, channels: &[Channel]) -> StoreResult<()>;
+}
+
+/// A user as stored, for login.
+#[derive(Debug, Clone)]
+pub struct UserRecord {
+    /// Id.
+    pub id: UserId,
+    /// Unique name.
+    pub username: String,
+    /// PHC-format password hash.
+    pub password_hash: String,
+}
+
+/// One row of a user's friend list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FriendEntry {
+    /// The other user.
+    pub id: UserId,
+    /// Their name.
+    pub username: String,
+    /// Relation, from the owner's side.
+    pub status: FriendStatus,
+    /// Whether the owner shares their location with this user.
+    pub sharing: bool,
+}
+
+/// Users, bearer tokens, friendships and sharing permissions.
+///
+/// A friendship is stored as two directed edges so that each side has its own
+/// status and its own sharing flag; adapters keep both edges in one
+/// transaction.
+#[async_trait]
+pub trait UserStore: Send + Sync + 'static {
+    /// Creates a user. `Conflict` if the name is taken.
+    async fn create_user(&self, username: &str, password_hash: &str) -> StoreResult<UserId>;
+    /// Finds a user by name.
+    async fn user_by_name(&self, username: &str) -> StoreResult<Option<UserRecord>>;
+    /// Whether the user exists.
+    async fn user_exists(&self, id: UserId) -> StoreResult<bool>;
+    /// Stores a token (by its hash) for `user`, valid until `expires_at_ms`.
+    async fn create_token(&self, token_hash: &[u8], user: UserId, expires_at_ms: i64) -> StoreResult<()>;
+    /// The user a token belongs to, if it exists and has not expired at `now_ms`.
+    async fn token_user(&self, token_hash: &[u8], now_ms: i64) -> StoreResult<Option<UserId>>;
+    /// Deletes a token (logout). Unknown tokens are ignored.
+    async fn delete_token(&self, token_hash: &[u8]) -> StoreResult<()>;
+    /// `from` asks `to` to be friends, or accepts `to`'s pending request.
+    /// Returns the relation afterwards, from `from`'s side: `Outgoing`, or
+    /// `Friends` when this accepted (or they already were). `NotFound` if
+    /// `to` does not exist.
+    async fn request_friend(&self, from: UserId, to: UserId) -> StoreResult<FriendStatus>;
+    /// Removes the relation between `a` and `b` whatever its state (unfriend,
+    /// decline or cancel). Returns what it was, from `a`'s side.
+    async fn remove_friend(&self, a: UserId, b: UserId) -> StoreResult<Option<FriendStatus>>;
+    /// Sets whether `from` shares their location with friend `to`. Returns
+    /// the previous value; `NotFound` unless they are friends.
+    async fn set_sharing(&self, from: UserId, to: UserId, enabled: bool) -> StoreResult<bool>;
+    /// The user's friends and pending requests, ordered by username.
+    async fn friends(&self, user: UserId) -> StoreResult<Vec<FriendEntry>>;
+    /// The friends whose locations `viewer` may see: mutual friends who share
+    /// with `viewer`.
+    async fn visible_friends(&self, viewer: UserId) -> StoreResult<Vec<UserId>>;
+}
+
+/// One location to append to history.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HistoryEntry {
+    /// Whose.
+    pub user: UserId,
+    /// Where, when.
+    pub loc: Location,
+}
+
+/// Append-only location history.
+#[async_trait]
+pub trait HistoryStore: Send + Sync + 'static {
+    /// Appends a batch atomically (all or nothing).
+    async fn append(&self, batch: &[HistoryEntry]) -> StoreResult<()>;
+    /// The user's locations with `from_ms <= ts < to_ms`, oldest first, at
+    /// most `limit`.
+    async fn range(&self, user: UserId, from_ms: i64, to_ms: i64, limit: u32) -> StoreResult<Vec<Location>>;
+}

@@ -1,0 +1,87 @@
+//! REST request and response bodies. `docs/openapi.json` describes the same.
+
+use nearby_core::{FriendStatus, UserId};
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/users` and `POST /v1/sessions` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credentials {
+    /// 3–32 of `a-z A-Z 0-9 _ - .`.
+    pub username: String,
+    /// 8–128 characters.
+    pub password: String,
+}
+
+/// A user as others see them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserView {
+    /// Opaque id.
+    pub id: UserId,
+    /// Unique name.
+    pub username: String,
+}
+
+/// `POST /v1/sessions` response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionCreated {
+    /// Bearer token for `Authorization: Bearer …` or `?token=`.
+    pub token: String,
+    /// The logged-in user.
+    pub user_id: UserId,
+    /// When the token stops working, Unix milliseconds.
+    pub expires_at: i64,
+}
+
+/// One row of `GET /v1/friends`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FriendView {
+    /// The other user.
+    pub id: UserId,
+    /// Their name.
+    pub username: String,
+    /// Relation, from the caller's side.
+    pub status: FriendStatus,
+    /// Whether the caller shares their location with this user.
+    pub sharing: bool,
+}
+
+/// `GET /v1/friends` response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FriendList {
+    /// Friends and pending requests, by username.
+    pub friends: Vec<FriendView>,
+}
+
+/// `PUT /v1/friends/{id}/sharing` body.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct SharingUpdate {
+    /// Share my location with this friend?
+    pub enabled: bool,
+}
+
+/// One stored location.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPoint {
+    /// Latitude, degrees.
+    pub lat: f64,
+    /// Longitude, degrees.
+    pub lon: f64,
+    /// When it was accepted, Unix milliseconds.
+    pub ts: i64,
+}
+
+/// `GET /v1/me/history` response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct History {
+    /// Oldest first.
+    pub points: Vec<HistoryPoint>,
+}
+
+/// The body of every REST error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable machine-readable code.
+    pub code: String,
+    /// Human-readable detail.
+    pub message: String,
+}

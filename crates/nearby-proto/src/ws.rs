@@ -1,0 +1,214 @@
+//! WebSocket frames. Every frame is a JSON object with a `type` field.
+
+use std::borrow::Cow;
+
+use nearby_core::session::{FriendEvent, Nearby};
+use nearby_core::{LeftReason, UserId};
+use serde::{Deserialize, Serialize};
+
+/// A frame from the client, parsed and ready to act on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ClientFrame {
+    /// `{"type":"location","lat":..,"lon":..}`. The coordinates are not yet
+    /// range-checked: that is the domain's job, and its error is clearer.
+    Location {
+        /// Latitude, degrees.
+        lat: f64,
+        /// Longitude, degrees.
+        lon: f64,
+    },
+}
+
+/// Why a client frame could not be understood. Each maps to an `error` frame
+/// with [`FrameError::code`]; the connection stays open.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FrameError {
+    /// Not JSON, or a field has the wrong JSON type.
+    #[error("malformed JSON: {0}")]
+    BadJson(String),
+    /// Valid JSON with a `type` this server does not know.
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    /// A known type lacking a required field.
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+}
+
+impl FrameError {
+    /// The stable machine-readable code of the `error` frame.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadJson(_) => "bad_json",
+            Self::UnknownType(_) => "unknown_type",
+            Self::MissingField(_) => "missing_field",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawClientFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    lat: Option<f64>,
+    lon: Option<f64>,
+}
+
+/// Parses one client text frame. Unknown fields are ignored (so clients can
+/// be newer than the server); unknown types are an error.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
+    let raw: RawClientFrame<'_> =
+        serde_json::from_str(text).map_err(|e| FrameError::BadJson(e.to_string()))?;
+    match raw.kind.as_ref() {
+        "location" => Ok(ClientFrame::Location {
+            lat: raw.lat.ok_or(FrameError::MissingField("lat"))?,
+            lon: raw.lon.ok_or(FrameError::MissingField("lon"))?,
+        }),
+        other => Err(FrameError::UnknownType(other.chars().take(64).collect())),
+    }
+}
+
+/// One friend in a snapshot, and the body of `friend_location`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct NearbyFriend {
+    /// The friend's user id.
+    pub id: UserId,
+    /// Distance from the receiving user, metres (one decimal).
+    pub distance_m: f64,
+    /// When the friend's location was accepted, Unix milliseconds.
+    pub updated_at: i64,
+}
+
+impl From<Nearby> for NearbyFriend {
+    fn from(n: Nearby) -> Self {
+        Self {
+            id: n.id,
+            distance_m: crate::round_distance(n.distance_m),
+            updated_at: n.updated_at,
+        }
+    }
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// First frame after the handshake: the friends nearby now, nearest first.
+    Snapshot {
+        /// Nearby friends.
+        friends: Vec<NearbyFriend>,
+    },
+    /// A friend is nearby (entered the radius, moved, or the user moved).
+    FriendLocation(NearbyFriend),
+    /// A friend is no longer nearby.
+    FriendLeft {
+        /// The friend's user id.
+        id: UserId,
+        /// Why.
+        reason: LeftReason,
+    },
+    /// Something the client sent was refused, or the server is about to close.
+    Error {
+        /// Stable machine-readable code.
+        code: Cow<'static, str>,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+impl ServerFrame {
+    /// An `error` frame.
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Error {
+            code: Cow::Borrowed(code),
+            message: message.into(),
+        }
+    }
+
+    /// Serializes to the JSON text of the frame.
+    pub fn to_json(&self) -> String {
+        // Serializing these types cannot fail: no maps with non-string keys,
+        // no failing custom serializers. Fall back to a fixed frame anyway.
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"internal","message":"serialization failed"}"#.to_owned()
+        })
+    }
+}
+
+impl From<FriendEvent> for ServerFrame {
+    fn from(ev: FriendEvent) -> Self {
+        match ev {
+            FriendEvent::Location(n) => Self::FriendLocation(n.into()),
+            FriendEvent::Left { id, reason } => Self::FriendLeft { id, reason },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn parses_location_and_ignores_extra_fields() {
+        assert_eq!(
+            parse_client_frame(r#"{"type":"location","lat":1.5,"lon":-2,"accuracy":5}"#),
+            Ok(ClientFrame::Location { lat: 1.5, lon: -2.0 })
+        );
+    }
+
+    #[test]
+    fn classifies_bad_frames() {
+        let code = |t: &str| parse_client_frame(t).unwrap_err().code();
+        assert_eq!(code("{not json"), "bad_json");
+        assert_eq!(code(r#"{"type":"location","lat":"x","lon":1}"#), "bad_json");
+        assert_eq!(code(r#"{"lat":1,"lon":1}"#), "bad_json");
+        assert_eq!(code(r#"[1,2]"#), "bad_json");
+        assert_eq!(code(r#"{"type":"teleport"}"#), "unknown_type");
+        assert_eq!(code(r#"{"type":"location","lat":1}"#), "missing_field");
+    }
+
+    #[test]
+    fn server_frames_match_the_documented_shapes() {
+        let f = ServerFrame::FriendLocation(NearbyFriend {
+            id: UserId(7),
+            distance_m: 12.3,
+            updated_at: 1000,
+        });
+        assert_eq!(
+            f.to_json(),
+            r#"{"type":"friend_location","id":"7","distance_m":12.3,"updated_at":1000}"#
+        );
+        let f = ServerFrame::FriendLeft {
+            id: UserId(7),
+            reason: LeftReason::OutOfRange,
+        };
+        assert_eq!(f.to_json(), r#"{"type":"friend_left","id":"7","reason":"out_of_range"}"#);
+        let f = ServerFrame::Snapshot { friends: vec![] };
+        assert_eq!(f.to_json(), r#"{"type":"snapshot","friends":[]}"#);
+        let f = ServerFrame::error("bad_json", "x");
+        assert_eq!(f.to_json(), r#"{"type":"error","code":"bad_json","message":"x"}"#);
+        let back: ServerFrame = serde_json::from_str(&f.to_json()).unwrap();
+        assert_eq!(back, f);
+    }
+
+    proptest! {
+        #[test]
+        fn parser_never_panics(s in ".{0,200}") {
+            let _ = parse_client_frame(&s);
+        }
+
+        #[test]
+        fn location_round_trips(lat in -90_000_000i64..=90_000_000, lon in -180_000_000i64..=180_000_000) {
+            // Phones send about six decimals; JSON text of those parses back
+            // to within an ulp (serde_json's fast float path).
+            let (lat, lon) = (lat as f64 / 1e6, lon as f64 / 1e6);
+            let text = format!(r#"{{"type":"location","lat":{lat},"lon":{lon}}}"#);
+            match parse_client_frame(&text) {
+                Ok(ClientFrame::Location { lat: a, lon: b }) => {
+                    prop_assert!((a - lat).abs() <= 1e-12 && (b - lon).abs() <= 1e-12, "{} {} vs {} {}", a, b, lat, lon);
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
+}
