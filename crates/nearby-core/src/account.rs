@@ -44,9 +44,15 @@ mod tests {
         assert!(validate_username("alice_01").is_ok());
         assert!(validate_username("a.b-c").is_ok());
         assert_eq!(validate_username("ab"), Err(AccountError::BadUsername));
-        assert_eq!(validate_username("has space"), Err(AccountError::BadUsername));
+        assert_eq!(
+            validate_username("has space"),
+            Err(AccountError::BadUsername)
+        );
         assert_eq!(validate_username("ünï"), Err(AccountError::BadUsername));
-        assert_eq!(validate_username(&"x".repeat(33)), Err(AccountError::BadUsername));
+        assert_eq!(
+            validate_username(&"x".repeat(33)),
+            Err(AccountError::BadUsername)
+        );
     }
 
     #[test]
@@ -54,6 +60,9 @@ mod tests {
         assert!(validate_password("12345678").is_ok());
         assert!(validate_password(&"é".repeat(128)).is_ok());
         assert_eq!(validate_password("short"), Err(AccountError::BadPassword));
-        assert_eq!(validate_password(&"x".repeat(129)), Err(AccountError::BadPassword));
+        assert_eq!(
+            validate_password(&"x".repeat(129)),
+            Err(AccountError::BadPassword)
+        );
     }
 }

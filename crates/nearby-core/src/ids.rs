@@ -53,7 +53,16 @@ mod tests {
 
     #[test]
     fn rejects_non_canonical() {
-        for bad in ["", "0", "-3", "+3", "03", "abc", "1.5", "99999999999999999999"] {
+        for bad in [
+            "",
+            "0",
+            "-3",
+            "+3",
+            "03",
+            "abc",
+            "1.5",
+            "99999999999999999999",
+        ] {
             assert!(bad.parse::<UserId>().is_err(), "{bad}");
         }
         assert_eq!("42".parse::<UserId>(), Ok(UserId(42)));

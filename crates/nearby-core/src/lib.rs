@@ -64,6 +64,17 @@ impl FriendStatus {
         }
     }
 
+    /// The relation after `me` sends a friend request (`PUT /v1/friends/{id}`)
+    /// while the relation was `before`: a new request is outgoing, a request
+    /// to someone who already asked me accepts it, anything else is unchanged.
+    pub fn after_request(before: Option<Self>) -> Self {
+        match before {
+            None => Self::Outgoing,
+            Some(Self::Incoming) => Self::Friends,
+            Some(other) => other,
+        }
+    }
+
     /// Parses [`FriendStatus::as_str`]'s output.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
@@ -87,4 +98,21 @@ pub enum LeftReason {
     Unshared,
     /// The friendship was removed (by either side).
     Unfriended,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FriendStatus::{self, *};
+
+    #[test]
+    fn requests_accept_pending_requests_and_are_idempotent() {
+        assert_eq!(FriendStatus::after_request(None), Outgoing);
+        assert_eq!(FriendStatus::after_request(Some(Incoming)), Friends);
+        assert_eq!(FriendStatus::after_request(Some(Outgoing)), Outgoing);
+        assert_eq!(FriendStatus::after_request(Some(Friends)), Friends);
+        for s in [Friends, Incoming, Outgoing] {
+            assert_eq!(s.mirrored().mirrored(), s);
+            assert_eq!(FriendStatus::parse(s.as_str()), Some(s));
+        }
+    }
 }

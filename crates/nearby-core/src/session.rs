@@ -250,7 +250,10 @@ impl Session {
     /// any. `friend_moved` forces a `Location` for a shown friend (their
     /// timestamp changed even if the distance did not).
     fn evaluate(&mut self, id: UserId, friend_moved: bool, now_ms: i64) -> Option<FriendEvent> {
-        let fresh = self.friends.get(&id).map(|t| self.is_fresh(t.last, now_ms))?;
+        let fresh = self
+            .friends
+            .get(&id)
+            .map(|t| self.is_fresh(t.last, now_ms))?;
         let (cfg, own) = (self.cfg, self.own);
         let t = self.friends.get_mut(&id)?;
         let in_range = match (own, t.last) {
@@ -395,7 +398,8 @@ mod tests {
 
     #[test]
     fn own_small_moves_do_not_resend_distances() {
-        let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), [(BOB, Some(at(500.0, 0)))], 0);
+        let (mut s, _) =
+            Session::start(ME, cfg(), Some(at(0.0, 0)), [(BOB, Some(at(500.0, 0)))], 0);
         assert!(s.on_own_location(at(10.0, 1), 1).is_empty());
         assert!(s.on_own_location(at(20.0, 2), 2).is_empty());
         // 30 m from the distance last sent: re-sent.
@@ -405,21 +409,38 @@ mod tests {
 
     #[test]
     fn inactive_friends_leave_once_at_their_expiry() {
-        let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), [(BOB, Some(at(10.0, 100)))], 100);
+        let (mut s, _) = Session::start(
+            ME,
+            cfg(),
+            Some(at(0.0, 0)),
+            [(BOB, Some(at(10.0, 100)))],
+            100,
+        );
         assert_eq!(s.next_expiry(), Some(10_100));
         assert!(s.on_tick(10_099).is_empty());
-        assert_eq!(s.on_tick(10_100), vec![FriendEvent::Left { id: BOB, reason: LeftReason::Inactive }]);
+        assert_eq!(
+            s.on_tick(10_100),
+            vec![FriendEvent::Left {
+                id: BOB,
+                reason: LeftReason::Inactive
+            }]
+        );
         assert!(s.on_tick(20_000).is_empty());
         assert_eq!(s.next_expiry(), None);
         // Back with a fresh update: shown again.
-        assert!(s.on_friend_location(BOB, at(10.0, 20_001), 20_001).is_some());
+        assert!(s
+            .on_friend_location(BOB, at(10.0, 20_001), 20_001)
+            .is_some());
     }
 
     #[test]
     fn removal_emits_only_for_shown_friends() {
         let friends = [(BOB, Some(at(10.0, 0))), (CAROL, Some(at(5000.0, 0)))];
         let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), friends, 0);
-        assert_eq!(s.remove_friend(BOB, LeftReason::Unshared), left(BOB, LeftReason::Unshared));
+        assert_eq!(
+            s.remove_friend(BOB, LeftReason::Unshared),
+            left(BOB, LeftReason::Unshared)
+        );
         assert_eq!(s.remove_friend(BOB, LeftReason::Unfriended), None);
         assert_eq!(s.remove_friend(CAROL, LeftReason::Unfriended), None);
         assert!(!s.tracks(CAROL));

@@ -100,7 +100,10 @@ mod tests {
         assert!((d - 111_195.0).abs() < 5.0, "{d}");
         // Antipodes: half the circumference, no NaN.
         let d = p(0.0, 0.0).distance_m(p(0.0, 180.0));
-        assert!((d - std::f64::consts::PI * EARTH_RADIUS_M).abs() < 1.0, "{d}");
+        assert!(
+            (d - std::f64::consts::PI * EARTH_RADIUS_M).abs() < 1.0,
+            "{d}"
+        );
     }
 
     fn point() -> impl Strategy<Value = Point> {

@@ -178,16 +178,21 @@ pub trait UserStore: Send + Sync + 'static {
     /// Whether the user exists.
     async fn user_exists(&self, id: UserId) -> StoreResult<bool>;
     /// Stores a token (by its hash) for `user`, valid until `expires_at_ms`.
-    async fn create_token(&self, token_hash: &[u8], user: UserId, expires_at_ms: i64) -> StoreResult<()>;
+    async fn create_token(
+        &self,
+        token_hash: &[u8],
+        user: UserId,
+        expires_at_ms: i64,
+    ) -> StoreResult<()>;
     /// The user a token belongs to, if it exists and has not expired at `now_ms`.
     async fn token_user(&self, token_hash: &[u8], now_ms: i64) -> StoreResult<Option<UserId>>;
     /// Deletes a token (logout). Unknown tokens are ignored.
     async fn delete_token(&self, token_hash: &[u8]) -> StoreResult<()>;
-    /// `from` asks `to` to be friends, or accepts `to`'s pending request.
-    /// Returns the relation afterwards, from `from`'s side: `Outgoing`, or
-    /// `Friends` when this accepted (or they already were). `NotFound` if
-    /// `to` does not exist.
-    async fn request_friend(&self, from: UserId, to: UserId) -> StoreResult<FriendStatus>;
+    /// `from` asks `to` to be friends, or accepts `to`'s pending request
+    /// (the transition is [`FriendStatus::after_request`]). Returns the
+    /// relation before, from `from`'s side. `NotFound` if `to` does not exist,
+    /// `Conflict` if `from == to`.
+    async fn request_friend(&self, from: UserId, to: UserId) -> StoreResult<Option<FriendStatus>>;
     /// Removes the relation between `a` and `b` whatever its state (unfriend,
     /// decline or cancel). Returns what it was, from `a`'s side.
     async fn remove_friend(&self, a: UserId, b: UserId) -> StoreResult<Option<FriendStatus>>;
@@ -217,5 +222,11 @@ pub trait HistoryStore: Send + Sync + 'static {
     async fn append(&self, batch: &[HistoryEntry]) -> StoreResult<()>;
     /// The user's locations with `from_ms <= ts < to_ms`, oldest first, at
     /// most `limit`.
-    async fn range(&self, user: UserId, from_ms: i64, to_ms: i64, limit: u32) -> StoreResult<Vec<Location>>;
+    async fn range(
+        &self,
+        user: UserId,
+        from_ms: i64,
+        to_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Location>>;
 }

@@ -152,7 +152,10 @@ mod tests {
     fn parses_location_and_ignores_extra_fields() {
         assert_eq!(
             parse_client_frame(r#"{"type":"location","lat":1.5,"lon":-2,"accuracy":5}"#),
-            Ok(ClientFrame::Location { lat: 1.5, lon: -2.0 })
+            Ok(ClientFrame::Location {
+                lat: 1.5,
+                lon: -2.0
+            })
         );
     }
 
@@ -182,11 +185,17 @@ mod tests {
             id: UserId(7),
             reason: LeftReason::OutOfRange,
         };
-        assert_eq!(f.to_json(), r#"{"type":"friend_left","id":"7","reason":"out_of_range"}"#);
+        assert_eq!(
+            f.to_json(),
+            r#"{"type":"friend_left","id":"7","reason":"out_of_range"}"#
+        );
         let f = ServerFrame::Snapshot { friends: vec![] };
         assert_eq!(f.to_json(), r#"{"type":"snapshot","friends":[]}"#);
         let f = ServerFrame::error("bad_json", "x");
-        assert_eq!(f.to_json(), r#"{"type":"error","code":"bad_json","message":"x"}"#);
+        assert_eq!(
+            f.to_json(),
+            r#"{"type":"error","code":"bad_json","message":"x"}"#
+        );
         let back: ServerFrame = serde_json::from_str(&f.to_json()).unwrap();
         assert_eq!(back, f);
     }

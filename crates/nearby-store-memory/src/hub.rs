@@ -59,14 +59,18 @@ impl LocalHub {
         drop(map);
         self.delivered.fetch_add(ok as u64, Ordering::Relaxed);
         if ok < total {
-            self.dropped.fetch_add((total - ok) as u64, Ordering::Relaxed);
+            self.dropped
+                .fetch_add((total - ok) as u64, Ordering::Relaxed);
         }
         ok
     }
 
     /// Channels with at least one local subscriber.
     pub fn channel_count(&self) -> usize {
-        self.channels.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.channels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Messages handed to local subscribers so far.
@@ -126,7 +130,9 @@ mod tests {
     use nearby_core::UserId;
 
     fn msg(friend: i64) -> BusMessage {
-        BusMessage::FriendVisible { friend: UserId(friend) }
+        BusMessage::FriendVisible {
+            friend: UserId(friend),
+        }
     }
 
     #[test]

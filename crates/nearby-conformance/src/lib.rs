@@ -1,0 +1,275 @@
+//! The behaviour every adapter of a port must show, as async functions that
+//! panic on the first violation. An adapter crate's tests build its store and
+//! call the matching suite, so the embedded and the production adapters are
+//! held to one contract.
+//!
+//! Suites use user ids and names derived from `ns` so that they can run
+//! against a shared, non-empty database.
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use nearby_core::{FriendStatus, LeftReason, Location, Point, UserId};
+use nearby_ports::{
+    BusMessage, Channel, HistoryEntry, HistoryStore, LocationCache, PubSub, StoreError, Subscriber,
+    UserStore,
+};
+
+fn loc(lat: f64, ts_ms: i64) -> Location {
+    Location {
+        point: Point::new(lat, 10.0).expect("valid test coordinate"),
+        ts_ms,
+    }
+}
+
+/// [`LocationCache`]: latest wins, batch reads keep order, entries expire.
+pub async fn location_cache(cache: &dyn LocationCache, ns: i64) {
+    let (a, b, c) = (UserId(ns + 1), UserId(ns + 2), UserId(ns + 3));
+    let long = Duration::from_secs(60);
+    cache.put(a, loc(1.0, 1), long).await.expect("put");
+    cache.put(a, loc(2.0, 2), long).await.expect("put");
+    cache.put(b, loc(3.0, 3), long).await.expect("put");
+    let got = cache.get_many(&[b, c, a]).await.expect("get_many");
+    assert_eq!(got, vec![Some(loc(3.0, 3)), None, Some(loc(2.0, 2))]);
+    assert_eq!(cache.get(a).await.expect("get"), Some(loc(2.0, 2)));
+    assert_eq!(cache.get_many(&[]).await.expect("empty batch"), vec![]);
+
+    cache
+        .put(c, loc(4.0, 4), Duration::from_millis(1100))
+        .await
+        .expect("put");
+    assert_eq!(cache.get(c).await.expect("get"), Some(loc(4.0, 4)));
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(
+        cache.get(c).await.expect("get"),
+        None,
+        "entry outlived its TTL"
+    );
+}
+
+/// [`PubSub`]: per-channel delivery, one subscription however often asked,
+/// unsubscribe stops delivery, other channels are not seen.
+pub async fn pubsub(bus: &dyn PubSub, ns: i64) {
+    let (u1, u2) = (UserId(ns + 1), UserId(ns + 2));
+    let (s1, mut r1) = Subscriber::new(16);
+    let (s2, mut r2) = Subscriber::new(16);
+    let ch = Channel::Location(u1);
+    bus.subscribe(&s1, &[ch, ch]).await.expect("subscribe");
+    bus.subscribe(&s2, &[ch, Channel::Inbox(u2)])
+        .await
+        .expect("subscribe");
+    let m1 = BusMessage::Location {
+        user: u1,
+        loc: loc(1.0, 1),
+    };
+    let m2 = BusMessage::FriendHidden {
+        friend: u1,
+        reason: LeftReason::Unshared,
+    };
+    bus.publish(ch, m1).await.expect("publish");
+    bus.publish(Channel::Inbox(u2), m2).await.expect("publish");
+    bus.publish(Channel::Inbox(u1), m2)
+        .await
+        .expect("publish to a channel nobody wants");
+
+    assert_eq!(recv(&mut r1).await, Some(m1));
+    assert_eq!(recv(&mut r2).await, Some(m1));
+    assert_eq!(recv(&mut r2).await, Some(m2));
+
+    bus.unsubscribe(&s1, &[ch]).await.expect("unsubscribe");
+    let m3 = BusMessage::Location {
+        user: u1,
+        loc: loc(2.0, 2),
+    };
+    bus.publish(ch, m3).await.expect("publish");
+    assert_eq!(recv(&mut r2).await, Some(m3));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        r1.try_recv().is_err(),
+        "delivered after unsubscribe, or twice"
+    );
+    assert!(r2.try_recv().is_err(), "delivered a message twice");
+    bus.unsubscribe(&s2, &[ch, Channel::Inbox(u2)])
+        .await
+        .expect("unsubscribe");
+}
+
+async fn recv(r: &mut tokio::sync::mpsc::Receiver<BusMessage>) -> Option<BusMessage> {
+    tokio::time::timeout(Duration::from_secs(5), r.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// [`UserStore`]: unique names, token expiry, the friend-request state
+/// machine on both edges, sharing, visibility.
+pub async fn user_store(store: &dyn UserStore, ns: &str) {
+    let name = |s: &str| format!("{s}_{ns}");
+    let alice = store
+        .create_user(&name("alice"), "hash-a")
+        .await
+        .expect("create");
+    let bob = store
+        .create_user(&name("bob"), "hash-b")
+        .await
+        .expect("create");
+    let carol = store
+        .create_user(&name("carol"), "hash-c")
+        .await
+        .expect("create");
+    assert!(matches!(
+        store.create_user(&name("alice"), "x").await,
+        Err(StoreError::Conflict(_))
+    ));
+    let rec = store
+        .user_by_name(&name("alice"))
+        .await
+        .expect("lookup")
+        .expect("exists");
+    assert_eq!((rec.id, rec.password_hash.as_str()), (alice, "hash-a"));
+    assert!(store
+        .user_by_name(&name("nobody"))
+        .await
+        .expect("lookup")
+        .is_none());
+    assert!(store.user_exists(bob).await.expect("exists"));
+    assert!(!store.user_exists(UserId(i64::MAX)).await.expect("exists"));
+
+    let tok = format!("token-{ns}").into_bytes();
+    store.create_token(&tok, alice, 1_000).await.expect("token");
+    assert_eq!(
+        store.token_user(&tok, 999).await.expect("token"),
+        Some(alice)
+    );
+    assert_eq!(
+        store.token_user(&tok, 1_000).await.expect("token"),
+        None,
+        "expired token accepted"
+    );
+    store.delete_token(&tok).await.expect("delete");
+    assert_eq!(store.token_user(&tok, 0).await.expect("token"), None);
+
+    assert!(matches!(
+        store.request_friend(alice, UserId(i64::MAX)).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.request_friend(alice, alice).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.request_friend(alice, bob).await.expect("request"),
+        None
+    );
+    assert_eq!(
+        store.request_friend(alice, bob).await.expect("again"),
+        Some(FriendStatus::Outgoing)
+    );
+    let bobs = store.friends(bob).await.expect("list");
+    assert_eq!(bobs.len(), 1);
+    assert_eq!(
+        (bobs[0].id, bobs[0].status),
+        (alice, FriendStatus::Incoming)
+    );
+    assert!(
+        store
+            .visible_friends(bob)
+            .await
+            .expect("visible")
+            .is_empty(),
+        "pending is not friends"
+    );
+    assert!(matches!(
+        store.set_sharing(alice, bob, false).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    assert_eq!(
+        store.request_friend(bob, alice).await.expect("accept"),
+        Some(FriendStatus::Incoming)
+    );
+    let alices = store.friends(alice).await.expect("list");
+    assert_eq!(alices[0].username, name("bob"));
+    assert_eq!(
+        (alices[0].status, alices[0].sharing),
+        (FriendStatus::Friends, true)
+    );
+    assert_eq!(
+        store.visible_friends(bob).await.expect("visible"),
+        vec![alice]
+    );
+    assert_eq!(
+        store.visible_friends(alice).await.expect("visible"),
+        vec![bob]
+    );
+
+    assert!(store.set_sharing(alice, bob, false).await.expect("revoke"));
+    assert!(!store
+        .set_sharing(alice, bob, false)
+        .await
+        .expect("revoke again"));
+    assert!(store
+        .visible_friends(bob)
+        .await
+        .expect("visible")
+        .is_empty());
+    assert_eq!(
+        store.visible_friends(alice).await.expect("visible"),
+        vec![bob],
+        "revoking is one-way"
+    );
+    assert!(!store.friends(alice).await.expect("list")[0].sharing);
+
+    store.request_friend(carol, alice).await.expect("request");
+    assert_eq!(
+        store.remove_friend(alice, carol).await.expect("decline"),
+        Some(FriendStatus::Incoming)
+    );
+    assert_eq!(
+        store.remove_friend(bob, alice).await.expect("unfriend"),
+        Some(FriendStatus::Friends)
+    );
+    assert_eq!(store.remove_friend(bob, alice).await.expect("again"), None);
+    assert!(store.friends(alice).await.expect("list").is_empty());
+    assert!(store.friends(carol).await.expect("list").is_empty());
+    assert!(store
+        .visible_friends(alice)
+        .await
+        .expect("visible")
+        .is_empty());
+}
+
+/// [`HistoryStore`]: batches land whole, ranges are half-open, ordered and
+/// limited, users do not see each other's points.
+pub async fn history_store(store: &dyn HistoryStore, ns: i64) {
+    let (a, b) = (UserId(ns + 1), UserId(ns + 2));
+    let batch: Vec<HistoryEntry> = (0..1200)
+        .map(|i| HistoryEntry {
+            user: if i % 2 == 0 { a } else { b },
+            loc: loc(f64::from(i % 90), 1000 + i64::from(i)),
+        })
+        .collect();
+    store.append(&batch).await.expect("append");
+    store.append(&[]).await.expect("empty append");
+    let all = store.range(a, 0, i64::MAX, 10_000).await.expect("range");
+    assert_eq!(all.len(), 600);
+    assert!(
+        all.windows(2).all(|w| w[0].ts_ms < w[1].ts_ms),
+        "not oldest first"
+    );
+    let part = store.range(a, 1000, 1010, 100).await.expect("range");
+    assert_eq!(
+        part.iter().map(|l| l.ts_ms).collect::<Vec<_>>(),
+        vec![1000, 1002, 1004, 1006, 1008]
+    );
+    assert_eq!(part[1], loc(2.0, 1002));
+    assert_eq!(
+        store.range(b, 0, i64::MAX, 7).await.expect("range").len(),
+        7
+    );
+    assert!(store
+        .range(UserId(ns + 3), 0, i64::MAX, 10)
+        .await
+        .expect("range")
+        .is_empty());
+}

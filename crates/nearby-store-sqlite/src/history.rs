@@ -1,0 +1,89 @@
+use std::path::Path;
+
+use async_trait::async_trait;
+use nearby_core::{Location, Point, UserId};
+use nearby_ports::{HistoryEntry, HistoryStore, StoreError, StoreResult};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+use crate::{backend, Pools};
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE history (
+    user_id INTEGER NOT NULL,
+    ts      INTEGER NOT NULL,
+    lat     REAL NOT NULL,
+    lon     REAL NOT NULL
+);
+CREATE INDEX history_user_ts ON history(user_id, ts);
+"#];
+
+/// Rows per INSERT: 4 parameters each stays far below SQLite's limit.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// Append-only location history in a SQLite file.
+#[derive(Clone)]
+pub struct SqliteHistoryStore {
+    db: Pools,
+}
+
+impl SqliteHistoryStore {
+    /// Opens (creating and migrating if needed) the database at `path`.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        Ok(Self {
+            db: Pools::open(path, MIGRATIONS).await?,
+        })
+    }
+}
+
+#[async_trait]
+impl HistoryStore for SqliteHistoryStore {
+    async fn append(&self, batch: &[HistoryEntry]) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.writer.begin().await.map_err(backend)?;
+        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO history (user_id, ts, lat, lon) ");
+            q.push_values(chunk, |mut row, e| {
+                row.push_bind(e.user.0)
+                    .push_bind(e.loc.ts_ms)
+                    .push_bind(e.loc.point.lat())
+                    .push_bind(e.loc.point.lon());
+            });
+            q.build().execute(&mut *tx).await.map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)
+    }
+
+    async fn range(
+        &self,
+        user: UserId,
+        from_ms: i64,
+        to_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Location>> {
+        let rows = sqlx::query(
+            "SELECT ts, lat, lon FROM history WHERE user_id = ? AND ts >= ? AND ts < ? ORDER BY ts LIMIT ?",
+        )
+        .bind(user.0)
+        .bind(from_ms)
+        .bind(to_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.db.reader)
+        .await
+        .map_err(backend)?;
+        rows.into_iter()
+            .map(|r| {
+                let point = Point::new(
+                    r.try_get(1).map_err(backend)?,
+                    r.try_get(2).map_err(backend)?,
+                )
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+                Ok(Location {
+                    point,
+                    ts_ms: r.try_get(0).map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,276 @@
+use std::path::Path;
+
+use async_trait::async_trait;
+use nearby_core::{FriendStatus, UserId};
+use nearby_ports::{FriendEntry, StoreError, StoreResult, UserRecord, UserStore};
+use sqlx::{Row, Sqlite, Transaction};
+
+use crate::{backend, Pools};
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE users (
+    id            INTEGER PRIMARY KEY,
+    username      TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    created_at    INTEGER NOT NULL DEFAULT (unixepoch() * 1000)
+);
+CREATE TABLE tokens (
+    token_hash BLOB PRIMARY KEY,
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX tokens_expiry ON tokens(expires_at);
+-- One directed edge per side of a relation: (user_id, friend_id) holds
+-- user_id's view (status) and whether user_id shares with friend_id.
+CREATE TABLE friend_edges (
+    user_id   INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    friend_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    status    TEXT NOT NULL CHECK (status IN ('friends', 'incoming', 'outgoing')),
+    sharing   INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (user_id, friend_id)
+) WITHOUT ROWID;
+CREATE INDEX friend_edges_reverse ON friend_edges(friend_id, status, sharing);
+"#];
+
+/// Users, tokens, friendships and sharing permissions in a SQLite file.
+#[derive(Clone)]
+pub struct SqliteUserStore {
+    db: Pools,
+}
+
+impl SqliteUserStore {
+    /// Opens (creating and migrating if needed) the database at `path`.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        Ok(Self {
+            db: Pools::open(path, MIGRATIONS).await?,
+        })
+    }
+
+    /// Deletes expired tokens; returns how many.
+    pub async fn purge_expired_tokens(&self, now_ms: i64) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM tokens WHERE expires_at <= ?")
+            .bind(now_ms)
+            .execute(&self.db.writer)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
+    }
+}
+
+async fn edge_status(
+    tx: &mut Transaction<'_, Sqlite>,
+    from: UserId,
+    to: UserId,
+) -> StoreResult<Option<FriendStatus>> {
+    let row = sqlx::query("SELECT status FROM friend_edges WHERE user_id = ? AND friend_id = ?")
+        .bind(from.0)
+        .bind(to.0)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(backend)?;
+    row.map(|r| {
+        let s: String = r.try_get(0).map_err(backend)?;
+        FriendStatus::parse(&s).ok_or_else(|| StoreError::Backend(format!("bad status {s:?}")))
+    })
+    .transpose()
+}
+
+async fn set_edge(
+    tx: &mut Transaction<'_, Sqlite>,
+    from: UserId,
+    to: UserId,
+    status: FriendStatus,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO friend_edges (user_id, friend_id, status) VALUES (?, ?, ?)
+         ON CONFLICT (user_id, friend_id) DO UPDATE SET status = excluded.status",
+    )
+    .bind(from.0)
+    .bind(to.0)
+    .bind(status.as_str())
+    .execute(&mut **tx)
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
+
+#[async_trait]
+impl UserStore for SqliteUserStore {
+    async fn create_user(&self, username: &str, password_hash: &str) -> StoreResult<UserId> {
+        let res = sqlx::query("INSERT INTO users (username, password_hash) VALUES (?, ?)")
+            .bind(username)
+            .bind(password_hash)
+            .execute(&self.db.writer)
+            .await;
+        match res {
+            Ok(done) => Ok(UserId(done.last_insert_rowid())),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(
+                format!("username {username:?} is taken"),
+            )),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn user_by_name(&self, username: &str) -> StoreResult<Option<UserRecord>> {
+        let row = sqlx::query("SELECT id, username, password_hash FROM users WHERE username = ?")
+            .bind(username)
+            .fetch_optional(&self.db.reader)
+            .await
+            .map_err(backend)?;
+        row.map(|r| {
+            Ok(UserRecord {
+                id: UserId(r.try_get(0).map_err(backend)?),
+                username: r.try_get(1).map_err(backend)?,
+                password_hash: r.try_get(2).map_err(backend)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn user_exists(&self, id: UserId) -> StoreResult<bool> {
+        let row = sqlx::query("SELECT 1 FROM users WHERE id = ?")
+            .bind(id.0)
+            .fetch_optional(&self.db.reader)
+            .await
+            .map_err(backend)?;
+        Ok(row.is_some())
+    }
+
+    async fn create_token(
+        &self,
+        token_hash: &[u8],
+        user: UserId,
+        expires_at_ms: i64,
+    ) -> StoreResult<()> {
+        sqlx::query("INSERT INTO tokens (token_hash, user_id, expires_at) VALUES (?, ?, ?)")
+            .bind(token_hash)
+            .bind(user.0)
+            .bind(expires_at_ms)
+            .execute(&self.db.writer)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn token_user(&self, token_hash: &[u8], now_ms: i64) -> StoreResult<Option<UserId>> {
+        let row = sqlx::query("SELECT user_id FROM tokens WHERE token_hash = ? AND expires_at > ?")
+            .bind(token_hash)
+            .bind(now_ms)
+            .fetch_optional(&self.db.reader)
+            .await
+            .map_err(backend)?;
+        row.map(|r| r.try_get(0).map(UserId).map_err(backend))
+            .transpose()
+    }
+
+    async fn delete_token(&self, token_hash: &[u8]) -> StoreResult<()> {
+        sqlx::query("DELETE FROM tokens WHERE token_hash = ?")
+            .bind(token_hash)
+            .execute(&self.db.writer)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn request_friend(&self, from: UserId, to: UserId) -> StoreResult<Option<FriendStatus>> {
+        if from == to {
+            return Err(StoreError::Conflict("cannot befriend yourself".into()));
+        }
+        let mut tx = self.db.writer.begin().await.map_err(backend)?;
+        let exists = sqlx::query("SELECT 1 FROM users WHERE id = ?")
+            .bind(to.0)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(backend)?;
+        if exists.is_none() {
+            return Err(StoreError::NotFound(format!("user {to}")));
+        }
+        let before = edge_status(&mut tx, from, to).await?;
+        let after = FriendStatus::after_request(before);
+        if Some(after) != before {
+            set_edge(&mut tx, from, to, after).await?;
+            set_edge(&mut tx, to, from, after.mirrored()).await?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(before)
+    }
+
+    async fn remove_friend(&self, a: UserId, b: UserId) -> StoreResult<Option<FriendStatus>> {
+        let mut tx = self.db.writer.begin().await.map_err(backend)?;
+        let before = edge_status(&mut tx, a, b).await?;
+        sqlx::query(
+            "DELETE FROM friend_edges WHERE (user_id = ?1 AND friend_id = ?2) OR (user_id = ?2 AND friend_id = ?1)",
+        )
+        .bind(a.0)
+        .bind(b.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        tx.commit().await.map_err(backend)?;
+        Ok(before)
+    }
+
+    async fn set_sharing(&self, from: UserId, to: UserId, enabled: bool) -> StoreResult<bool> {
+        let mut tx = self.db.writer.begin().await.map_err(backend)?;
+        let row = sqlx::query(
+            "SELECT sharing FROM friend_edges WHERE user_id = ? AND friend_id = ? AND status = 'friends'",
+        )
+        .bind(from.0)
+        .bind(to.0)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let Some(row) = row else {
+            return Err(StoreError::NotFound(format!("user {to} is not a friend")));
+        };
+        let before: bool = row.try_get(0).map_err(backend)?;
+        if before != enabled {
+            sqlx::query("UPDATE friend_edges SET sharing = ? WHERE user_id = ? AND friend_id = ?")
+                .bind(enabled)
+                .bind(from.0)
+                .bind(to.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(before)
+    }
+
+    async fn friends(&self, user: UserId) -> StoreResult<Vec<FriendEntry>> {
+        let rows = sqlx::query(
+            "SELECT e.friend_id, u.username, e.status, e.sharing
+             FROM friend_edges e JOIN users u ON u.id = e.friend_id
+             WHERE e.user_id = ? ORDER BY u.username",
+        )
+        .bind(user.0)
+        .fetch_all(&self.db.reader)
+        .await
+        .map_err(backend)?;
+        rows.into_iter()
+            .map(|r| {
+                let status: String = r.try_get(2).map_err(backend)?;
+                Ok(FriendEntry {
+                    id: UserId(r.try_get(0).map_err(backend)?),
+                    username: r.try_get(1).map_err(backend)?,
+                    status: FriendStatus::parse(&status)
+                        .ok_or_else(|| StoreError::Backend(format!("bad status {status:?}")))?,
+                    sharing: r.try_get(3).map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn visible_friends(&self, viewer: UserId) -> StoreResult<Vec<UserId>> {
+        let rows = sqlx::query(
+            "SELECT user_id FROM friend_edges WHERE friend_id = ? AND status = 'friends' AND sharing = 1",
+        )
+        .bind(viewer.0)
+        .fetch_all(&self.db.reader)
+        .await
+        .map_err(backend)?;
+        rows.into_iter()
+            .map(|r| r.try_get(0).map(UserId).map_err(backend))
+            .collect()
+    }
+}

@@ -1,0 +1,27 @@
+//! The SQLite stores against the shared adapter contract, on real files.
+use nearby_store_sqlite::{SqliteHistoryStore, SqliteUserStore};
+
+#[tokio::test]
+async fn sqlite_user_store_conforms() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("users.db");
+    let store = SqliteUserStore::open(&path).await.expect("open");
+    nearby_conformance::user_store(&store, "t1").await;
+    // Reopening runs no migration twice and keeps the data.
+    drop(store);
+    let store = SqliteUserStore::open(&path).await.expect("reopen");
+    nearby_conformance::user_store(&store, "t2").await;
+    assert_eq!(
+        store.purge_expired_tokens(i64::MAX).await.expect("purge"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn sqlite_history_store_conforms() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteHistoryStore::open(&dir.path().join("history.db"))
+        .await
+        .expect("open");
+    nearby_conformance::history_store(&store, 0).await;
+}
