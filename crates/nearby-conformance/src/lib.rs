@@ -139,7 +139,7 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
     store.create_token(&tok, alice, 1_000).await.expect("token");
     assert_eq!(
         store.token_user(&tok, 999).await.expect("token"),
-        Some(alice)
+        Some((alice, 1_000))
     );
     assert_eq!(
         store.token_user(&tok, 1_000).await.expect("token"),

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod account;
+pub mod rate;
 pub mod session;
 
 mod ids;

@@ -184,8 +184,13 @@ pub trait UserStore: Send + Sync + 'static {
         user: UserId,
         expires_at_ms: i64,
     ) -> StoreResult<()>;
-    /// The user a token belongs to, if it exists and has not expired at `now_ms`.
-    async fn token_user(&self, token_hash: &[u8], now_ms: i64) -> StoreResult<Option<UserId>>;
+    /// The user a token belongs to and when it expires, if it exists and has
+    /// not expired at `now_ms`.
+    async fn token_user(
+        &self,
+        token_hash: &[u8],
+        now_ms: i64,
+    ) -> StoreResult<Option<(UserId, i64)>>;
     /// Deletes a token (logout). Unknown tokens are ignored.
     async fn delete_token(&self, token_hash: &[u8]) -> StoreResult<()>;
     /// `from` asks `to` to be friends, or accepts `to`'s pending request

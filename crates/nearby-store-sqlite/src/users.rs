@@ -152,15 +152,26 @@ impl UserStore for SqliteUserStore {
         Ok(())
     }
 
-    async fn token_user(&self, token_hash: &[u8], now_ms: i64) -> StoreResult<Option<UserId>> {
-        let row = sqlx::query("SELECT user_id FROM tokens WHERE token_hash = ? AND expires_at > ?")
-            .bind(token_hash)
-            .bind(now_ms)
-            .fetch_optional(&self.db.reader)
-            .await
-            .map_err(backend)?;
-        row.map(|r| r.try_get(0).map(UserId).map_err(backend))
-            .transpose()
+    async fn token_user(
+        &self,
+        token_hash: &[u8],
+        now_ms: i64,
+    ) -> StoreResult<Option<(UserId, i64)>> {
+        let row = sqlx::query(
+            "SELECT user_id, expires_at FROM tokens WHERE token_hash = ? AND expires_at > ?",
+        )
+        .bind(token_hash)
+        .bind(now_ms)
+        .fetch_optional(&self.db.reader)
+        .await
+        .map_err(backend)?;
+        row.map(|r| {
+            Ok((
+                UserId(r.try_get(0).map_err(backend)?),
+                r.try_get(1).map_err(backend)?,
+            ))
+        })
+        .transpose()
     }
 
     async fn delete_token(&self, token_hash: &[u8]) -> StoreResult<()> {

@@ -1,0 +1,137 @@
+//! Passwords (argon2id, PHC strings), bearer tokens and the extractor that
+//! turns a request into an authenticated user.
+//!
+//! A token is 32 random bytes, hex-encoded, handed to the client once; the
+//! store keeps only its SHA-256, so a leaked database yields no usable token.
+//! Tokens are stored rather than signed so that logout revokes them and every
+//! node sharing the user store accepts them without sharing a key.
+
+use std::sync::Arc;
+
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use nearby_core::UserId;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::state::{now_ms, AppState};
+
+/// Hashes a password with argon2id and a random salt. CPU-heavy (tens of
+/// milliseconds): call from `spawn_blocking`.
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let salt = SaltString::generate(&mut OsRng);
+    Ok(Argon2::default()
+        .hash_password(password.as_bytes(), &salt)?
+        .to_string())
+}
+
+/// Checks a password against a stored PHC hash. A malformed hash verifies
+/// nothing. CPU-heavy: call from `spawn_blocking`.
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    PasswordHash::new(phc).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+/// A new token and the hash to store.
+pub fn new_token() -> (String, [u8; 32]) {
+    let mut raw = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut raw);
+    let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+/// What the store keeps for a token.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// An authenticated caller: from `Authorization: Bearer TOKEN`, or from the
+/// `token` query parameter (browsers cannot set headers on a WebSocket).
+#[derive(Debug, Clone, Copy)]
+pub struct AuthUser {
+    /// Who.
+    pub id: UserId,
+    /// When their token expires, Unix milliseconds.
+    pub expires_at: i64,
+    /// The token's hash, for logout.
+    pub token_hash: [u8; 32],
+}
+
+fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
+    if let Some(h) = parts.headers.get(AUTHORIZATION) {
+        let h = h
+            .to_str()
+            .map_err(|_| ApiError::unauthorized("malformed Authorization header"))?;
+        return match h
+            .strip_prefix("Bearer ")
+            .or_else(|| h.strip_prefix("bearer "))
+        {
+            Some(t) => Ok(Some(t.trim())),
+            None => Err(ApiError::unauthorized(
+                "Authorization must be `Bearer TOKEN`",
+            )),
+        };
+    }
+    Ok(parts
+        .uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token="))))
+}
+
+impl FromRequestParts<Arc<AppState>> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let token =
+            bearer(parts)?.ok_or_else(|| ApiError::unauthorized("a bearer token is required"))?;
+        // Tokens we issue are 64 hex digits; anything else cannot match, so
+        // do not spend a store lookup on it.
+        if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ApiError::unauthorized("invalid token"));
+        }
+        let hash = token_hash(token);
+        match state.backends.users.token_user(&hash, now_ms()).await? {
+            Some((id, expires_at)) => Ok(Self {
+                id,
+                expires_at,
+                token_hash: hash,
+            }),
+            None => Err(ApiError::unauthorized("invalid or expired token")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_verify_only_themselves() {
+        let h = hash_password("correct horse").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse", &h));
+        assert!(!verify_password("correct horsf", &h));
+        assert!(!verify_password("correct horse", "not a hash"));
+    }
+
+    #[test]
+    fn tokens_are_random_hex_and_hash_stably() {
+        let (a, ha) = new_token();
+        let (b, _) = new_token();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64);
+        assert_eq!(token_hash(&a), ha);
+    }
+}

@@ -1,0 +1,382 @@
+//! REST handlers: one small function per route. Friend and sharing changes
+//! are written to the user store first, then announced on the users' inbox
+//! channels so live sessions on any node act on them at once.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use nearby_core::session::Session;
+use nearby_core::{account, FriendStatus, LeftReason, UserId};
+use nearby_ports::{BusMessage, Channel, Subscriber};
+use nearby_proto::rest::{
+    Credentials, FriendList, FriendView, History, HistoryPoint, SessionCreated, SharingUpdate,
+    UserView,
+};
+use nearby_proto::ws::ServerFrame;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::auth::{self, AuthUser};
+use crate::error::{ApiError, ApiResult};
+use crate::state::{now_ms, AppState};
+
+type St = State<Arc<AppState>>;
+
+/// A JSON body whose rejections are [`ApiError`]s with JSON bodies, not
+/// axum's plain-text ones.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Self(v)),
+            Err(rej) => Err(json_rejection(rej)),
+        }
+    }
+}
+
+fn json_rejection(rej: JsonRejection) -> ApiError {
+    let code = match rej.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ => "bad_json",
+    };
+    let status = if code == "bad_json" {
+        StatusCode::BAD_REQUEST
+    } else {
+        rej.status()
+    };
+    ApiError::new(status, code, rej.body_text())
+}
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Any unknown route.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// `POST /v1/users`: sign up.
+pub async fn sign_up(State(st): St, JsonBody(c): JsonBody<Credentials>) -> ApiResult<Response> {
+    account::validate_username(&c.username)
+        .map_err(|e| ApiError::bad_request("invalid_username", e.to_string()))?;
+    account::validate_password(&c.password)
+        .map_err(|e| ApiError::bad_request("invalid_password", e.to_string()))?;
+    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&c.password))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    let id = st
+        .backends
+        .users
+        .create_user(&c.username, &hash)
+        .await
+        .map_err(|e| match e {
+            nearby_ports::StoreError::Conflict(m) => {
+                ApiError::new(StatusCode::CONFLICT, "username_taken", m)
+            }
+            other => other.into(),
+        })?;
+    Ok((
+        StatusCode::CREATED,
+        Json(UserView {
+            id,
+            username: c.username,
+        }),
+    )
+        .into_response())
+}
+
+/// A valid argon2 hash of a password nobody has: login for an unknown user
+/// verifies against it so that the reply takes as long as for a known user.
+fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| auth::hash_password("decoy password, never valid").unwrap_or_default())
+}
+
+/// `POST /v1/sessions`: log in, get a bearer token.
+pub async fn log_in(
+    State(st): St,
+    JsonBody(c): JsonBody<Credentials>,
+) -> ApiResult<Json<SessionCreated>> {
+    // Lengths are checked before hashing so a megabyte password costs nothing.
+    if account::validate_password(&c.password).is_err()
+        || account::validate_username(&c.username).is_err()
+    {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "bad_credentials",
+            "wrong username or password",
+        ));
+    }
+    let user = st.backends.users.user_by_name(&c.username).await?;
+    let phc = user
+        .as_ref()
+        .map_or_else(|| decoy_hash().to_owned(), |u| u.password_hash.clone());
+    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&c.password, &phc))
+        .await
+        .map_err(ApiError::internal)?;
+    let user = match user {
+        Some(u) if ok => u,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "bad_credentials",
+                "wrong username or password",
+            ))
+        }
+    };
+    let (token, hash) = auth::new_token();
+    let ttl_ms = i64::try_from(st.cfg.token_ttl.as_millis()).unwrap_or(i64::MAX);
+    let expires_at = now_ms().saturating_add(ttl_ms);
+    st.backends
+        .users
+        .create_token(&hash, user.id, expires_at)
+        .await?;
+    Ok(Json(SessionCreated {
+        token,
+        user_id: user.id,
+        expires_at,
+    }))
+}
+
+/// `DELETE /v1/sessions`: log out (revoke the token used).
+pub async fn log_out(State(st): St, me: AuthUser) -> ApiResult<StatusCode> {
+    st.backends.users.delete_token(&me.token_hash).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/friends`.
+pub async fn list_friends(State(st): St, me: AuthUser) -> ApiResult<Json<FriendList>> {
+    let friends = st
+        .backends
+        .users
+        .friends(me.id)
+        .await?
+        .into_iter()
+        .map(|f| FriendView {
+            id: f.id,
+            username: f.username,
+            status: f.status,
+            sharing: f.sharing,
+        })
+        .collect();
+    Ok(Json(FriendList { friends }))
+}
+
+fn other_user(raw: &str, me: AuthUser) -> ApiResult<UserId> {
+    let id: UserId = raw.parse().map_err(|_| ApiError::unknown_user(raw))?;
+    if id == me.id {
+        return Err(ApiError::bad_request("self", "that is your own id"));
+    }
+    Ok(id)
+}
+
+/// Publishes control messages; a failure is logged, not returned: the store
+/// already holds the change, and sessions pick it up on their next start.
+async fn announce(st: &AppState, msgs: &[(UserId, BusMessage)]) {
+    for (to, msg) in msgs {
+        if let Err(e) = st.backends.bus.publish(Channel::Inbox(*to), *msg).await {
+            tracing::warn!(error = %e, user = %to, "could not announce a friend change");
+        }
+    }
+}
+
+/// `PUT /v1/friends/{id}`: request friendship, or accept a pending request.
+pub async fn request_friend(
+    State(st): St,
+    me: AuthUser,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let other = other_user(&raw, me)?;
+    let before = st
+        .backends
+        .users
+        .request_friend(me.id, other)
+        .await
+        .map_err(|e| match e {
+            nearby_ports::StoreError::NotFound(_) => ApiError::unknown_user(&raw),
+            e => e.into(),
+        })?;
+    let after = FriendStatus::after_request(before);
+    if after == FriendStatus::Friends && before != Some(FriendStatus::Friends) {
+        // Accepting starts sharing both ways (the default): each side's
+        // sessions start following the other.
+        announce(
+            &st,
+            &[
+                (me.id, BusMessage::FriendVisible { friend: other }),
+                (other, BusMessage::FriendVisible { friend: me.id }),
+            ],
+        )
+        .await;
+    }
+    Ok(Json(serde_json::json!({ "id": other, "status": after })))
+}
+
+/// `DELETE /v1/friends/{id}`: unfriend, decline or cancel.
+pub async fn remove_friend(
+    State(st): St,
+    me: AuthUser,
+    Path(raw): Path<String>,
+) -> ApiResult<StatusCode> {
+    let other = other_user(&raw, me)?;
+    match st.backends.users.remove_friend(me.id, other).await? {
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_friends",
+            format!("no friendship or request with {other}"),
+        )),
+        Some(before) => {
+            if before == FriendStatus::Friends {
+                let reason = LeftReason::Unfriended;
+                announce(
+                    &st,
+                    &[
+                        (
+                            me.id,
+                            BusMessage::FriendHidden {
+                                friend: other,
+                                reason,
+                            },
+                        ),
+                        (
+                            other,
+                            BusMessage::FriendHidden {
+                                friend: me.id,
+                                reason,
+                            },
+                        ),
+                    ],
+                )
+                .await;
+            }
+            Ok(StatusCode::NO_CONTENT)
+        }
+    }
+}
+
+/// `PUT /v1/friends/{id}/sharing`: share my location with this friend, or stop.
+pub async fn set_sharing(
+    State(st): St,
+    me: AuthUser,
+    Path(raw): Path<String>,
+    JsonBody(body): JsonBody<SharingUpdate>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let other = other_user(&raw, me)?;
+    let before = st
+        .backends
+        .users
+        .set_sharing(me.id, other, body.enabled)
+        .await
+        .map_err(|e| match e {
+            nearby_ports::StoreError::NotFound(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_friends",
+                format!("{other} is not your friend"),
+            ),
+            e => e.into(),
+        })?;
+    if before != body.enabled {
+        let msg = if body.enabled {
+            BusMessage::FriendVisible { friend: me.id }
+        } else {
+            BusMessage::FriendHidden {
+                friend: me.id,
+                reason: LeftReason::Unshared,
+            }
+        };
+        announce(&st, &[(other, msg)]).await;
+    }
+    Ok(Json(
+        serde_json::json!({ "id": other, "sharing": body.enabled }),
+    ))
+}
+
+/// Reads what a session starts from: the visible friends and, in one batch,
+/// their latest locations and the user's own. Shared by `GET /v1/nearby`
+/// and the WebSocket, which passes its subscriber: it is subscribed to the
+/// friends' channels *before* their locations are read, so no update falls
+/// between the read and the subscription.
+pub async fn start_session(
+    st: &AppState,
+    me: UserId,
+    subscriber: Option<&Subscriber>,
+) -> Result<(Session, Vec<nearby_core::session::Nearby>), nearby_ports::StoreError> {
+    let friends = st.backends.users.visible_friends(me).await?;
+    if let Some(sub) = subscriber {
+        let channels: Vec<Channel> = friends.iter().map(|f| Channel::Location(*f)).collect();
+        st.backends.bus.subscribe(sub, &channels).await?;
+    }
+    let mut ids = friends.clone();
+    ids.push(me);
+    let mut locs = st.backends.cache.get_many(&ids).await?;
+    let own = locs.pop().flatten();
+    Ok(Session::start(
+        me,
+        st.cfg.session(),
+        own,
+        friends.into_iter().zip(locs),
+        now_ms(),
+    ))
+}
+
+/// `GET /v1/nearby`: the snapshot a WebSocket gets on connect.
+pub async fn nearby(State(st): St, me: AuthUser) -> ApiResult<Json<ServerFrame>> {
+    let (_, snapshot) = start_session(&st, me.id, None).await?;
+    Ok(Json(ServerFrame::Snapshot {
+        friends: snapshot.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Query of `GET /v1/me/history`.
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    /// Start, inclusive, Unix ms (default: 24 h ago).
+    pub from: Option<i64>,
+    /// End, exclusive, Unix ms (default: now).
+    pub to: Option<i64>,
+    /// At most this many points (default and maximum 10 000).
+    pub limit: Option<u32>,
+}
+
+/// Most points one history request returns.
+pub const HISTORY_LIMIT: u32 = 10_000;
+
+/// `GET /v1/me/history?from=MS&to=MS`: my own stored locations.
+pub async fn history(
+    State(st): St,
+    me: AuthUser,
+    q: Result<Query<HistoryQuery>, QueryRejection>,
+) -> ApiResult<Json<History>> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let now = now_ms();
+    let to = q.to.unwrap_or(now + 1);
+    let from = q.from.unwrap_or(now - 24 * 3600 * 1000);
+    if from > to {
+        return Err(ApiError::bad_request("bad_query", "`from` is after `to`"));
+    }
+    let limit = q.limit.unwrap_or(HISTORY_LIMIT).clamp(1, HISTORY_LIMIT);
+    let points = st
+        .backends
+        .history
+        .range(me.id, from, to, limit)
+        .await?
+        .into_iter()
+        .map(|l| HistoryPoint {
+            lat: l.point.lat(),
+            lon: l.point.lon(),
+            ts: l.ts_ms,
+        })
+        .collect();
+    Ok(Json(History { points }))
+}

@@ -1,0 +1,64 @@
+//! Shared state, built once at start-up.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nearby_ports::{HistoryStore, LocationCache, PubSub, UserStore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ConfigError, ServerConfig};
+use crate::history::HistoryQueue;
+
+/// The four ports, filled by whichever adapters the binary chose.
+#[derive(Clone)]
+pub struct Backends {
+    /// Users, tokens, friendships, sharing.
+    pub users: Arc<dyn UserStore>,
+    /// Location history.
+    pub history: Arc<dyn HistoryStore>,
+    /// Latest locations with TTL.
+    pub cache: Arc<dyn LocationCache>,
+    /// Per-user channels.
+    pub bus: Arc<dyn PubSub>,
+}
+
+/// What every handler and session shares.
+pub struct AppState {
+    /// Validated settings.
+    pub cfg: ServerConfig,
+    /// The backends.
+    pub backends: Backends,
+    /// Accepted locations waiting to be written to history.
+    pub history: Arc<HistoryQueue>,
+    /// Fires once, on shutdown.
+    pub shutdown: CancellationToken,
+    /// Live WebSocket sessions, so shutdown can wait for them.
+    pub sessions: TaskTracker,
+}
+
+impl AppState {
+    /// Validates `cfg` and starts the history writer. Needs a tokio runtime.
+    pub fn new(cfg: ServerConfig, backends: Backends) -> Result<Arc<Self>, ConfigError> {
+        cfg.validate()?;
+        let history = HistoryQueue::start(
+            backends.history.clone(),
+            cfg.history_queue,
+            cfg.history_batch,
+        );
+        Ok(Arc::new(Self {
+            cfg,
+            backends,
+            history,
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+        }))
+    }
+}
+
+/// Wall-clock now, Unix milliseconds: the timestamp of accepted updates.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

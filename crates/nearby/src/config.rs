@@ -1,0 +1,177 @@
+//! `nearby serve` settings: flags, then environment (`NEARBY_*`), then a TOML
+//! file (`--config`), then defaults. Each source may set any subset.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use nearby_server::ServerConfig;
+use serde::Deserialize;
+
+/// Options of `nearby serve`. In the TOML file the keys are the flag names
+/// with `_` for `-` (e.g. `radius_m = 5000`).
+#[derive(Debug, Default, Clone, Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of these settings.
+    #[arg(long, env = "NEARBY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080; port 0 picks a free port].
+    #[arg(long, env = "NEARBY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the embedded databases [default: ./nearby-data].
+    #[arg(long, env = "NEARBY_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Nearby radius in metres [default: 8047, five miles].
+    #[arg(long, env = "NEARBY_RADIUS_M")]
+    pub radius_m: Option<f64>,
+    /// Seconds without an update before a user is inactive [default: 600].
+    #[arg(long, env = "NEARBY_LOCATION_TTL_SECS")]
+    pub location_ttl_secs: Option<u64>,
+    /// Lifetime of a login token in seconds [default: 604800, 7 days].
+    #[arg(long, env = "NEARBY_TOKEN_TTL_SECS")]
+    pub token_ttl_secs: Option<u64>,
+    /// Re-send a friend's distance on the user's own move only past this change, metres [default: 25].
+    #[arg(long, env = "NEARBY_DISTANCE_EPSILON_M")]
+    pub distance_epsilon_m: Option<f64>,
+    /// Messages per second a connection may send on average [default: 5].
+    #[arg(long, env = "NEARBY_UPDATES_PER_SEC")]
+    pub updates_per_sec: Option<f64>,
+    /// Burst allowed above that rate [default: 10].
+    #[arg(long, env = "NEARBY_UPDATE_BURST")]
+    pub update_burst: Option<u32>,
+    /// Largest client text frame handled, bytes [default: 1024].
+    #[arg(long, env = "NEARBY_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<usize>,
+    /// Bus messages queued per session before drops [default: 256].
+    #[arg(long, env = "NEARBY_SESSION_QUEUE")]
+    pub session_queue: Option<usize>,
+    /// History entries queued before the oldest are dropped [default: 100000].
+    #[arg(long, env = "NEARBY_HISTORY_QUEUE")]
+    pub history_queue: Option<usize>,
+    /// History entries per write [default: 1000].
+    #[arg(long, env = "NEARBY_HISTORY_BATCH")]
+    pub history_batch: Option<usize>,
+    /// Seconds to wait for sessions and history on shutdown [default: 10].
+    #[arg(long, env = "NEARBY_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+/// The settings after merging, ready to use.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub grace: Duration,
+    pub server: ServerConfig,
+}
+
+impl ServeArgs {
+    /// Fills every unset option from `other`.
+    fn or(self, other: Self) -> Self {
+        macro_rules! merge {
+            ($($f:ident),*) => { Self { $($f: self.$f.or(other.$f)),* } };
+        }
+        merge!(
+            config,
+            listen,
+            data_dir,
+            radius_m,
+            location_ttl_secs,
+            token_ttl_secs,
+            distance_epsilon_m,
+            updates_per_sec,
+            update_burst,
+            max_frame_bytes,
+            session_queue,
+            history_queue,
+            history_batch,
+            shutdown_grace_secs
+        )
+    }
+
+    /// Merges with the TOML file, if any, then defaults; validates.
+    pub fn resolve(self) -> anyhow::Result<Settings> {
+        let merged = match &self.config {
+            Some(path) => self.clone().or(read_file(path)?),
+            None => self,
+        };
+        let d = ServerConfig::default();
+        let server = ServerConfig {
+            radius_m: merged.radius_m.unwrap_or(d.radius_m),
+            location_ttl: merged
+                .location_ttl_secs
+                .map_or(d.location_ttl, Duration::from_secs),
+            token_ttl: merged
+                .token_ttl_secs
+                .map_or(d.token_ttl, Duration::from_secs),
+            distance_epsilon_m: merged.distance_epsilon_m.unwrap_or(d.distance_epsilon_m),
+            updates_per_sec: merged.updates_per_sec.unwrap_or(d.updates_per_sec),
+            update_burst: merged.update_burst.unwrap_or(d.update_burst),
+            max_frame_bytes: merged.max_frame_bytes.unwrap_or(d.max_frame_bytes),
+            session_queue: merged.session_queue.unwrap_or(d.session_queue),
+            history_queue: merged.history_queue.unwrap_or(d.history_queue),
+            history_batch: merged.history_batch.unwrap_or(d.history_batch),
+        };
+        server.validate()?;
+        Ok(Settings {
+            listen: merged
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            data_dir: merged
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("nearby-data")),
+            grace: Duration::from_secs(merged.shutdown_grace_secs.unwrap_or(10)),
+            server,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<ServeArgs> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let dir = std::env::temp_dir().join(format!("nearby-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("nearby.toml");
+        std::fs::write(&file, "radius_m = 500.0\nlocation_ttl_secs = 30\n").unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            radius_m: Some(900.0),
+            ..Default::default()
+        };
+        let s = args.resolve().unwrap();
+        assert_eq!(s.server.radius_m, 900.0);
+        assert_eq!(s.server.location_ttl, Duration::from_secs(30));
+        assert_eq!(s.server.update_burst, ServerConfig::default().update_burst);
+
+        std::fs::write(&file, "radius = 1\n").unwrap();
+        let err = ServeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+
+        let err = ServeArgs {
+            radius_m: Some(-5.0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("radius_m"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
