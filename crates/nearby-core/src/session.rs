@@ -158,8 +158,8 @@ impl Session {
     }
 
     /// A friend's update arrived from the bus. Updates from users this
-    /// session does not track, and updates older than the one known, are
-    /// ignored (a late message must not move a friend back in time).
+    /// session does not track, and updates strictly older than the one
+    /// known, are ignored (a late message must not move a friend back in time).
     pub fn on_friend_location(
         &mut self,
         id: UserId,
@@ -167,7 +167,9 @@ impl Session {
         now_ms: i64,
     ) -> Option<FriendEvent> {
         let t = self.friends.get_mut(&id)?;
-        if t.last.is_some_and(|l| l.ts_ms >= loc.ts_ms) {
+        // Strictly older only: two updates in the same millisecond are both
+        // news, and the bus delivers one publisher's messages in order.
+        if t.last.is_some_and(|l| l.ts_ms > loc.ts_ms) {
             return None;
         }
         t.last = Some(loc);
@@ -376,6 +378,8 @@ mod tests {
         let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), [(BOB, None)], 0);
         assert!(s.on_friend_location(BOB, at(100.0, 10), 10).is_some());
         assert_eq!(s.on_friend_location(BOB, at(2000.0, 5), 11), None);
+        // Same millisecond, later in bus order: still news.
+        assert!(s.on_friend_location(BOB, at(120.0, 10), 12).is_some());
         assert_eq!(s.snapshot().len(), 1);
         assert_eq!(s.on_friend_location(CAROL, at(1.0, 12), 12), None);
     }

@@ -1,0 +1,396 @@
+//! Every kind of bad input over real TCP: each gets a clear error, the
+//! connection (where it can) and every other client keep working, nothing
+//! accepted is lost, and the server does not fall over.
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_location, north_of, Server};
+use futures_util::SinkExt;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+fn code(body: &Value) -> &str {
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "no message in {body}"
+    );
+    body["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no code in {body}"))
+}
+
+#[tokio::test]
+async fn rest_rejects_bad_requests_with_json_errors() {
+    let server = Server::start(&[]);
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+
+    let cases = [
+        (
+            json!({ "username": "a", "password": "long enough" }),
+            StatusCode::BAD_REQUEST,
+            "invalid_username",
+        ),
+        (
+            json!({ "username": "has space", "password": "long enough" }),
+            StatusCode::BAD_REQUEST,
+            "invalid_username",
+        ),
+        (
+            json!({ "username": "dave", "password": "short" }),
+            StatusCode::BAD_REQUEST,
+            "invalid_password",
+        ),
+        (
+            json!({ "username": "alice", "password": "another one" }),
+            StatusCode::CONFLICT,
+            "username_taken",
+        ),
+        (
+            json!({ "username": "dave" }),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+        (
+            json!({ "username": 5, "password": "long enough" }),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+    ];
+    for (body, status, expected) in cases {
+        let (st, resp) = server.post("/v1/users", None, body.clone()).await;
+        assert_eq!((st, code(&resp)), (status, expected), "{body}");
+    }
+
+    for body in [
+        json!({ "username": "alice", "password": "wrong password" }),
+        json!({ "username": "nobody", "password": "correct horse" }),
+        json!({ "username": "alice", "password": "x".repeat(10_000) }),
+    ] {
+        let (st, resp) = server.post("/v1/sessions", None, body).await;
+        assert_eq!(
+            (st, code(&resp)),
+            (StatusCode::UNAUTHORIZED, "bad_credentials")
+        );
+    }
+
+    // Malformed, wrongly typed and oversized bodies.
+    let http = reqwest::Client::new();
+    let raw = |body: Vec<u8>, ctype: &'static str| {
+        http.post(format!("{}/v1/users", server.base))
+            .header("content-type", ctype)
+            .body(body)
+            .send()
+    };
+    let resp = raw(b"{\"username\":".to_vec(), "application/json")
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(code(&resp.json().await.unwrap()), "bad_json");
+    let resp = raw(b"username=x".to_vec(), "application/x-www-form-urlencoded")
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(code(&resp.json().await.unwrap()), "unsupported_media_type");
+    let resp = raw(vec![b' '; 64 * 1024], "application/json")
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(code(&resp.json().await.unwrap()), "too_large");
+
+    // Tokens: missing, malformed, unknown, revoked.
+    for token in [None, Some("garbage"), Some(&*"0".repeat(64))] {
+        let (st, resp) = server.get("/v1/friends", token).await;
+        assert_eq!(
+            (st, code(&resp)),
+            (StatusCode::UNAUTHORIZED, "unauthorized"),
+            "{token:?}"
+        );
+    }
+    let resp = http
+        .get(format!("{}/v1/friends", server.base))
+        .header("authorization", "Basic abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    // Unknown, malformed, own and non-friend ids.
+    for (method, path, body, status, expected) in [
+        (
+            Method::PUT,
+            "/v1/friends/999999".to_owned(),
+            None,
+            StatusCode::NOT_FOUND,
+            "unknown_user",
+        ),
+        (
+            Method::PUT,
+            "/v1/friends/abc".to_owned(),
+            None,
+            StatusCode::NOT_FOUND,
+            "unknown_user",
+        ),
+        (
+            Method::PUT,
+            "/v1/friends/-1".to_owned(),
+            None,
+            StatusCode::NOT_FOUND,
+            "unknown_user",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/friends/{}", alice.id),
+            None,
+            StatusCode::BAD_REQUEST,
+            "self",
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/friends/{}", bob.id),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_friends",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/friends/{}/sharing", bob.id),
+            Some(json!({ "enabled": false })),
+            StatusCode::NOT_FOUND,
+            "not_friends",
+        ),
+        (
+            Method::PUT,
+            format!("/v1/friends/{}/sharing", bob.id),
+            Some(json!({ "on": false })),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+        (
+            Method::GET,
+            "/v1/me/history?from=10&to=5".to_owned(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+        ),
+        (
+            Method::GET,
+            "/v1/me/history?from=yesterday".to_owned(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+        ),
+        (
+            Method::GET,
+            "/v1/nowhere".to_owned(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ] {
+        let (st, resp) = alice.req(method.clone(), &path, body).await;
+        assert_eq!((st, code(&resp)), (status, expected), "{method} {path}");
+    }
+
+    // A pending request is not a friendship: no sharing change on it.
+    alice.befriend(&bob).await;
+    let (st, _) = alice
+        .req(
+            Method::PUT,
+            &format!("/v1/friends/{}/sharing", bob.id),
+            Some(json!({ "enabled": true })),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+
+    // Logout revokes the token.
+    let (st, _) = alice.req(Method::DELETE, "/v1/sessions", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, _) = alice.req(Method::GET, "/v1/friends", None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+
+    // Still serving.
+    let (st, _) = server.get("/healthz", None).await;
+    assert_eq!(st, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn websocket_errors_keep_the_connection_and_lose_nothing() {
+    let server = Server::start(&["--updates-per-sec", "5", "--update-burst", "10"]);
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    alice.befriend(&bob).await;
+    bob.befriend(&alice).await;
+    let (mut a, _) = alice.connect(&server).await;
+    let (mut b, _) = bob.connect(&server).await;
+    b.send_location(37.5, 127.0).await;
+
+    // Each bad frame gets its error; the socket stays open.
+    a.send_text("{not json").await;
+    a.expect_error("bad_json").await;
+    a.send_text(r#"{"type":"teleport","lat":1,"lon":2}"#).await;
+    a.expect_error("unknown_type").await;
+    a.send_text(r#"{"type":"location","lat":1}"#).await;
+    a.expect_error("missing_field").await;
+    a.send_text(r#"{"type":"location","lat":"north","lon":2}"#)
+        .await;
+    a.expect_error("bad_json").await;
+    a.send_location(91.0, 0.0).await;
+    a.expect_error("invalid_location").await;
+    a.send_location(0.0, -180.5).await;
+    a.expect_error("invalid_location").await;
+    a.send_text(format!(
+        r#"{{"type":"location","lat":1,"lon":2,"pad":"{}"}}"#,
+        "x".repeat(2000)
+    ))
+    .await;
+    a.expect_error("frame_too_large").await;
+    a.stream
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
+    a.expect_error("unsupported_frame").await;
+
+    // After all that, a valid update still works and reaches Bob.
+    tokio::time::sleep(Duration::from_millis(1200)).await; // let the bucket refill
+    let (lat, lon) = north_of(37.5, 127.0, 300.0);
+    a.send_location(lat, lon).await;
+    assert_location(&a.next_json().await, &bob.id, 300.0);
+    assert_location(&b.next_json().await, &alice.id, 300.0);
+
+    // A flood: the bucket (burst 10) lets some through, one rate_limited error
+    // is sent for the run, the rest are dropped; Bob keeps getting updates.
+    tokio::time::sleep(Duration::from_millis(2100)).await; // refill to the full burst
+    for i in 0..60 {
+        let (lat, lon) = north_of(37.5, 127.0, 300.0 + f64::from(i));
+        a.send_location(lat, lon).await;
+    }
+    let mut errors = 0;
+    while let Some(m) = a.next_message(Duration::from_millis(500)).await {
+        let f: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        if f["type"] == "error" {
+            assert_eq!(f["code"], "rate_limited", "{f}");
+            errors += 1;
+        }
+    }
+    assert_eq!(
+        errors, 1,
+        "one rate_limited error per run of refused frames"
+    );
+    let mut bob_got = 0;
+    while let Some(m) = b.next_message(Duration::from_millis(500)).await {
+        let f: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        assert_eq!(f["type"], "friend_location", "{f}");
+        bob_got += 1;
+    }
+    assert!(
+        (10..=12).contains(&bob_got),
+        "bob got {bob_got} of the flood; the burst is 10"
+    );
+
+    // Nothing accepted is lost: history holds exactly the accepted updates.
+    let accepted = 1 + bob_got;
+    let mut stored = 0;
+    for _ in 0..50 {
+        let (_, hist) = alice
+            .req(Method::GET, "/v1/me/history?from=0&to=99999999999999", None)
+            .await;
+        stored = hist["points"].as_array().map_or(0, Vec::len);
+        if stored >= accepted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stored, accepted);
+
+    // A frame over the hard limit (64 KiB) closes the connection with 1009;
+    // Bob's connection is unaffected.
+    a.send_text("x".repeat(100 * 1024)).await;
+    loop {
+        match a.next_message(Duration::from_secs(5)).await {
+            Some(Message::Close(frame)) => {
+                assert_eq!(frame.map(|f| u16::from(f.code)), Some(1009));
+                break;
+            }
+            Some(Message::Text(_)) => continue,
+            other => panic!("expected a 1009 close, got {other:?}"),
+        }
+    }
+    b.send_location(37.5, 127.0).await;
+    let (_, nearby) = bob.req(Method::GET, "/v1/nearby", None).await;
+    assert_eq!(nearby["type"], "snapshot");
+}
+
+#[tokio::test]
+async fn websocket_handshake_needs_a_valid_token() {
+    let server = Server::start(&[]);
+    let status_of = |e: tokio_tungstenite::tungstenite::Error| match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => resp.status().as_u16(),
+        other => panic!("expected an HTTP refusal, got {other}"),
+    };
+    let e = tokio_tungstenite::connect_async(server.ws.as_str())
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(e), 401);
+    let url = format!("{}?token={}", server.ws, "f".repeat(64));
+    let e = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(e), 401);
+    // A plain GET with a good token is not a handshake: 4xx with a JSON body.
+    let alice = server.user("alice").await;
+    let (st, body) = alice.req(Method::GET, "/v1/ws", None).await;
+    assert!(st.is_client_error(), "{st}");
+    assert_eq!(code(&body), "not_websocket");
+}
+
+#[tokio::test]
+async fn expired_tokens_are_refused_and_close_live_sessions() {
+    let server = Server::start(&["--token-ttl-secs", "2"]);
+    let alice = server.user("alice").await;
+    let (mut a, _) = alice.connect(&server).await;
+    let (st, _) = alice.req(Method::GET, "/v1/friends", None).await;
+    assert_eq!(st, StatusCode::OK);
+    // The live session is told and closed with 1008 when the token expires.
+    let f = a.next_json().await;
+    assert_eq!(
+        (f["type"].as_str(), f["code"].as_str()),
+        (Some("error"), Some("token_expired")),
+        "{f}"
+    );
+    match a.next_message(Duration::from_secs(2)).await {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1008),
+        other => panic!("expected close 1008, got {other:?}"),
+    }
+    let (st, body) = alice.req(Method::GET, "/v1/friends", None).await;
+    assert_eq!(
+        (st, code(&body)),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
+    let mut req = server.ws.as_str().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", alice.token).parse().unwrap(),
+    );
+    assert!(tokio_tungstenite::connect_async(req).await.is_err());
+}
+
+#[tokio::test]
+async fn sigterm_tells_clients_to_reconnect_and_flushes_history() {
+    let mut server = Server::start(&[]);
+    let alice = server.user("alice").await;
+    let (mut a, _) = alice.connect(&server).await;
+    a.send_location(1.0, 2.0).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}");
+    let f = a.next_json().await;
+    assert_eq!(f["code"], "going_away", "{f}");
+    match a.next_message(Duration::from_secs(2)).await {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1012),
+        other => panic!("expected close 1012, got {other:?}"),
+    }
+}

@@ -1,0 +1,322 @@
+//! Test helpers: start the real `nearby` binary on a free port with its own
+//! data directory, and talk to it over real TCP (reqwest, tokio-tungstenite).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// A running `nearby serve`, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub ws: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts the binary with `--listen 127.0.0.1:0` and `extra` flags, and
+    /// waits for its "listening" line.
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nearby"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn nearby");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("nearby listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Self {
+            child,
+            base: format!("http://{addr}"),
+            ws: format!("ws://{addr}/v1/ws"),
+            _dir: dir,
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server did not exit within 10 s of SIGTERM");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A signed-up, logged-in user.
+#[derive(Clone)]
+pub struct User {
+    pub id: String,
+    pub name: String,
+    pub token: String,
+    http: reqwest::Client,
+    base: String,
+}
+
+pub async fn call(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = http.request(method, url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("http request");
+    let status = resp.status();
+    let text = resp.text().await.expect("body");
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body {text:?}"))
+    };
+    (status, value)
+}
+
+impl Server {
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (StatusCode, Value) {
+        call(
+            &reqwest::Client::new(),
+            reqwest::Method::POST,
+            &format!("{}{path}", self.base),
+            token,
+            Some(body),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, Value) {
+        call(
+            &reqwest::Client::new(),
+            reqwest::Method::GET,
+            &format!("{}{path}", self.base),
+            token,
+            None,
+        )
+        .await
+    }
+
+    /// Signs up and logs in `name`.
+    pub async fn user(&self, name: &str) -> User {
+        let creds = json!({ "username": name, "password": "correct horse" });
+        let (st, body) = self.post("/v1/users", None, creds.clone()).await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+        let (st, login) = self.post("/v1/sessions", None, creds).await;
+        assert_eq!(st, StatusCode::OK, "{login}");
+        assert_eq!(login["user_id"], body["id"]);
+        User {
+            id: body["id"].as_str().expect("id").to_owned(),
+            name: name.to_owned(),
+            token: login["token"].as_str().expect("token").to_owned(),
+            http: reqwest::Client::new(),
+            base: self.base.clone(),
+        }
+    }
+}
+
+impl User {
+    pub async fn req(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        call(
+            &self.http,
+            method,
+            &format!("{}{path}", self.base),
+            Some(&self.token),
+            body,
+        )
+        .await
+    }
+
+    pub async fn befriend(&self, other: &User) -> Value {
+        let (st, body) = self
+            .req(
+                reqwest::Method::PUT,
+                &format!("/v1/friends/{}", other.id),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        body
+    }
+
+    pub async fn unfriend(&self, other: &User) {
+        let (st, body) = self
+            .req(
+                reqwest::Method::DELETE,
+                &format!("/v1/friends/{}", other.id),
+                None,
+            )
+            .await;
+        assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+    }
+
+    pub async fn share(&self, other: &User, enabled: bool) {
+        let path = format!("/v1/friends/{}/sharing", other.id);
+        let (st, body) = self
+            .req(
+                reqwest::Method::PUT,
+                &path,
+                Some(json!({ "enabled": enabled })),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        assert_eq!(body["sharing"], enabled);
+    }
+
+    /// Connects a WebSocket with the token in the header and returns it with
+    /// its first frame, which must be the snapshot.
+    pub async fn connect(&self, server: &Server) -> (Ws, Value) {
+        let mut req = server.ws.as_str().into_client_request().expect("request");
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.token).parse().expect("header"),
+        );
+        let (stream, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("ws connect");
+        let mut ws = Ws { stream };
+        let snap = ws.next_json().await;
+        assert_eq!(snap["type"], "snapshot", "{snap}");
+        (ws, snap)
+    }
+}
+
+/// A client WebSocket.
+pub struct Ws {
+    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+pub const WAIT: Duration = Duration::from_secs(5);
+
+impl Ws {
+    pub async fn send_text(&mut self, text: impl Into<String>) {
+        self.stream
+            .send(Message::text(text.into()))
+            .await
+            .expect("ws send");
+    }
+
+    pub async fn send_location(&mut self, lat: f64, lon: f64) {
+        self.send_text(json!({ "type": "location", "lat": lat, "lon": lon }).to_string())
+            .await;
+    }
+
+    /// The next message of any kind, or None on timeout / end of stream.
+    pub async fn next_message(&mut self, within: Duration) -> Option<Message> {
+        loop {
+            match tokio::time::timeout(within, self.stream.next()).await {
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(Some(Ok(m))) => return Some(m),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next text frame as JSON; panics on timeout or anything else.
+    pub async fn next_json(&mut self) -> Value {
+        match self.next_message(WAIT).await {
+            Some(Message::Text(t)) => {
+                serde_json::from_str(t.as_str()).expect("server sent non-JSON")
+            }
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Asserts nothing arrives for `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        if let Some(m) = self.next_message(d).await {
+            panic!("expected silence, got {m:?}");
+        }
+    }
+
+    /// The next frame, which must be an `error` with `code`.
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        let f = self.next_json().await;
+        assert_eq!(
+            (f["type"].as_str(), f["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{f}"
+        );
+        assert!(f["message"].as_str().is_some_and(|m| !m.is_empty()), "{f}");
+        f
+    }
+}
+
+/// A point `north_m` metres north of `(lat, lon)`.
+pub fn north_of(lat: f64, lon: f64, north_m: f64) -> (f64, f64) {
+    (lat + (north_m / 6_371_008.8).to_degrees(), lon)
+}
+
+/// Asserts a `friend_location` for `id` at `distance` ± 1 m.
+pub fn assert_location(frame: &Value, id: &str, distance: f64) {
+    assert_eq!(frame["type"], "friend_location", "{frame}");
+    assert_eq!(frame["id"], id, "{frame}");
+    let d = frame["distance_m"].as_f64().expect("distance_m");
+    assert!(
+        (d - distance).abs() <= 1.0,
+        "distance {d}, expected {distance}: {frame}"
+    );
+    assert!(
+        frame["updated_at"]
+            .as_i64()
+            .is_some_and(|t| t > 1_600_000_000_000),
+        "{frame}"
+    );
+}
+
+/// Asserts a `friend_left` for `id` with `reason`.
+pub fn assert_left(frame: &Value, id: &str, reason: &str) {
+    assert_eq!(
+        (
+            frame["type"].as_str(),
+            frame["id"].as_str(),
+            frame["reason"].as_str()
+        ),
+        (Some("friend_left"), Some(id), Some(reason)),
+        "{frame}"
+    );
+}
