@@ -24,6 +24,9 @@ pub struct ServerConfig {
     /// (default 1024 bytes). Frames over [`ServerConfig::hard_frame_limit`]
     /// close the connection.
     pub max_frame_bytes: usize,
+    /// A connection silent this long is closed with 1001; the server pings
+    /// after a third of it (default 90 s).
+    pub idle_timeout: Duration,
     /// Bus messages queued per session before drops (default 256).
     pub session_queue: usize,
     /// History entries queued before the oldest are dropped (default 100 000).
@@ -42,6 +45,7 @@ impl Default for ServerConfig {
             updates_per_sec: 5.0,
             update_burst: 10,
             max_frame_bytes: 1024,
+            idle_timeout: Duration::from_secs(90),
             session_queue: 256,
             history_queue: 100_000,
             history_batch: 1000,

@@ -119,12 +119,12 @@ pub async fn log_in(
         ));
     }
     let user = st.backends.users.user_by_name(&c.username).await?;
-    let phc = user
-        .as_ref()
-        .map_or_else(|| decoy_hash().to_owned(), |u| u.password_hash.clone());
-    let ok = tokio::task::spawn_blocking(move || auth::verify_password(&c.password, &phc))
-        .await
-        .map_err(ApiError::internal)?;
+    let phc = user.as_ref().map(|u| u.password_hash.clone());
+    let ok = tokio::task::spawn_blocking(move || {
+        auth::verify_password(&c.password, phc.as_deref().unwrap_or_else(|| decoy_hash()))
+    })
+    .await
+    .map_err(ApiError::internal)?;
     let user = match user {
         Some(u) if ok => u,
         _ => {

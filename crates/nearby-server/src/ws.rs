@@ -35,8 +35,16 @@ use crate::state::{now_ms, AppState};
 /// Bus messages handled per wake-up before the frames are flushed.
 pub const BUS_DRAIN: usize = 64;
 
+/// A write (feed + flush) that takes longer than this means the client is
+/// not reading: the connection is dropped rather than left holding memory.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a closing handshake may take before the socket is dropped.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// Close codes (RFC 6455 and the IANA registry).
 mod close {
+    pub const GOING_AWAY: u16 = 1001;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
@@ -134,17 +142,29 @@ async fn run(st: Arc<AppState>, me: AuthUser, mut socket: WebSocket) {
     tracing::debug!(%user, "session closed");
 }
 
+/// Starts the closing handshake and waits (briefly) for the client's reply,
+/// so the close frame is read before the TCP connection goes away.
 async fn send_close(
     socket: &mut WebSocket,
     code: u16,
     reason: &'static str,
 ) -> Result<(), axum::Error> {
-    socket
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })))
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    tokio::time::timeout(CLOSE_WAIT, socket.send(Message::Close(Some(frame))))
         .await
+        .map_err(|_| axum::Error::new("close timed out"))??;
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+    Ok(())
 }
 
 /// One live connection's state besides the socket.
@@ -169,6 +189,13 @@ impl Conn {
         let token_expiry = tokio::time::sleep(until(token_expires_at));
         tokio::pin!(token_expiry);
         let shutdown = self.st.shutdown.clone();
+        let start = tokio::time::Instant::now();
+        // Ping after a third of the idle limit of silence; give up at the limit.
+        let idle_limit = self.st.cfg.idle_timeout;
+        let ping_after = idle_limit / 3;
+        let mut keepalive = tokio::time::interval_at(start + ping_after, ping_after);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = start;
         loop {
             let next_expiry = self.session.next_expiry();
             let friend_expiry = async {
@@ -190,25 +217,25 @@ impl Conn {
                     let _ = send_close(socket, close::POLICY, "token expired").await;
                     return;
                 }
-                frame = socket.recv() => match frame {
-                    None | Some(Ok(Message::Close(_))) => return,
-                    Some(Err(e)) => {
-                        // tungstenite refuses frames over the hard limit
-                        // without buffering them; say so in the close code.
-                        if e.to_string().contains("too long") {
-                            let _ = send_close(socket, close::TOO_BIG, "frame too large").await;
-                        }
-                        tracing::debug!(error = %e, "websocket read failed");
+                _ = keepalive.tick() => {
+                    let silent = last_heard.elapsed();
+                    if silent >= idle_limit {
+                        let _ = send_close(socket, close::GOING_AWAY, "idle").await;
                         return;
                     }
-                    Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
-                    Some(Ok(Message::Binary(_))) => {
-                        if self.admit() {
-                            self.out.push(ServerFrame::error("unsupported_frame", "binary frames are not supported; send JSON text frames"));
+                    if silent >= ping_after {
+                        let ping = socket.send(Message::Ping(Default::default()));
+                        if !matches!(tokio::time::timeout(WRITE_TIMEOUT, ping).await, Ok(Ok(()))) {
+                            return;
                         }
                     }
-                    Some(Ok(_)) => {} // ping/pong: answered by the library
-                },
+                }
+                frame = socket.recv() => {
+                    last_heard = tokio::time::Instant::now();
+                    if !self.on_frame(socket, frame).await {
+                        return;
+                    }
+                }
                 Some(msg) = inbox.recv() => {
                     self.on_bus(msg).await;
                     for _ in 1..BUS_DRAIN {
@@ -229,11 +256,56 @@ impl Conn {
         }
     }
 
-    async fn flush(&mut self, socket: &mut WebSocket) -> Result<(), axum::Error> {
-        for frame in self.out.drain(..) {
-            socket.feed(Message::Text(frame.to_json().into())).await?;
+    /// Handles one read from the socket; false when the connection is over.
+    async fn on_frame(
+        &mut self,
+        socket: &mut WebSocket,
+        frame: Option<Result<Message, axum::Error>>,
+    ) -> bool {
+        match frame {
+            None | Some(Ok(Message::Close(_))) => false,
+            Some(Err(e)) => {
+                // tungstenite refuses frames over the hard limit without
+                // buffering them; say so in the close code.
+                if e.to_string().contains("too long") {
+                    let _ = send_close(socket, close::TOO_BIG, "frame too large").await;
+                }
+                tracing::debug!(error = %e, "websocket read failed");
+                false
+            }
+            Some(Ok(Message::Text(text))) => {
+                self.on_text(text.as_str()).await;
+                true
+            }
+            Some(Ok(Message::Binary(_))) => {
+                if self.admit() {
+                    self.out.push(ServerFrame::error(
+                        "unsupported_frame",
+                        "binary frames are not supported; send JSON text frames",
+                    ));
+                }
+                true
+            }
+            Some(Ok(_)) => true, // ping/pong: answered by the library
         }
-        socket.flush().await
+    }
+
+    /// Writes the pending frames with one flush. A client that does not
+    /// read for [`WRITE_TIMEOUT`] is treated as gone.
+    async fn flush(&mut self, socket: &mut WebSocket) -> Result<(), axum::Error> {
+        let out = &mut self.out;
+        let write = async {
+            for frame in out.drain(..) {
+                socket.feed(Message::Text(frame.to_json().into())).await?;
+            }
+            socket.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(result) => result,
+            Err(_) => Err(axum::Error::new(
+                "write timed out: the client is not reading",
+            )),
+        }
     }
 
     /// Flood control: true if this frame may be handled. The first refused

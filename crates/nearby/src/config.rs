@@ -46,6 +46,9 @@ pub struct ServeArgs {
     /// Largest client text frame handled, bytes [default: 1024].
     #[arg(long, env = "NEARBY_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<usize>,
+    /// Close a WebSocket silent for this long, pinging it after a third [default: 90].
+    #[arg(long, env = "NEARBY_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
     /// Bus messages queued per session before drops [default: 256].
     #[arg(long, env = "NEARBY_SESSION_QUEUE")]
     pub session_queue: Option<usize>,
@@ -86,6 +89,7 @@ impl ServeArgs {
             updates_per_sec,
             update_burst,
             max_frame_bytes,
+            idle_timeout_secs,
             session_queue,
             history_queue,
             history_batch,
@@ -112,6 +116,9 @@ impl ServeArgs {
             updates_per_sec: merged.updates_per_sec.unwrap_or(d.updates_per_sec),
             update_burst: merged.update_burst.unwrap_or(d.update_burst),
             max_frame_bytes: merged.max_frame_bytes.unwrap_or(d.max_frame_bytes),
+            idle_timeout: merged
+                .idle_timeout_secs
+                .map_or(d.idle_timeout, Duration::from_secs),
             session_queue: merged.session_queue.unwrap_or(d.session_queue),
             history_queue: merged.history_queue.unwrap_or(d.history_queue),
             history_batch: merged.history_batch.unwrap_or(d.history_batch),

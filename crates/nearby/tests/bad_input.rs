@@ -394,3 +394,35 @@ async fn sigterm_tells_clients_to_reconnect_and_flushes_history() {
         other => panic!("expected close 1012, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn silent_connections_are_pinged_then_closed() {
+    let server = Server::start(&["--idle-timeout-secs", "2"]);
+    let alice = server.user("alice").await;
+    let (mut a, _) = alice.connect(&server).await;
+    // Read nothing (so no pong goes back) for longer than the idle limit.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let mut pinged = false;
+    loop {
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            futures_util::StreamExt::next(&mut a.stream),
+        )
+        .await
+        {
+            Ok(Some(Ok(Message::Ping(_)))) => pinged = true,
+            Ok(Some(Ok(Message::Close(Some(frame))))) => {
+                assert_eq!(u16::from(frame.code), 1001);
+                break;
+            }
+            other => panic!("expected ping then close 1001, got {other:?}"),
+        }
+    }
+    assert!(pinged, "closed without a ping first");
+
+    // A client that answers pings stays connected past the limit.
+    let (mut a, _) = alice.connect(&server).await;
+    a.expect_silence(Duration::from_millis(3500)).await;
+    a.send_location(1.0, 1.0).await;
+    a.expect_silence(Duration::from_millis(200)).await;
+}

@@ -247,8 +247,9 @@ impl Ws {
 
     /// The next message of any kind, or None on timeout / end of stream.
     pub async fn next_message(&mut self, within: Duration) -> Option<Message> {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
-            match tokio::time::timeout(within, self.stream.next()).await {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
                 Ok(Some(Ok(m))) => return Some(m),
                 _ => return None,

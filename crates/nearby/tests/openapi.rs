@@ -1,0 +1,59 @@
+//! `docs/openapi.json` and the router agree: every route the server declares
+//! is documented, and every documented operation is served (answers with
+//! something other than the unknown-route fallback).
+mod common;
+
+use common::{call, Server};
+use serde_json::Value;
+
+#[tokio::test]
+async fn openapi_documents_exactly_the_served_routes() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+    let spec: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}/docs/openapi.json")).expect("read openapi.json"),
+    )
+    .expect("openapi.json is JSON");
+    let paths = spec["paths"].as_object().expect("paths");
+
+    // Routes as declared in the router's source.
+    let router_src = std::fs::read_to_string(format!("{root}/crates/nearby-server/src/lib.rs"))
+        .expect("read router");
+    let declared: Vec<&str> = router_src
+        .split(".route(")
+        .skip(1)
+        .filter_map(|s| s.trim_start().strip_prefix('"')?.split('"').next())
+        .collect();
+    assert!(declared.len() >= 9, "{declared:?}");
+    for route in &declared {
+        assert!(
+            paths.contains_key(*route),
+            "route {route} is not in docs/openapi.json"
+        );
+    }
+
+    let server = Server::start(&[]);
+    let http = reqwest::Client::new();
+    for (path, item) in paths {
+        assert!(
+            declared.contains(&path.as_str()),
+            "{path} is documented but not routed"
+        );
+        for method in ["get", "put", "post", "delete"] {
+            if item.get(method).is_none() {
+                continue;
+            }
+            let url = format!("{}{}", server.base, path.replace("{id}", "1"));
+            let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let (status, body) = call(&http, m, &url, None, None).await;
+            assert!(
+                !(status == 404 && body["code"] == "not_found") && status != 405,
+                "{method} {path} is documented but answered {status} {body}"
+            );
+            let documented = item[method]["responses"].as_object().unwrap();
+            assert!(
+                documented.contains_key(status.as_str()),
+                "{method} {path}: undocumented status {status}"
+            );
+        }
+    }
+}
