@@ -10,6 +10,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ConfigError, ServerConfig};
 use crate::history::HistoryQueue;
 
+/// Concurrent password hashes allowed.
+pub const HASHING_SLOTS: usize = 4;
+
 /// The four ports, filled by whichever adapters the binary chose.
 #[derive(Clone)]
 pub struct Backends {
@@ -35,6 +38,10 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Live WebSocket sessions, so shutdown can wait for them.
     pub sessions: TaskTracker,
+    /// Caps concurrent argon2 computations (each takes ~19 MiB and tens of
+    /// milliseconds): a flood of logins queues here instead of spawning
+    /// hundreds of blocking threads and gigabytes of hashing memory.
+    pub hashing: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -52,6 +59,7 @@ impl AppState {
             history,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
+            hashing: tokio::sync::Semaphore::new(HASHING_SLOTS),
         }))
     }
 }
