@@ -317,13 +317,25 @@ pub async fn start_session(
     subscriber: Option<&Subscriber>,
 ) -> Result<(Session, Vec<nearby_core::session::Nearby>), nearby_ports::StoreError> {
     let friends = st.backends.users.visible_friends(me).await?;
+    let channels: Vec<Channel> = match subscriber {
+        Some(_) => friends.iter().map(|f| Channel::Location(*f)).collect(),
+        None => Vec::new(),
+    };
     if let Some(sub) = subscriber {
-        let channels: Vec<Channel> = friends.iter().map(|f| Channel::Location(*f)).collect();
         st.backends.bus.subscribe(sub, &channels).await?;
     }
     let mut ids = friends.clone();
     ids.push(me);
-    let mut locs = st.backends.cache.get_many(&ids).await?;
+    let mut locs = match st.backends.cache.get_many(&ids).await {
+        Ok(locs) => locs,
+        Err(e) => {
+            // Do not leave subscriptions behind for a session that never starts.
+            if let Some(sub) = subscriber {
+                let _ = st.backends.bus.unsubscribe(sub, &channels).await;
+            }
+            return Err(e);
+        }
+    };
     let own = locs.pop().flatten();
     Ok(Session::start(
         me,
