@@ -94,6 +94,20 @@ pub enum BusMessage {
         /// `Unshared` or `Unfriended`.
         reason: LeftReason,
     },
+    /// The inbox owner logged out a token: sessions opened with it close
+    /// (published on `Inbox`).
+    TokenRevoked {
+        /// [`token_tag`] of the revoked token's hash.
+        tag: u64,
+    },
+}
+
+/// A short, non-secret tag of a token hash: enough to tell one user's tokens
+/// apart on the bus without publishing the hash itself.
+pub fn token_tag(token_hash: &[u8; 32]) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&token_hash[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// A session's end of the bus: messages for every channel it subscribed to

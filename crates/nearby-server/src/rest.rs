@@ -156,6 +156,8 @@ pub async fn log_in(
 /// `DELETE /v1/sessions`: log out (revoke the token used).
 pub async fn log_out(State(st): St, me: AuthUser) -> ApiResult<StatusCode> {
     st.backends.users.delete_token(&me.token_hash).await?;
+    let tag = nearby_ports::token_tag(&me.token_hash);
+    announce(&st, &[(me.id, BusMessage::TokenRevoked { tag })]).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

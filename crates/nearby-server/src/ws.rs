@@ -113,6 +113,8 @@ async fn run(st: Arc<AppState>, me: AuthUser, mut socket: WebSocket) {
                 sub,
                 limited: false,
                 out: vec![frame],
+                token_tag: nearby_ports::token_tag(&me.token_hash),
+                closing: None,
             }
         }
         Err(e) => {
@@ -177,6 +179,10 @@ struct Conn {
     limited: bool,
     /// Frames waiting for the next flush.
     out: Vec<ServerFrame>,
+    /// The tag of the token this connection was opened with.
+    token_tag: u64,
+    /// Set when the connection must close after the next flush.
+    closing: Option<(u16, &'static str)>,
 }
 
 impl Conn {
@@ -251,6 +257,10 @@ impl Conn {
                 }
             }
             if !self.out.is_empty() && self.flush(socket).await.is_err() {
+                return;
+            }
+            if let Some((code, reason)) = self.closing {
+                let _ = send_close(socket, code, reason).await;
                 return;
             }
         }
@@ -416,6 +426,16 @@ impl Conn {
                     }
                 }
                 self.session.remove_friend(friend, reason)
+            }
+            BusMessage::TokenRevoked { tag } => {
+                if tag == self.token_tag && self.closing.is_none() {
+                    self.out.push(ServerFrame::error(
+                        "token_revoked",
+                        "you logged out with this token",
+                    ));
+                    self.closing = Some((close::POLICY, "token revoked"));
+                }
+                None
             }
         };
         self.out.extend(event.map(ServerFrame::from));

@@ -426,3 +426,35 @@ async fn silent_connections_are_pinged_then_closed() {
     a.send_location(1.0, 1.0).await;
     a.expect_silence(Duration::from_millis(200)).await;
 }
+
+#[tokio::test]
+async fn logout_closes_the_sessions_of_that_token_only() {
+    let server = Server::start(&[]);
+    let phone = server.user("alice").await;
+    // A second login: the same user on another device, with its own token.
+    let (st, login) = server
+        .post(
+            "/v1/sessions",
+            None,
+            json!({ "username": "alice", "password": "correct horse" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let mut laptop = phone.clone();
+    laptop.token = login["token"].as_str().unwrap().to_owned();
+    let (mut p, _) = phone.connect(&server).await;
+    let (mut l, _) = laptop.connect(&server).await;
+
+    let (st, _) = phone.req(Method::DELETE, "/v1/sessions", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    p.expect_error("token_revoked").await;
+    match p.next_message(Duration::from_secs(3)).await {
+        Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1008),
+        other => panic!("expected close 1008, got {other:?}"),
+    }
+    l.expect_silence(Duration::from_millis(300)).await;
+    l.send_location(1.0, 1.0).await;
+    l.expect_silence(Duration::from_millis(200)).await;
+    let (st, _) = laptop.req(Method::GET, "/v1/friends", None).await;
+    assert_eq!(st, StatusCode::OK);
+}
