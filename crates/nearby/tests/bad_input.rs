@@ -379,20 +379,68 @@ async fn expired_tokens_are_refused_and_close_live_sessions() {
 }
 
 #[tokio::test]
-async fn sigterm_tells_clients_to_reconnect_and_flushes_history() {
-    let mut server = Server::start(&[]);
+async fn sigterm_tells_clients_to_reconnect_and_keeps_everything_stored() {
+    let server = Server::start(&[]);
     let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    alice.befriend(&bob).await;
+    bob.befriend(&alice).await;
     let (mut a, _) = alice.connect(&server).await;
-    a.send_location(1.0, 2.0).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let status = server.terminate();
-    assert!(status.success(), "exit status {status}");
-    let f = a.next_json().await;
+    let (mut b, _) = bob.connect(&server).await;
+    b.send_location(1.0, 2.0).await;
+    for i in 0..5 {
+        a.send_location(1.0 + f64::from(i) * 0.001, 2.0).await;
+    }
+    // All five were handled once Bob has seen them; stop right away, so the
+    // history writer may still hold some: shutdown must flush them.
+    for _ in 0..5 {
+        assert_eq!(b.next_json().await["type"], "friend_location");
+    }
+    let stopper = tokio::task::spawn_blocking(move || server.stop_keeping_data());
+    // Alice saw Bob; skip those frames up to the goodbye.
+    let f = loop {
+        let f = a.next_json().await;
+        if f["type"] != "friend_location" {
+            break f;
+        }
+    };
     assert_eq!(f["code"], "going_away", "{f}");
-    match a.next_message(Duration::from_secs(2)).await {
+    match a.next_message(Duration::from_secs(3)).await {
         Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1012),
         other => panic!("expected close 1012, got {other:?}"),
     }
+    let dir = stopper.await.expect("stopped cleanly");
+
+    // Restart on the same data directory: accounts, tokens, friendships and
+    // history are all there.
+    let server = Server::start_in(dir, &[]);
+    let (st, _) = server
+        .post(
+            "/v1/sessions",
+            None,
+            json!({ "username": "alice", "password": "correct horse" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, list) = common::call(
+        &reqwest::Client::new(),
+        Method::GET,
+        &format!("{}/v1/friends", server.base),
+        Some(&alice.token),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "the old token still works: {list}");
+    assert_eq!(list["friends"][0]["status"], "friends");
+    let (_, hist) = common::call(
+        &reqwest::Client::new(),
+        Method::GET,
+        &format!("{}/v1/me/history?from=0&to=99999999999999", server.base),
+        Some(&alice.token),
+        None,
+    )
+    .await;
+    assert_eq!(hist["points"].as_array().map(Vec::len), Some(5), "{hist}");
 }
 
 #[tokio::test]

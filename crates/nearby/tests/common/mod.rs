@@ -26,7 +26,11 @@ impl Server {
     /// Starts the binary with `--listen 127.0.0.1:0` and `extra` flags, and
     /// waits for its "listening" line.
     pub fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(tempfile::tempdir().expect("tempdir"), extra)
+    }
+
+    /// Like [`Server::start`], on an existing data directory (a restart).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nearby"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
@@ -52,6 +56,13 @@ impl Server {
             ws: format!("ws://{addr}/v1/ws"),
             _dir: dir,
         }
+    }
+
+    /// Stops the process (SIGTERM) and hands back its data directory.
+    pub fn stop_keeping_data(mut self) -> tempfile::TempDir {
+        assert!(self.terminate().success());
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self._dir, dir)
     }
 
     /// Sends SIGTERM and waits for the exit status.
