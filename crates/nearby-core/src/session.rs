@@ -151,9 +151,10 @@ impl Session {
             return Vec::new();
         }
         self.own = Some(loc);
-        let ids: Vec<UserId> = self.friends.keys().copied().collect();
-        ids.into_iter()
-            .filter_map(|id| self.evaluate(id, false, now_ms))
+        let (cfg, own) = (&self.cfg, self.own);
+        self.friends
+            .iter_mut()
+            .filter_map(|(id, t)| evaluate(cfg, own, *id, t, false, now_ms))
             .collect()
     }
 
@@ -215,15 +216,11 @@ impl Session {
 
     /// Time passed: friends whose location went stale leave as `inactive`.
     pub fn on_tick(&mut self, now_ms: i64) -> Vec<FriendEvent> {
-        let stale: Vec<UserId> = self
-            .friends
-            .iter()
-            .filter(|(_, t)| t.shown.is_some() && !self.is_fresh(t.last, now_ms))
-            .map(|(id, _)| *id)
-            .collect();
-        stale
-            .into_iter()
-            .filter_map(|id| self.evaluate(id, false, now_ms))
+        let (cfg, own) = (&self.cfg, self.own);
+        self.friends
+            .iter_mut()
+            .filter(|(_, t)| t.shown.is_some() && !is_fresh(cfg, t.last, now_ms))
+            .filter_map(|(id, t)| evaluate(cfg, own, *id, t, false, now_ms))
             .collect()
     }
 
@@ -244,53 +241,64 @@ impl Session {
         v
     }
 
-    fn is_fresh(&self, loc: Option<Location>, now_ms: i64) -> bool {
-        loc.is_some_and(|l| now_ms.saturating_sub(l.ts_ms) < self.cfg.ttl_ms)
-    }
-
-    /// Re-decides whether friend `id` is shown and returns the transition, if
-    /// any. `friend_moved` forces a `Location` for a shown friend (their
-    /// timestamp changed even if the distance did not).
+    /// Re-decides whether friend `id` is shown and returns the transition,
+    /// if any (see [`evaluate`]).
     fn evaluate(&mut self, id: UserId, friend_moved: bool, now_ms: i64) -> Option<FriendEvent> {
-        let fresh = self
-            .friends
-            .get(&id)
-            .map(|t| self.is_fresh(t.last, now_ms))?;
-        let (cfg, own) = (self.cfg, self.own);
         let t = self.friends.get_mut(&id)?;
-        let in_range = match (own, t.last) {
-            (Some(o), Some(l)) if fresh => {
-                let d = o.point.distance_m(l.point);
-                (d <= cfg.radius_m).then_some(d)
-            }
-            _ => None,
-        };
-        let updated_at = t.last.map_or(0, |l| l.ts_ms);
-        let show = |t: &mut Tracked, distance_m: f64| {
-            t.shown = Some(distance_m);
-            Some(FriendEvent::Location(Nearby {
-                id,
-                distance_m,
-                updated_at,
-            }))
-        };
-        match (t.shown, in_range) {
-            (None, Some(d)) => show(t, d),
-            (Some(prev), Some(d)) if friend_moved || (d - prev).abs() >= cfg.distance_epsilon_m => {
-                show(t, d)
-            }
-            (Some(_), None) => {
-                t.shown = None;
-                let reason = if fresh {
-                    LeftReason::OutOfRange
-                } else {
-                    t.last = None;
-                    LeftReason::Inactive
-                };
-                Some(FriendEvent::Left { id, reason })
-            }
-            _ => None,
+        evaluate(&self.cfg, self.own, id, t, friend_moved, now_ms)
+    }
+}
+
+fn is_fresh(cfg: &SessionConfig, loc: Option<Location>, now_ms: i64) -> bool {
+    loc.is_some_and(|l| now_ms.saturating_sub(l.ts_ms) < cfg.ttl_ms)
+}
+
+/// The rule of the module docs for one friend: updates `t.shown` and returns
+/// the transition, if any. `friend_moved` forces a `Location` for a shown
+/// friend (their timestamp changed even if the distance did not). A free
+/// function over one entry so that callers can sweep the whole map with
+/// `iter_mut` without collecting ids first.
+fn evaluate(
+    cfg: &SessionConfig,
+    own: Option<Location>,
+    id: UserId,
+    t: &mut Tracked,
+    friend_moved: bool,
+    now_ms: i64,
+) -> Option<FriendEvent> {
+    let fresh = is_fresh(cfg, t.last, now_ms);
+    let in_range = match (own, t.last) {
+        (Some(o), Some(l)) if fresh => {
+            let d = o.point.distance_m(l.point);
+            (d <= cfg.radius_m).then_some(d)
         }
+        _ => None,
+    };
+    let updated_at = t.last.map_or(0, |l| l.ts_ms);
+    let show = |t: &mut Tracked, distance_m: f64| {
+        t.shown = Some(distance_m);
+        Some(FriendEvent::Location(Nearby {
+            id,
+            distance_m,
+            updated_at,
+        }))
+    };
+    match (t.shown, in_range) {
+        (None, Some(d)) => show(t, d),
+        (Some(prev), Some(d)) if friend_moved || (d - prev).abs() >= cfg.distance_epsilon_m => {
+            show(t, d)
+        }
+        (Some(_), None) => {
+            t.shown = None;
+            let reason = if fresh {
+                LeftReason::OutOfRange
+            } else {
+                t.last = None;
+                LeftReason::Inactive
+            };
+            Some(FriendEvent::Left { id, reason })
+        }
+        _ => None,
     }
 }
 
