@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use nearby_core::session::SessionConfig;
 
+const SECOND: Duration = Duration::from_secs(1);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
 /// Everything the service needs to know besides its backends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
@@ -91,16 +94,22 @@ impl ServerConfig {
             "between 0 and half the Earth's circumference",
         )?;
         check(
-            !self.location_ttl.is_zero(),
+            (SECOND..=30 * DAY).contains(&self.location_ttl),
             "location_ttl_secs",
             self.location_ttl.as_secs(),
-            "at least 1",
+            "between 1 and 2592000 (30 days)",
         )?;
         check(
-            !self.token_ttl.is_zero(),
+            (SECOND..=366 * DAY).contains(&self.token_ttl),
             "token_ttl_secs",
             self.token_ttl.as_secs(),
-            "at least 1",
+            "between 1 and 31622400 (366 days)",
+        )?;
+        check(
+            (SECOND..=DAY).contains(&self.idle_timeout),
+            "idle_timeout_secs",
+            self.idle_timeout.as_secs(),
+            "between 1 and 86400 (a day)",
         )?;
         check(
             self.distance_epsilon_m.is_finite() && self.distance_epsilon_m >= 0.0,
@@ -127,22 +136,22 @@ impl ServerConfig {
             "between 64 and 65536",
         )?;
         check(
-            self.session_queue >= 1,
+            (1..=65_536).contains(&self.session_queue),
             "session_queue",
             self.session_queue,
-            "at least 1",
+            "between 1 and 65536",
         )?;
         check(
-            self.history_queue >= 1,
+            (1..=10_000_000).contains(&self.history_queue),
             "history_queue",
             self.history_queue,
-            "at least 1",
+            "between 1 and 10000000",
         )?;
         check(
-            self.history_batch >= 1,
+            (1..=100_000).contains(&self.history_batch),
             "history_batch",
             self.history_batch,
-            "at least 1",
+            "between 1 and 100000",
         )?;
         Ok(())
     }
@@ -175,6 +184,18 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(bad.validate().unwrap_err().name, "radius_m");
+        // Huge durations would overflow deadline arithmetic, and a zero
+        // idle timeout would make a zero-period timer: refused up front.
+        let bad = ServerConfig {
+            location_ttl: Duration::from_secs(u64::MAX),
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().name, "location_ttl_secs");
+        let bad = ServerConfig {
+            idle_timeout: Duration::ZERO,
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().name, "idle_timeout_secs");
         let bad = ServerConfig {
             max_frame_bytes: 1 << 20,
             ..Default::default()
