@@ -10,6 +10,7 @@
 //! * [`ws`] — one task per connection, selecting over the socket, the
 //!   session's bus queue and its timers; the domain's `Session` decides.
 //! * [`history`] — the bounded drop-oldest queue and its batching writer.
+//! * [`web`] — the browser client, embedded in the binary.
 //! * [`error`] — the one error type every handler returns.
 //!
 //! **Architecture invariant:** this crate knows the ports, never an adapter;
@@ -22,6 +23,7 @@ pub mod error;
 pub mod history;
 pub mod rest;
 pub mod state;
+pub mod web;
 pub mod ws;
 
 use std::sync::Arc;
@@ -43,6 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(rest::healthz))
         .route("/v1/users", axum::routing::post(rest::sign_up))
+        .route("/v1/users/by-name/{username}", get(rest::user_by_name))
         .route(
             "/v1/sessions",
             axum::routing::post(rest::log_in).delete(rest::log_out),
@@ -56,6 +59,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/nearby", get(rest::nearby))
         .route("/v1/me/history", get(rest::history))
         .route("/v1/ws", get(ws::upgrade))
+        .route("/", get(web::index))
+        .route("/assets/{*path}", get(web::asset))
         .fallback(rest::not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

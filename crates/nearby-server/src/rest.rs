@@ -98,6 +98,35 @@ pub async fn sign_up(State(st): St, JsonBody(c): JsonBody<Credentials>) -> ApiRe
         .into_response())
 }
 
+/// `GET /v1/users/by-name/{username}`: find a user to befriend. Exact match
+/// only, and only for a logged-in caller, so the user list cannot be paged
+/// through.
+pub async fn user_by_name(
+    State(st): St,
+    _me: AuthUser,
+    Path(username): Path<String>,
+) -> ApiResult<Json<UserView>> {
+    let found = if account::validate_username(&username).is_ok() {
+        st.backends.users.user_by_name(&username).await?
+    } else {
+        None
+    };
+    let user = found.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_user",
+            format!(
+                "no user named {:?}",
+                username.chars().take(40).collect::<String>()
+            ),
+        )
+    })?;
+    Ok(Json(UserView {
+        id: user.id,
+        username: user.username,
+    }))
+}
+
 /// A valid argon2 hash of a password nobody has: login for an unknown user
 /// verifies against it so that the reply takes as long as for a known user.
 fn decoy_hash() -> &'static str {

@@ -21,6 +21,20 @@ async fn two_friends_see_each_other_and_every_reason_to_leave() {
     let bob = server.user("bob").await;
     let carol = server.user("carol").await;
 
+    // Alice finds Bob by name (exact match only, logged-in callers only).
+    let (st, found) = alice.req(Method::GET, "/v1/users/by-name/bob", None).await;
+    assert_eq!(
+        (st.as_u16(), &found),
+        (200, &json!({ "id": bob.id, "username": "bob" }))
+    );
+    let (st, missing) = alice.req(Method::GET, "/v1/users/by-name/bo", None).await;
+    assert_eq!(
+        (st.as_u16(), &missing["code"]),
+        (404, &json!("unknown_user"))
+    );
+    let (st, _) = server.get("/v1/users/by-name/bob", None).await;
+    assert_eq!(st.as_u16(), 401);
+
     assert_eq!(alice.befriend(&bob).await["status"], "outgoing");
     let (_, list) = bob.req(Method::GET, "/v1/friends", None).await;
     assert_eq!(

@@ -1,0 +1,72 @@
+//! The browser client: the files under `web/`, embedded in the binary so
+//! `nearby serve` needs nothing beside it. Debug builds read them from disk
+//! at each request (rust-embed's default), so the page can be edited without
+//! rebuilding.
+
+use axum::extract::Path;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::error::ApiError;
+
+#[derive(rust_embed::Embed)]
+#[folder = "web/"]
+struct Assets;
+
+/// `GET /`: the page.
+pub async fn index() -> Response {
+    serve("index.html")
+}
+
+/// `GET /assets/{path}`: scripts, styles, images.
+pub async fn asset(Path(path): Path<String>) -> Response {
+    serve(&path)
+}
+
+fn serve(path: &str) -> Response {
+    let Some(file) = Assets::get(path) else {
+        return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such asset").into_response();
+    };
+    let mut resp = file.data.into_owned().into_response();
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime(path)));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+/// The few types the page is made of; anything else is served as bytes.
+fn mime(path: &str) -> &'static str {
+    match path.rsplit_once('.').map(|(_, ext)| ext) {
+        Some("html") => "text/html; charset=utf-8",
+        Some("js" | "mjs") => "text/javascript; charset=utf-8",
+        Some("css") => "text/css; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        Some("png") => "image/png",
+        Some("json") => "application/json",
+        Some("ico") => "image/x-icon",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn types_by_extension() {
+        assert_eq!(mime("index.html"), "text/html; charset=utf-8");
+        assert_eq!(mime("a/b/app.js"), "text/javascript; charset=utf-8");
+        assert_eq!(mime("noext"), "application/octet-stream");
+    }
+
+    #[test]
+    fn the_page_is_embedded() {
+        let page = Assets::get("index.html").map(|f| f.data.into_owned());
+        let page = String::from_utf8(page.unwrap_or_default()).unwrap_or_default();
+        assert!(page.contains("<html"), "index.html missing or empty");
+    }
+}
