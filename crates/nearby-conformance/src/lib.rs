@@ -7,6 +7,8 @@
 //! against a shared, non-empty database.
 #![forbid(unsafe_code)]
 
+pub mod services;
+
 use std::time::Duration;
 
 use nearby_core::{FriendStatus, LeftReason, Location, Point, UserId};

@@ -49,6 +49,11 @@ pub trait LocationCache: Send + Sync + 'static {
     async fn get(&self, user: UserId) -> StoreResult<Option<Location>> {
         Ok(self.get_many(&[user]).await?.pop().flatten())
     }
+
+    /// Answers when the backend is reachable (for readiness checks).
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// A channel on the bus. Each user has two: `Location(u)` carries u's moves to
@@ -141,6 +146,20 @@ impl Subscriber {
     }
 }
 
+/// Counters a bus keeps, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BusStats {
+    /// Messages handed to local sessions.
+    pub delivered: u64,
+    /// Messages dropped because a session's queue was full, or lost because
+    /// the node fell behind its broker connection.
+    pub dropped: u64,
+    /// Times a broker connection was re-established.
+    pub reconnects: u64,
+    /// Channels with at least one local subscriber.
+    pub channels: u64,
+}
+
 /// The routing layer: publish to a channel; subscribers of that channel, on
 /// any node, receive it.
 #[async_trait]
@@ -152,6 +171,16 @@ pub trait PubSub: Send + Sync + 'static {
     async fn subscribe(&self, sub: &Subscriber, channels: &[Channel]) -> StoreResult<()>;
     /// Removes `sub` from each channel (unknown ones are ignored).
     async fn unsubscribe(&self, sub: &Subscriber, channels: &[Channel]) -> StoreResult<()>;
+
+    /// Counters so far.
+    fn stats(&self) -> BusStats {
+        BusStats::default()
+    }
+
+    /// Answers when the backend is reachable (for readiness checks).
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// A user as stored, for login.
@@ -223,6 +252,11 @@ pub trait UserStore: Send + Sync + 'static {
     /// The friends whose locations `viewer` may see: mutual friends who share
     /// with `viewer`.
     async fn visible_friends(&self, viewer: UserId) -> StoreResult<Vec<UserId>>;
+
+    /// Answers when the backend is reachable (for readiness checks).
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// One location to append to history.
@@ -248,4 +282,9 @@ pub trait HistoryStore: Send + Sync + 'static {
         to_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<Location>>;
+
+    /// Answers when the backend is reachable (for readiness checks).
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
 }

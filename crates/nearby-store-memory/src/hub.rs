@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use async_trait::async_trait;
-use nearby_ports::{BusMessage, Channel, PubSub, StoreResult, Subscriber};
+use nearby_ports::{BusMessage, BusStats, Channel, PubSub, StoreResult, Subscriber};
 
 /// Node-local fan-out: which local subscribers want which channel.
 ///
@@ -65,6 +65,35 @@ impl LocalHub {
         ok
     }
 
+    /// Whether `channel` has a local subscriber.
+    pub fn contains(&self, channel: Channel) -> bool {
+        self.channels
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&channel)
+    }
+
+    /// Every channel with a local subscriber that `keep` accepts.
+    pub fn channels_where(&self, keep: impl Fn(Channel) -> bool) -> Vec<Channel> {
+        let map = self.channels.read().unwrap_or_else(|e| e.into_inner());
+        map.keys().copied().filter(|c| keep(*c)).collect()
+    }
+
+    /// Counts a message that never reached the hub (lost upstream).
+    pub fn count_lost(&self, n: u64) {
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Delivered, dropped and channel counts; `reconnects` is the adapter's.
+    pub fn stats(&self) -> BusStats {
+        BusStats {
+            delivered: self.delivered(),
+            dropped: self.dropped(),
+            reconnects: 0,
+            channels: self.channel_count() as u64,
+        }
+    }
+
     /// Channels with at least one local subscriber.
     pub fn channel_count(&self) -> usize {
         self.channels
@@ -121,6 +150,10 @@ impl PubSub for MemoryBus {
             self.hub.remove(*ch, sub);
         }
         Ok(())
+    }
+
+    fn stats(&self) -> BusStats {
+        self.hub.stats()
     }
 }
 

@@ -1,0 +1,603 @@
+// The nearby browser client: plain DOM, one WebSocket, no dependencies.
+// Wire contract: docs/protocol.md.
+
+const EARTH_RADIUS_M = 6371008.8; // protocol.md: mean Earth radius
+const MIN_SEND_GAP_MS = 1000;     // well under the 5 frames/s limit
+const RESEND_MS = 10000;          // stay fresh within the 600 s location TTL
+const FRIENDS_POLL_MS = 5000;     // requests are not pushed over the WebSocket
+const BACKOFF_BASE_MS = 1000;
+const BACKOFF_MAX_MS = 30000;
+const DEMO_CENTRE = { lat: 37.5665, lon: 126.978 };
+const SESSION_KEY = 'nearby.session';
+const LEFT_REASONS = {
+  out_of_range: 'moved out of range',
+  inactive: 'stopped updating',
+  unshared: 'stopped sharing',
+  unfriended: 'is no longer a friend',
+};
+
+const $ = (sel) => document.querySelector(sel);
+
+const state = {
+  session: null,        // {token, user_id, username, expires_at}
+  friends: new Map(),   // id -> {id, username, status, sharing}
+  nearby: new Map(),    // id -> {id, distance_m, updated_at}
+  me: null,             // {lat, lon, source}
+  ws: null,
+  live: false,
+  attempt: 0,           // reconnect attempts since the last good connection
+  retryAt: 0,
+  retryTimer: null,
+  lastWsError: null,
+  sendTimer: null,
+  lastSent: 0,
+  geoWatch: null,
+  pollTimer: null,
+  lastPollError: null,
+};
+
+// ---------- small DOM helpers ----------
+
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+    else if (k === 'class') el.className = v;
+    else if (k in el && typeof v !== 'string') el[k] = v;
+    else el.setAttribute(k, v === true ? '' : String(v));
+  }
+  el.append(...children);
+  return el;
+}
+
+function s(tag, attrs = {}, text) {
+  const el = document.createElementNS('http://www.w3.org/2000/svg', tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+  if (text !== undefined) el.textContent = text;
+  return el;
+}
+
+// ---------- messages ----------
+
+// Errors stay until dismissed; a `key` replaces the earlier message of that
+// key, and clearNotes(key) removes it once the problem is over.
+function notify(text, kind = 'error', ttlMs = kind === 'error' ? 0 : 5000, key = undefined) {
+  const box = $('#messages');
+  if (key) clearNotes(key);
+  const msg = h('div', { class: `msg ${kind}`, role: kind === 'error' ? 'alert' : undefined, 'data-key': key },
+    h('span', {}, text),
+    h('button', { type: 'button', class: 'link', 'aria-label': 'Dismiss', onclick: () => msg.remove() }, '×'));
+  box.append(msg);
+  while (box.children.length > 5) box.firstElementChild.remove();
+  if (ttlMs) setTimeout(() => msg.remove(), ttlMs);
+  if (kind === 'error') console.warn('nearby:', text);
+}
+
+function clearNotes(key) {
+  for (const el of document.querySelectorAll(key ? `#messages [data-key="${key}"]` : '#messages .msg')) el.remove();
+}
+
+const describe = (err) => (err && err.code ? `${err.message} (${err.code})` : String(err?.message ?? err));
+
+// Runs an async UI action, reporting any failure.
+const guard = (fn) => async (...args) => {
+  try { await fn(...args); } catch (err) { notify(describe(err)); }
+};
+
+// ---------- REST ----------
+
+class ApiError extends Error {
+  constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+}
+
+async function api(method, path, body) {
+  const headers = {};
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  const token = state.session?.token;
+  if (token) headers.Authorization = `Bearer ${token}`;
+  let res;
+  try {
+    res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (err) {
+    throw new ApiError(0, 'network', `Cannot reach the server: ${err.message}`);
+  }
+  const text = await res.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch { /* not JSON: reported below */ }
+  if (!res.ok) {
+    const err = new ApiError(res.status, data?.code ?? `http_${res.status}`,
+      data?.message ?? (text || res.statusText || `HTTP ${res.status}`));
+    // A refused token means the session is over, whatever the call was.
+    if (res.status === 401 && token && token === state.session?.token && err.code === 'unauthorized') {
+      endSession(`Your session has ended (${err.message}); please log in again.`);
+    }
+    throw err;
+  }
+  return data;
+}
+
+// ---------- session ----------
+
+function loadSession() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(SESSION_KEY) || 'null');
+    if (saved?.token && (!saved.expires_at || saved.expires_at > Date.now())) return saved;
+  } catch { /* corrupt entry: start over */ }
+  localStorage.removeItem(SESSION_KEY);
+  return null;
+}
+
+function credentials() {
+  return { username: $('#username').value.trim(), password: $('#password').value };
+}
+
+async function logIn(creds) {
+  const res = await api('POST', '/v1/sessions', creds);
+  startSession({ token: res.token, user_id: res.user_id, expires_at: res.expires_at, username: creds.username });
+}
+
+function startSession(session) {
+  state.session = session;
+  localStorage.setItem(SESSION_KEY, JSON.stringify(session));
+  $('#password').value = '';
+  clearNotes();
+  $('#auth-view').hidden = true;
+  $('#app-view').hidden = false;
+  $('#logout').hidden = false;
+  $('#whoami').textContent = `signed in as ${session.username}`;
+  state.attempt = 0;
+  connect();
+  refreshFriends().catch((err) => notify(describe(err)));
+  clearInterval(state.pollTimer);
+  state.pollTimer = setInterval(pollFriends, FRIENDS_POLL_MS);
+  renderAll();
+}
+
+// Leaves the app view; `reason` is shown when the server ended the session.
+function endSession(reason) {
+  if (!state.session) return;
+  state.session = null;
+  localStorage.removeItem(SESSION_KEY);
+  clearInterval(state.pollTimer);
+  clearTimeout(state.retryTimer);
+  clearTimeout(state.sendTimer);
+  stopGeo();
+  const ws = state.ws;
+  state.ws = null;
+  state.live = false;
+  if (ws) ws.close(1000, 'logged out');
+  state.friends.clear();
+  state.nearby.clear();
+  state.me = null;
+  $('#app-view').hidden = true;
+  $('#auth-view').hidden = false;
+  $('#logout').hidden = true;
+  $('#whoami').textContent = '';
+  setConn('offline');
+  clearNotes();
+  if (reason) notify(reason);
+}
+
+// ---------- friends ----------
+
+async function refreshFriends() {
+  if (!state.session) return;
+  const res = await api('GET', '/v1/friends');
+  state.friends = new Map(res.friends.map((f) => [f.id, f]));
+  renderFriends();
+  renderNearby();
+}
+
+async function pollFriends() {
+  try {
+    await refreshFriends();
+    state.lastPollError = null;
+    clearNotes('poll');
+  } catch (err) {
+    // Report a failing poll once, not every five seconds.
+    if (state.lastPollError !== err.code && state.session) notify(`Could not refresh friends: ${describe(err)}`, 'error', 0, 'poll');
+    state.lastPollError = err.code;
+  }
+}
+
+let refreshSoon = null;
+function refreshFriendsSoon() {
+  if (refreshSoon) return;
+  refreshSoon = setTimeout(() => { refreshSoon = null; pollFriends(); }, 200);
+}
+
+const nameOf = (id) => state.friends.get(id)?.username ?? `user #${id}`;
+
+async function requestFriend(event) {
+  event.preventDefault();
+  const name = $('#friend-name').value.trim();
+  if (!name) throw new Error('Type the exact username of the person to add.');
+  const user = await api('GET', `/v1/users/by-name/${encodeURIComponent(name)}`);
+  if (user.id === state.session.user_id) throw new Error('That is you: type a friend\'s username.');
+  const res = await api('PUT', `/v1/friends/${encodeURIComponent(user.id)}`);
+  $('#friend-name').value = '';
+  notify(res.status === 'friends' ? `You and ${user.username} are now friends.` : `Friend request sent to ${user.username}.`, 'info');
+  await refreshFriends();
+}
+
+async function friendAction(event) {
+  const button = event.target.closest('[data-action]');
+  const li = event.target.closest('li[data-id]');
+  if (!button || !li) return;
+  const id = li.dataset.id;
+  const path = `/v1/friends/${encodeURIComponent(id)}`;
+  const action = button.dataset.action;
+  if (action === 'accept') await api('PUT', path);
+  else if (action === 'remove') await api('DELETE', path);
+  else if (action === 'sharing') {
+    try {
+      await api('PUT', `${path}/sharing`, { enabled: button.checked });
+    } catch (err) {
+      button.checked = !button.checked;
+      throw err;
+    }
+  } else return;
+  await refreshFriends();
+}
+
+// ---------- location ----------
+
+function validLatLon(lat, lon) {
+  return Number.isFinite(lat) && Number.isFinite(lon) && Math.abs(lat) <= 90 && Math.abs(lon) <= 180;
+}
+
+function setMyLocation(lat, lon, source) {
+  if (!validLatLon(lat, lon)) throw new Error('Latitude must be in [-90, 90] and longitude in [-180, 180].');
+  state.me = { lat, lon, source };
+  $('#lat').value = lat.toFixed(6);
+  $('#lon').value = lon.toFixed(6);
+  queueSend();
+  renderMap();
+  renderLocationInfo();
+}
+
+// Sends the latest location at most once a second, and again every RESEND_MS.
+function queueSend() {
+  clearTimeout(state.sendTimer);
+  const wait = Math.max(0, state.lastSent + MIN_SEND_GAP_MS - Date.now());
+  state.sendTimer = setTimeout(sendLocation, wait);
+}
+
+function sendLocation() {
+  clearTimeout(state.sendTimer);
+  state.sendTimer = null;
+  const ws = state.ws;
+  if (!state.me || !state.live || !ws || ws.readyState !== WebSocket.OPEN) return; // sent on (re)connect
+  ws.send(JSON.stringify({ type: 'location', lat: state.me.lat, lon: state.me.lon }));
+  state.lastSent = Date.now();
+  state.sendTimer = setTimeout(sendLocation, RESEND_MS);
+  renderLocationInfo();
+}
+
+function stopGeo() {
+  if (state.geoWatch !== null) navigator.geolocation.clearWatch(state.geoWatch);
+  state.geoWatch = null;
+  const btn = $('#use-geo');
+  btn.setAttribute('aria-pressed', 'false');
+  btn.textContent = 'Use my location';
+}
+
+function toggleGeo() {
+  if (state.geoWatch !== null) { stopGeo(); return; }
+  if (!('geolocation' in navigator)) throw new Error('This browser has no geolocation.');
+  if (!window.isSecureContext) throw new Error('Geolocation needs HTTPS (or localhost); set a location by hand instead.');
+  state.geoWatch = navigator.geolocation.watchPosition(
+    (pos) => setMyLocation(pos.coords.latitude, pos.coords.longitude, 'device'),
+    (err) => { stopGeo(); notify(`Location unavailable: ${err.message || 'permission denied'}`); },
+    { enableHighAccuracy: true, maximumAge: 5000, timeout: 20000 });
+  const btn = $('#use-geo');
+  btn.setAttribute('aria-pressed', 'true');
+  btn.textContent = 'Stop following';
+}
+
+function setFromInputs(event) {
+  event.preventDefault();
+  const lat = $('#lat').valueAsNumber;
+  const lon = $('#lon').valueAsNumber;
+  stopGeo();
+  setMyLocation(lat, lon, 'manual');
+}
+
+// Offsets (metres east/north) from a point, equirectangular: fine at these scales.
+function offsetLatLon({ lat, lon }, east, north) {
+  const rad = Math.PI / 180;
+  const nlat = lat + (north / EARTH_RADIUS_M) / rad;
+  let nlon = lon + (east / (EARTH_RADIUS_M * Math.cos(lat * rad))) / rad;
+  nlon = ((nlon + 540) % 360) - 180;
+  return { lat: Math.max(-90, Math.min(90, nlat)), lon: nlon };
+}
+
+// ---------- WebSocket ----------
+
+function setConn(kind, text = kind) {
+  const el = $('#conn-status');
+  el.dataset.state = kind;
+  el.textContent = text;
+}
+
+function connect() {
+  clearTimeout(state.retryTimer);
+  state.retryTimer = null;
+  if (!state.session) return;
+  if (!navigator.onLine) { setConn('offline', 'offline (no network)'); return; }
+  const url = new URL('/v1/ws', location.href);
+  url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+  url.searchParams.set('token', state.session.token);
+  setConn('connecting', 'connecting…');
+  state.lastWsError = null;
+  const ws = new WebSocket(url);
+  state.ws = ws;
+  let opened = false;
+  ws.onopen = () => { opened = true; };
+  ws.onmessage = (e) => { if (ws === state.ws) onFrame(e.data); };
+  ws.onclose = (e) => { if (ws === state.ws) onClose(e, opened); };
+}
+
+function onFrame(data) {
+  let msg;
+  try { msg = JSON.parse(data); } catch {
+    notify('The server sent a frame that is not JSON.');
+    return;
+  }
+  switch (msg.type) {
+    case 'snapshot':
+      state.nearby = new Map(msg.friends.map((f) => [f.id, f]));
+      if (msg.friends.some((f) => !state.friends.has(f.id))) refreshFriendsSoon();
+      state.live = true;
+      state.attempt = 0;
+      clearNotes('conn');
+      setConn('live');
+      if (state.me) queueSend();
+      break;
+    case 'friend_location':
+      state.nearby.set(msg.id, { id: msg.id, distance_m: msg.distance_m, updated_at: msg.updated_at });
+      if (state.friends.get(msg.id)?.status !== 'friends') refreshFriendsSoon(); // a request just accepted
+      break;
+    case 'friend_left': {
+      const shown = state.nearby.delete(msg.id);
+      if (shown) notify(`${nameOf(msg.id)} ${LEFT_REASONS[msg.reason] ?? `left (${msg.reason})`}.`, 'info', 4000);
+      if (msg.reason === 'unfriended') refreshFriendsSoon();
+      break;
+    }
+    case 'error':
+      state.lastWsError = msg;
+      if (msg.code === 'going_away') notify('The server is restarting; reconnecting shortly.', 'info', 5000, 'conn');
+      else if (msg.code !== 'token_expired' && msg.code !== 'token_revoked') { // those: see onClose
+        notify(`Server: ${msg.message} (${msg.code})`);
+      }
+      break;
+    default:
+      break; // unknown types are ignored, as the protocol allows
+  }
+  renderNearby();
+  renderMap();
+}
+
+function onClose(event, opened) {
+  state.ws = null;
+  state.live = false;
+  clearTimeout(state.sendTimer);
+  if (!state.session) return;
+  renderNearby();
+  if (event.code === 1008) {
+    const why = state.lastWsError?.message ?? event.reason ?? 'token refused';
+    endSession(`Signed out by the server: ${why}. Please log in again.`);
+    return;
+  }
+  if (event.code === 1009) notify('The server closed the connection: a frame was too large (client bug).', 'error', 0, 'conn');
+  if (!opened) {
+    // The handshake failed: a refused token (HTTP 401) looks like any network
+    // failure to a browser, so ask over REST; a 401 there ends the session.
+    api('GET', '/v1/friends').then(() => scheduleReconnect(), (err) => {
+      if (state.session) scheduleReconnect(err);
+    });
+    return;
+  }
+  scheduleReconnect();
+}
+
+// Exponential backoff with "equal jitter": half fixed, half random.
+function scheduleReconnect(err) {
+  const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
+  const delay = cap / 2 + Math.random() * (cap / 2);
+  state.attempt += 1;
+  state.retryAt = Date.now() + delay;
+  if (err && state.attempt === 1) notify(`Connection lost: ${describe(err)}`, 'error', 0, 'conn');
+  clearTimeout(state.retryTimer);
+  state.retryTimer = setTimeout(connect, delay);
+  tickConn();
+}
+
+function tickConn() {
+  if (state.retryTimer && !state.ws) {
+    const secs = Math.max(0, Math.ceil((state.retryAt - Date.now()) / 1000));
+    setConn('reconnecting', `reconnecting in ${secs} s`);
+  }
+}
+
+// ---------- rendering ----------
+
+function fmtDistance(m) {
+  if (m < 1000) return `${Math.round(m)} m`;
+  if (m < 10000) return `${(m / 1000).toFixed(2)} km`;
+  return `${(m / 1000).toFixed(1)} km`;
+}
+
+function fmtAge(ms) {
+  const secs = Math.max(0, Math.round(ms / 1000));
+  if (secs < 60) return `updated ${secs} s ago`;
+  if (secs < 3600) return `updated ${Math.floor(secs / 60)} min ${secs % 60} s ago`;
+  return `updated ${Math.floor(secs / 3600)} h ago`;
+}
+
+const sortedNearby = () => [...state.nearby.values()].sort((a, b) => a.distance_m - b.distance_m);
+
+function renderNearby() {
+  const list = $('#nearby');
+  list.replaceChildren(...sortedNearby().map((f) => {
+    const name = nameOf(f.id);
+    return h('li', { 'data-id': f.id, 'data-username': name, 'data-distance-m': f.distance_m },
+      h('span', { class: 'avatar', style: `background:${colourOf(f.id)}` }, name.slice(0, 1).toUpperCase()),
+      h('span', { class: 'name' }, name),
+      h('span', { class: 'distance' }, fmtDistance(f.distance_m)),
+      h('span', { class: 'age', 'data-updated-at': f.updated_at }, fmtAge(Date.now() - f.updated_at)));
+  }));
+  list.classList.toggle('stale', !state.live);
+  $('#nearby-empty').hidden = state.nearby.size > 0;
+  $('#nearby-empty').textContent = state.me ? 'No friend within range right now.' : 'Set your location to see friends nearby.';
+}
+
+function tickAges() {
+  for (const el of document.querySelectorAll('#nearby .age')) {
+    el.textContent = fmtAge(Date.now() - Number(el.dataset.updatedAt));
+  }
+}
+
+const STATUS_TEXT = { friends: 'friends', incoming: 'wants to be friends', outgoing: 'request sent' };
+const STATUS_ORDER = { incoming: 0, friends: 1, outgoing: 2 };
+
+function renderFriends() {
+  const rows = [...state.friends.values()].sort((a, b) =>
+    (STATUS_ORDER[a.status] ?? 9) - (STATUS_ORDER[b.status] ?? 9) || a.username.localeCompare(b.username));
+  $('#friends').replaceChildren(...rows.map((f) => {
+    const actions = [];
+    if (f.status === 'incoming') {
+      actions.push(h('button', { type: 'button', 'data-action': 'accept' }, 'Accept'),
+        h('button', { type: 'button', class: 'secondary', 'data-action': 'remove' }, 'Decline'));
+    } else if (f.status === 'outgoing') {
+      actions.push(h('button', { type: 'button', class: 'secondary', 'data-action': 'remove' }, 'Cancel'));
+    } else {
+      actions.push(h('label', { class: 'toggle', title: 'Share my location with this friend' },
+        h('input', { type: 'checkbox', 'data-action': 'sharing', checked: Boolean(f.sharing) }), 'sharing'),
+      h('button', { type: 'button', class: 'secondary', 'data-action': 'remove' }, 'Remove'));
+    }
+    return h('li', { 'data-id': f.id, 'data-username': f.username, 'data-status': f.status, 'data-sharing': String(f.sharing) },
+      h('span', { class: 'avatar', style: `background:${colourOf(f.id)}` }, f.username.slice(0, 1).toUpperCase()),
+      h('span', { class: 'name' }, f.username),
+      h('span', { class: `badge ${f.status}` }, STATUS_TEXT[f.status] ?? f.status),
+      h('span', { class: 'actions' }, ...actions));
+  }));
+  $('#friends-empty').hidden = state.friends.size > 0;
+}
+
+function renderLocationInfo() {
+  const el = $('#location-info');
+  if (!state.me) { el.textContent = 'No location set yet.'; return; }
+  const from = { manual: 'set by hand', map: 'placed on the map', device: 'from this device' }[state.me.source];
+  const sent = state.lastSent ? `last sent ${Math.round((Date.now() - state.lastSent) / 1000)} s ago` : 'not sent yet';
+  el.textContent = `${state.me.lat.toFixed(5)}, ${state.me.lon.toFixed(5)} (${from}); ${state.live ? sent : 'will send when connected'}.`;
+}
+
+// A stable colour and map direction per friend, from the id.
+function hashOf(id) {
+  let x = 2166136261;
+  for (const c of String(id)) x = Math.imul(x ^ c.charCodeAt(0), 16777619) >>> 0;
+  return x;
+}
+const colourOf = (id) => `hsl(${hashOf(id) % 360} 55% 45%)`;
+
+const MAP_R = 180; // SVG units from centre to the outer ring
+const SCALES = [200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
+
+function mapScale() {
+  const far = Math.max(0, ...[...state.nearby.values()].map((f) => f.distance_m));
+  return SCALES.find((r) => r >= far * 1.15) ?? SCALES[SCALES.length - 1];
+}
+
+function renderMap() {
+  const svg = $('#map');
+  const range = mapScale();
+  const k = MAP_R / range;
+  const parts = [
+    s('rect', { x: -200, y: -200, width: 400, height: 400, class: 'bg' }),
+    s('line', { x1: -MAP_R, y1: 0, x2: MAP_R, y2: 0, class: 'axis' }),
+    s('line', { x1: 0, y1: -MAP_R, x2: 0, y2: MAP_R, class: 'axis' }),
+    s('text', { x: 0, y: -MAP_R - 6, class: 'compass' }, 'N'),
+  ];
+  for (const r of [range / 2, range]) {
+    parts.push(s('circle', { cx: 0, cy: 0, r: r * k, class: 'ring' }),
+      s('text', { x: r * k * Math.SQRT1_2 + 3, y: -r * k * Math.SQRT1_2 - 3, class: 'ring-label' },
+        r < 1000 ? `${r} m` : `${r / 1000} km`));
+  }
+  const friends = [];
+  for (const f of sortedNearby().reverse()) {
+    const angle = ((hashOf(f.id) % 360) * Math.PI) / 180; // not a real bearing: see index.html
+    const d = Math.min(f.distance_m, range) * k;
+    const x = d * Math.sin(angle);
+    const y = -d * Math.cos(angle);
+    const g = s('g', { class: 'friend', 'data-id': f.id, 'data-username': nameOf(f.id) });
+    g.append(s('circle', { cx: x, cy: y, r: 8, fill: colourOf(f.id) }),
+      s('text', { x, y: y - 12, class: 'friend-label' }, `${nameOf(f.id)} · ${fmtDistance(f.distance_m)}`));
+    parts.push(s('line', { x1: 0, y1: 0, x2: x, y2: y, class: 'spoke' }));
+    friends.push(g);
+  }
+  parts.push(s('circle', { cx: 0, cy: 0, r: 7, class: state.me ? 'me' : 'me unknown' }),
+    s('text', { x: 0, y: 20, class: 'me-label' }, state.me ? 'you' : 'you (no location)'), ...friends);
+  svg.replaceChildren(...parts);
+  $('#map-scale').textContent = `(outer ring ${range < 1000 ? `${range} m` : `${range / 1000} km`})`;
+}
+
+function renderAll() {
+  renderFriends();
+  renderNearby();
+  renderMap();
+  renderLocationInfo();
+}
+
+function placeOnMap(event) {
+  const svg = $('#map');
+  const pt = new DOMPoint(event.clientX, event.clientY).matrixTransform(svg.getScreenCTM().inverse());
+  const metresPerUnit = mapScale() / MAP_R;
+  const base = state.me ?? (validLatLon($('#lat').valueAsNumber, $('#lon').valueAsNumber)
+    ? { lat: $('#lat').valueAsNumber, lon: $('#lon').valueAsNumber } : DEMO_CENTRE);
+  const next = offsetLatLon(base, pt.x * metresPerUnit, -pt.y * metresPerUnit);
+  stopGeo();
+  setMyLocation(next.lat, next.lon, 'map');
+}
+
+// ---------- wiring ----------
+
+function init() {
+  $('#auth-form').addEventListener('submit', guard(async (e) => {
+    e.preventDefault();
+    await logIn(credentials());
+  }));
+  $('#signup').addEventListener('click', guard(async () => {
+    const creds = credentials();
+    const user = await api('POST', '/v1/users', creds);
+    notify(`Account ${user.username} created.`, 'info');
+    await logIn(creds);
+  }));
+  $('#logout').addEventListener('click', async () => {
+    try {
+      await api('DELETE', '/v1/sessions');
+    } catch (err) {
+      if (err.status !== 401) notify(`Log out failed on the server: ${describe(err)}; signed out here anyway.`);
+    }
+    endSession();
+  });
+  $('#friend-form').addEventListener('submit', guard(requestFriend));
+  $('#friends').addEventListener('click', (e) => {
+    if (e.target.closest('button[data-action]')) guard(friendAction)(e);
+  });
+  $('#friends').addEventListener('change', guard(friendAction));
+  $('#friends-refresh').addEventListener('click', guard(refreshFriends));
+  $('#location-form').addEventListener('submit', guard(setFromInputs));
+  $('#use-geo').addEventListener('click', guard(toggleGeo));
+  $('#map').addEventListener('click', guard(placeOnMap));
+  window.addEventListener('online', () => { if (state.session && !state.ws) { state.attempt = 0; connect(); } });
+  window.addEventListener('offline', () => { if (state.session && !state.ws) setConn('offline', 'offline (no network)'); });
+  setInterval(() => { tickAges(); tickConn(); renderLocationInfo(); }, 1000);
+
+  const saved = loadSession();
+  if (saved) startSession(saved);
+  else renderAll();
+}
+
+init();

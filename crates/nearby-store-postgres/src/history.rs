@@ -1,0 +1,157 @@
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use nearby_core::{Location, Point, UserId};
+use nearby_ports::{HistoryEntry, HistoryStore, StoreError, StoreResult};
+use sqlx::postgres::PgPool;
+use sqlx::Row;
+
+use crate::backend;
+
+const DAY_MS: i64 = 86_400_000;
+/// Days of partitions kept ready ahead of today.
+const DAYS_AHEAD: i64 = 3;
+
+/// Location history in a day-partitioned PostgreSQL table.
+#[derive(Clone)]
+pub struct PgHistoryStore {
+    pool: PgPool,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// `location_history_YYYYMMDD` for the UTC day starting at `day_start_ms`.
+fn partition_name(day_start_ms: i64) -> String {
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = day_start_ms.div_euclid(DAY_MS) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("location_history_{y:04}{m:02}{d:02}")
+}
+
+impl PgHistoryStore {
+    pub(crate) fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Creates the daily partitions from the day before `now_ms` to
+    /// [`DAYS_AHEAD`] days after it, if missing. Safe to call from several
+    /// nodes at once.
+    pub async fn ensure_partitions(&self, now_ms: i64) -> StoreResult<()> {
+        let today = now_ms.div_euclid(DAY_MS) * DAY_MS;
+        for day in -1..=DAYS_AHEAD {
+            let start = today + day * DAY_MS;
+            let name = partition_name(start);
+            let ddl = format!(
+                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF location_history \
+                 FOR VALUES FROM ({start}) TO ({})",
+                start + DAY_MS
+            );
+            let mut tx = self.pool.begin().await.map_err(backend)?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(crate::MIGRATION_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            if let Err(e) = sqlx::raw_sql(&ddl).execute(&mut *tx).await {
+                // Rows for that day already sit in the default partition:
+                // keep serving from there rather than fail.
+                tracing::warn!(partition = %name, error = %e, "cannot create history partition");
+                continue;
+            }
+            tx.commit().await.map_err(backend)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl HistoryStore for PgHistoryStore {
+    async fn append(&self, batch: &[HistoryEntry]) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut users = Vec::with_capacity(batch.len());
+        let mut ts = Vec::with_capacity(batch.len());
+        let mut lat = Vec::with_capacity(batch.len());
+        let mut lon = Vec::with_capacity(batch.len());
+        for e in batch {
+            users.push(e.user.0);
+            ts.push(e.loc.ts_ms);
+            lat.push(e.loc.point.lat());
+            lon.push(e.loc.point.lon());
+        }
+        sqlx::query(
+            "INSERT INTO location_history (user_id, ts, lat, lon)
+             SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[], $3::FLOAT8[], $4::FLOAT8[])",
+        )
+        .bind(users)
+        .bind(ts)
+        .bind(lat)
+        .bind(lon)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn range(
+        &self,
+        user: UserId,
+        from_ms: i64,
+        to_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<Location>> {
+        let rows = sqlx::query(
+            "SELECT ts, lat, lon FROM location_history
+             WHERE user_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
+        )
+        .bind(user.0)
+        .bind(from_ms)
+        .bind(to_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        rows.into_iter()
+            .map(|r| {
+                let point = Point::new(
+                    r.try_get(1).map_err(backend)?,
+                    r.try_get(2).map_err(backend)?,
+                )
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+                Ok(Location {
+                    point,
+                    ts_ms: r.try_get(0).map_err(backend)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        crate::ping(&self.pool).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_are_named_by_utc_day() {
+        assert_eq!(partition_name(0), "location_history_19700101");
+        assert_eq!(partition_name(951_782_400_000), "location_history_20000229");
+        assert_eq!(partition_name(1_795_564_800_000), "location_history_20261125");
+        assert_eq!(partition_name(-DAY_MS), "location_history_19691231");
+    }
+}

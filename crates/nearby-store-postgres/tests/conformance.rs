@@ -1,0 +1,86 @@
+//! The PostgreSQL stores against the shared adapter contract, on a fresh
+//! database of the machine's PostgreSQL.
+use nearby_conformance::services::{self, TempDatabase};
+use nearby_ports::{HistoryEntry, HistoryStore};
+
+async fn fresh() -> Option<TempDatabase> {
+    match TempDatabase::create(&services::postgres_url()).await {
+        Ok(db) => Some(db),
+        Err(e) => {
+            services::missing("PostgreSQL", e);
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn postgres_user_store_conforms() {
+    let Some(db) = fresh().await else { return };
+    let (users, _) = nearby_store_postgres::connect(&db.url, 4)
+        .await
+        .expect("connect");
+    nearby_conformance::user_store(&users, "t1").await;
+    // Connecting again runs no migration twice and keeps the data.
+    drop(users);
+    let (users, _) = nearby_store_postgres::connect(&db.url, 4)
+        .await
+        .expect("reconnect");
+    nearby_conformance::user_store(&users, "t2").await;
+    assert_eq!(
+        users.purge_expired_tokens(i64::MAX).await.expect("purge"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn postgres_history_store_conforms() {
+    let Some(db) = fresh().await else { return };
+    let (_, history) = nearby_store_postgres::connect(&db.url, 4)
+        .await
+        .expect("connect");
+    nearby_conformance::history_store(&history, 0).await;
+}
+
+#[tokio::test]
+async fn history_lands_in_daily_partitions_and_a_batch_is_one_statement() {
+    let Some(db) = fresh().await else { return };
+    let (_, history) = nearby_store_postgres::connect(&db.url, 4)
+        .await
+        .expect("connect");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let batch: Vec<HistoryEntry> = (0..5000)
+        .map(|i| HistoryEntry {
+            user: nearby_core::UserId(i % 7),
+            loc: nearby_core::Location {
+                point: nearby_core::Point::new(37.0, 127.0).expect("point"),
+                ts_ms: now + i,
+            },
+        })
+        .collect();
+    history.append(&batch).await.expect("append");
+    let got = history
+        .range(nearby_core::UserId(3), now, now + 5000, 10_000)
+        .await
+        .expect("range");
+    assert_eq!(got.len(), batch.iter().filter(|e| e.user.0 == 3).count());
+
+    // The rows sit in today's partition, not in the default one.
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("conn");
+    let (in_default,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM location_history_default")
+            .fetch_one(&mut conn)
+            .await
+            .expect("count");
+    let (partitions,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'location_history'::regclass",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("partitions");
+    assert_eq!(in_default, 0);
+    assert!(partitions >= 5, "yesterday..+3 days and default: {partitions}");
+}

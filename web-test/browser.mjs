@@ -1,0 +1,199 @@
+// End-to-end test of the browser client with Debian's headless Chromium.
+//
+//   node web-test/browser.mjs BASE_URL SCREENSHOT_PATH
+//
+// Two users sign up through the page (A also logs out and in again), A finds
+// B by username and asks, B accepts, both place themselves ~1.2 km apart and
+// each must see the other at the haversine distance (±2%); B then moves 20 km
+// away (beyond the default 8047 m radius) and both lists must drop the other.
+// A screenshot of A's page, with B shown, is saved to SCREENSHOT_PATH.
+// Exits 0 on success, 1 with a message on any failure.
+
+import { chromium } from 'playwright-core';
+
+const EARTH_RADIUS_M = 6371008.8; // docs/protocol.md
+const WAIT_MS = 8000;
+const [BASE, SHOT] = process.argv.slice(2);
+if (!BASE || !SHOT) {
+  console.error('usage: node web-test/browser.mjs BASE_URL SCREENSHOT_PATH');
+  process.exit(2);
+}
+
+const rad = (d) => (d * Math.PI) / 180;
+const deg = (r) => (r * 180) / Math.PI;
+
+function haversine(a, b) {
+  const dLat = rad(b.lat - a.lat);
+  const dLon = rad(b.lon - a.lon);
+  const h = Math.sin(dLat / 2) ** 2 + Math.cos(rad(a.lat)) * Math.cos(rad(b.lat)) * Math.sin(dLon / 2) ** 2;
+  return 2 * EARTH_RADIUS_M * Math.asin(Math.min(1, Math.sqrt(h)));
+}
+
+// The point `dist` metres from `p` on initial bearing `bearing` degrees.
+function destination(p, bearing, dist) {
+  const d = dist / EARTH_RADIUS_M;
+  const t = rad(bearing);
+  const f1 = rad(p.lat);
+  const f2 = Math.asin(Math.sin(f1) * Math.cos(d) + Math.cos(f1) * Math.sin(d) * Math.cos(t));
+  const l2 = rad(p.lon) + Math.atan2(Math.sin(t) * Math.sin(d) * Math.cos(f1), Math.cos(d) - Math.sin(f1) * Math.sin(f2));
+  return { lat: deg(f2), lon: deg(l2) };
+}
+
+const rnd = () => Math.random().toString(36).slice(2, 10);
+const userA = { name: `a_${rnd()}`, password: `pw-${rnd()}-${rnd()}` };
+const userB = { name: `b_${rnd()}`, password: `pw-${rnd()}-${rnd()}` };
+const posA = { lat: 37.5665, lon: 126.978 };
+const posB = destination(posA, 60, 1200);
+const farB = destination(posA, 0, 20000);
+const expected = haversine(posA, posB);
+
+let step = 'start';
+const t0 = Date.now();
+function log(msg) { console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}`); }
+function fail(msg) { throw new Error(msg); }
+
+async function signUp(page, user) {
+  await page.goto(BASE);
+  await page.fill('#username', user.name);
+  await page.fill('#password', user.password);
+  await page.click('#signup');
+  await waitLive(page);
+}
+
+async function logIn(page, user) {
+  await page.fill('#username', user.name);
+  await page.fill('#password', user.password);
+  await page.click('#login');
+  await waitLive(page);
+}
+
+async function waitLive(page) {
+  await page.waitForSelector('#app-view', { state: 'visible' });
+  await page.waitForSelector('#conn-status[data-state="live"]');
+}
+
+async function setLocation(page, p) {
+  await page.fill('#lat', String(p.lat));
+  await page.fill('#lon', String(p.lon));
+  await page.click('#set-location');
+}
+
+async function friendRow(page, name, status) {
+  return page.waitForSelector(`#friends li[data-username="${name}"][data-status="${status}"]`);
+}
+
+async function nearbyDistance(page, name) {
+  const li = await page.waitForSelector(`#nearby li[data-username="${name}"]`);
+  const d = Number(await li.getAttribute('data-distance-m'));
+  const age = await li.$eval('.age', (el) => el.textContent);
+  if (!/^updated \d+ s ago$/.test(age)) fail(`age text for ${name} is ${JSON.stringify(age)}`);
+  return d;
+}
+
+function checkDistance(who, got) {
+  const err = Math.abs(got - expected) / expected;
+  log(`${who}: distance ${got} m, expected ${expected.toFixed(1)} m (error ${(err * 100).toFixed(3)}%)`);
+  if (!(err <= 0.02)) fail(`${who} shows ${got} m, expected ${expected.toFixed(1)} m ±2%`);
+}
+
+async function errorsShown(page) {
+  return page.$$eval('#messages .msg.error', (els) => els.map((e) => e.textContent.replace(/×$/, '').trim()));
+}
+
+async function main() {
+  const browser = await chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  const pages = {};
+  const problems = [];
+  try {
+    for (const who of ['A', 'B']) {
+      const ctx = await browser.newContext({ viewport: { width: 1200, height: 860 } });
+      const page = await ctx.newPage();
+      page.setDefaultTimeout(WAIT_MS);
+      page.on('pageerror', (err) => problems.push(`${who} page error: ${err.message}`));
+      page.on('console', (m) => { if (m.type() === 'error') problems.push(`${who} console: ${m.text()}`); });
+      pages[who] = page;
+    }
+    const { A, B } = pages;
+
+    step = 'A signs up, logs out and logs in again';
+    await signUp(A, userA);
+    await A.click('#logout');
+    await A.waitForSelector('#auth-view', { state: 'visible' });
+    await logIn(A, userA);
+    log(`A (${userA.name}) signed up, logged out and in; live`);
+
+    step = 'B signs up';
+    await signUp(B, userB);
+    log(`B (${userB.name}) signed up; live`);
+
+    step = 'A requests B by username';
+    await A.fill('#friend-name', userB.name);
+    await A.click('#friend-request');
+    await friendRow(A, userB.name, 'outgoing');
+
+    step = 'B sees the request and accepts';
+    await friendRow(B, userA.name, 'incoming'); // arrives by the page's periodic refresh
+    await B.click(`#friends li[data-username="${userA.name}"] [data-action="accept"]`);
+    await friendRow(B, userA.name, 'friends');
+    await friendRow(A, userB.name, 'friends');
+    for (const [page, other] of [[A, userB.name], [B, userA.name]]) {
+      const on = await page.isChecked(`#friends li[data-username="${other}"] [data-action="sharing"]`);
+      if (!on) fail(`sharing with ${other} is off by default`);
+    }
+    log('friends, sharing on both sides');
+
+    step = 'both place themselves ~1.2 km apart';
+    await setLocation(A, posA);
+    await setLocation(B, posB);
+    checkDistance('A sees B', await nearbyDistance(A, userB.name));
+    checkDistance('B sees A', await nearbyDistance(B, userA.name));
+    await A.waitForSelector(`#map g.friend[data-username="${userB.name}"]`);
+
+    step = 'the age ticks';
+    const ageSel = `#nearby li[data-username="${userB.name}"] .age`;
+    const age1 = await A.textContent(ageSel);
+    await A.waitForFunction(([sel, before]) => document.querySelector(sel)?.textContent !== before, [ageSel, age1]);
+    log(`age ticks: "${age1}" → "${await A.textContent(ageSel)}"`);
+
+    step = 'screenshot';
+    await A.screenshot({ path: SHOT });
+    log(`screenshot of A saved to ${SHOT}`);
+
+    step = 'B moves 20 km away';
+    await setLocation(B, farB);
+    await A.waitForSelector(`#nearby li[data-username="${userB.name}"]`, { state: 'detached' });
+    await B.waitForSelector(`#nearby li[data-username="${userA.name}"]`, { state: 'detached' });
+    await A.waitForSelector(`#map g.friend[data-username="${userB.name}"]`, { state: 'detached' });
+    log('B left both lists');
+
+    step = 'no error shown';
+    for (const [who, page] of Object.entries(pages)) {
+      const errs = await errorsShown(page);
+      if (errs.length) fail(`${who} shows errors: ${errs.join(' | ')}`);
+    }
+    if (problems.length) fail(problems.join('\n'));
+    console.log(`PASS: browser client end to end (${((Date.now() - t0) / 1000).toFixed(1)}s)`);
+  } catch (err) {
+    console.error(`FAIL at step "${step}": ${err.message.split('\n')[0]}`);
+    for (const [who, page] of Object.entries(pages)) {
+      try {
+        const conn = await page.textContent('#conn-status', { timeout: 1000 });
+        const msgs = await page.$$eval('#messages .msg', (els) => els.map((e) => e.textContent.trim()));
+        console.error(`  ${who}: connection "${conn}", messages: ${JSON.stringify(msgs)}`);
+      } catch { /* page gone */ }
+    }
+    for (const p of problems) console.error(`  ${p}`);
+    process.exitCode = 1;
+  } finally {
+    await browser.close();
+  }
+}
+
+main().catch((err) => {
+  console.error(`FAIL: ${err.message}`);
+  process.exit(1);
+});
