@@ -225,7 +225,10 @@ impl PostgresCluster {
             }
         }
         let data = me.data();
-        me.run("initdb", &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"])?;
+        me.run(
+            "initdb",
+            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
+        )?;
         let mut me = me;
         me.restart()?;
         Ok(me)
@@ -270,7 +273,10 @@ impl PostgresCluster {
             return Ok(());
         }
         self.running = false;
-        self.run("pg_ctl", &["stop", "-D", &self.data(), "-m", "immediate", "-w"])
+        self.run(
+            "pg_ctl",
+            &["stop", "-D", &self.data(), "-m", "immediate", "-w"],
+        )
     }
 
     /// Starts it (again) on the same port.
@@ -282,7 +288,10 @@ impl PostgresCluster {
             self.dir.path().display()
         );
         let log = self.dir.path().join("log").display().to_string();
-        self.run("pg_ctl", &["start", "-D", &self.data(), "-l", &log, "-o", &opts, "-w"])?;
+        self.run(
+            "pg_ctl",
+            &["start", "-D", &self.data(), "-l", &log, "-o", &opts, "-w"],
+        )?;
         self.running = true;
         Ok(())
     }

@@ -80,9 +80,14 @@ function clearNotes(key) {
 
 const describe = (err) => (err && err.code ? `${err.message} (${err.code})` : String(err?.message ?? err));
 
+// Shows a failure, unless it already ended the session (which says so itself).
+function report(err, prefix = '') {
+  if (!err?.handled) notify(prefix + describe(err));
+}
+
 // Runs an async UI action, reporting any failure.
 const guard = (fn) => async (...args) => {
-  try { await fn(...args); } catch (err) { notify(describe(err)); }
+  try { await fn(...args); } catch (err) { report(err); }
 };
 
 // ---------- REST ----------
@@ -111,6 +116,7 @@ async function api(method, path, body) {
     // A refused token means the session is over, whatever the call was.
     if (res.status === 401 && token && token === state.session?.token && err.code === 'unauthorized') {
       endSession(`Your session has ended (${err.message}); please log in again.`);
+      err.handled = true;
     }
     throw err;
   }
@@ -148,7 +154,7 @@ function startSession(session) {
   $('#whoami').textContent = `signed in as ${session.username}`;
   state.attempt = 0;
   connect();
-  refreshFriends().catch((err) => notify(describe(err)));
+  refreshFriends().catch((err) => report(err));
   clearInterval(state.pollTimer);
   state.pollTimer = setInterval(pollFriends, FRIENDS_POLL_MS);
   renderAll();
@@ -196,7 +202,7 @@ async function pollFriends() {
     clearNotes('poll');
   } catch (err) {
     // Report a failing poll once, not every five seconds.
-    if (state.lastPollError !== err.code && state.session) notify(`Could not refresh friends: ${describe(err)}`, 'error', 0, 'poll');
+    if (state.lastPollError !== err.code && !err.handled) notify(`Could not refresh friends: ${describe(err)}`, 'error', 0, 'poll');
     state.lastPollError = err.code;
   }
 }
@@ -288,8 +294,13 @@ function toggleGeo() {
   if (!('geolocation' in navigator)) throw new Error('This browser has no geolocation.');
   if (!window.isSecureContext) throw new Error('Geolocation needs HTTPS (or localhost); set a location by hand instead.');
   state.geoWatch = navigator.geolocation.watchPosition(
-    (pos) => setMyLocation(pos.coords.latitude, pos.coords.longitude, 'device'),
-    (err) => { stopGeo(); notify(`Location unavailable: ${err.message || 'permission denied'}`); },
+    (pos) => { clearNotes('geo'); setMyLocation(pos.coords.latitude, pos.coords.longitude, 'device'); },
+    (err) => {
+      // Denied is final; unavailable or slow may pass, so keep watching.
+      if (err.code === err.PERMISSION_DENIED) stopGeo();
+      const what = { 1: 'permission denied', 2: 'position unavailable', 3: 'timed out' }[err.code];
+      notify(`Location from this device: ${what ?? 'failed'}${err.message ? ` (${err.message})` : ''}.`, 'error', 0, 'geo');
+    },
     { enableHighAccuracy: true, maximumAge: 5000, timeout: 20000 });
   const btn = $('#use-geo');
   btn.setAttribute('aria-pressed', 'true');
@@ -507,7 +518,8 @@ const SCALES = [200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
 
 function mapScale() {
   const far = Math.max(0, ...[...state.nearby.values()].map((f) => f.distance_m));
-  return SCALES.find((r) => r >= far * 1.15) ?? SCALES[SCALES.length - 1];
+  const want = Math.max(far * 1.15, state.nearby.size ? 500 : 2000);
+  return SCALES.find((r) => r >= want) ?? SCALES[SCALES.length - 1];
 }
 
 function renderMap() {

@@ -151,7 +151,10 @@ mod tests {
     fn partitions_are_named_by_utc_day() {
         assert_eq!(partition_name(0), "location_history_19700101");
         assert_eq!(partition_name(951_782_400_000), "location_history_20000229");
-        assert_eq!(partition_name(1_795_564_800_000), "location_history_20261125");
+        assert_eq!(
+            partition_name(1_795_564_800_000),
+            "location_history_20261125"
+        );
         assert_eq!(partition_name(-DAY_MS), "location_history_19691231");
     }
 }

@@ -97,10 +97,11 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
-    let (version,): (i64,) = sqlx::query_as("SELECT COALESCE(MAX(version), 0)::BIGINT FROM nearby_schema")
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(backend)?;
+    let (version,): (i64,) =
+        sqlx::query_as("SELECT COALESCE(MAX(version), 0)::BIGINT FROM nearby_schema")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(backend)?;
     let done = usize::try_from(version).unwrap_or(0);
     for (i, script) in MIGRATIONS.iter().enumerate().skip(done) {
         sqlx::raw_sql(script)
@@ -122,6 +123,9 @@ fn backend(e: sqlx::Error) -> StoreError {
 }
 
 async fn ping(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::query("SELECT 1").execute(pool).await.map_err(backend)?;
+    sqlx::query("SELECT 1")
+        .execute(pool)
+        .await
+        .map_err(backend)?;
     Ok(())
 }

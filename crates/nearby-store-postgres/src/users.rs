@@ -82,13 +82,12 @@ async fn set_edge(
 #[async_trait]
 impl UserStore for PgUserStore {
     async fn create_user(&self, username: &str, password_hash: &str) -> StoreResult<UserId> {
-        let res = sqlx::query(
-            "INSERT INTO users (username, password_hash) VALUES ($1, $2) RETURNING id",
-        )
-        .bind(username)
-        .bind(password_hash)
-        .fetch_one(&self.pool)
-        .await;
+        let res =
+            sqlx::query("INSERT INTO users (username, password_hash) VALUES ($1, $2) RETURNING id")
+                .bind(username)
+                .bind(password_hash)
+                .fetch_one(&self.pool)
+                .await;
         match res {
             Ok(row) => Ok(UserId(row.try_get(0).map_err(backend)?)),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Conflict(
@@ -219,13 +218,15 @@ impl UserStore for PgUserStore {
         };
         let before: bool = row.try_get(0).map_err(backend)?;
         if before != enabled {
-            sqlx::query("UPDATE friend_edges SET sharing = $1 WHERE user_id = $2 AND friend_id = $3")
-                .bind(enabled)
-                .bind(from.0)
-                .bind(to.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
+            sqlx::query(
+                "UPDATE friend_edges SET sharing = $1 WHERE user_id = $2 AND friend_id = $3",
+            )
+            .bind(enabled)
+            .bind(from.0)
+            .bind(to.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
         }
         tx.commit().await.map_err(backend)?;
         Ok(before)

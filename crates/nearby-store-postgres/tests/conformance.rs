@@ -70,11 +70,10 @@ async fn history_lands_in_daily_partitions_and_a_batch_is_one_statement() {
     // The rows sit in today's partition, not in the default one.
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("conn");
-    let (in_default,): (i64,) =
-        sqlx::query_as("SELECT count(*) FROM location_history_default")
-            .fetch_one(&mut conn)
-            .await
-            .expect("count");
+    let (in_default,): (i64,) = sqlx::query_as("SELECT count(*) FROM location_history_default")
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
     let (partitions,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM pg_inherits WHERE inhparent = 'location_history'::regclass",
     )
@@ -82,5 +81,8 @@ async fn history_lands_in_daily_partitions_and_a_batch_is_one_statement() {
     .await
     .expect("partitions");
     assert_eq!(in_default, 0);
-    assert!(partitions >= 5, "yesterday..+3 days and default: {partitions}");
+    assert!(
+        partitions >= 5,
+        "yesterday..+3 days and default: {partitions}"
+    );
 }
