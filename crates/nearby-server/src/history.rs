@@ -13,6 +13,8 @@ use std::time::Duration;
 use nearby_ports::{HistoryEntry, HistoryStore};
 use tokio::sync::Notify;
 
+use crate::metrics::Metrics;
+
 /// Bounded, drop-oldest queue of history entries with its writer.
 pub struct HistoryQueue {
     queue: Mutex<VecDeque<HistoryEntry>>,
@@ -27,7 +29,12 @@ pub struct HistoryQueue {
 
 impl HistoryQueue {
     /// Creates the queue and spawns its writer over `store`.
-    pub fn start(store: Arc<dyn HistoryStore>, capacity: usize, batch: usize) -> Arc<Self> {
+    pub fn start(
+        store: Arc<dyn HistoryStore>,
+        capacity: usize,
+        batch: usize,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let q = Arc::new(Self {
             queue: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
             capacity: capacity.max(1),
@@ -38,7 +45,7 @@ impl HistoryQueue {
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
         });
-        tokio::spawn(write_loop(q.clone(), store));
+        tokio::spawn(write_loop(q.clone(), store, metrics));
         q
     }
 
@@ -89,7 +96,7 @@ impl HistoryQueue {
     }
 }
 
-async fn write_loop(q: Arc<HistoryQueue>, store: Arc<dyn HistoryStore>) {
+async fn write_loop(q: Arc<HistoryQueue>, store: Arc<dyn HistoryStore>, metrics: Arc<Metrics>) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let batch = q.take_batch();
@@ -104,8 +111,10 @@ async fn write_loop(q: Arc<HistoryQueue>, store: Arc<dyn HistoryStore>) {
         // Retry this batch until it lands; meanwhile pushes keep filling
         // (and, when full, trimming) the queue.
         loop {
+            let started = std::time::Instant::now();
             match store.append(&batch).await {
                 Ok(()) => {
+                    crate::metrics::observe(&metrics.history_write, started);
                     q.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
                     backoff = Duration::from_millis(50);
                     break;

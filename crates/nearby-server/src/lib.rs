@@ -9,6 +9,7 @@
 //!   publish the callbacks that live sessions act on.
 //! * [`ws`] — one task per connection, selecting over the socket, the
 //!   session's bus queue and its timers; the domain's `Session` decides.
+//! * [`metrics`] — Prometheus instruments and `GET /metrics`.
 //! * [`history`] — the bounded drop-oldest queue and its batching writer.
 //! * [`web`] — the browser client, embedded in the binary.
 //! * [`error`] — the one error type every handler returns.
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod history;
+pub mod metrics;
 pub mod rest;
 pub mod state;
 pub mod web;
@@ -44,6 +46,8 @@ pub const MAX_BODY_BYTES: usize = 16 * 1024;
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(rest::healthz))
+        .route("/readyz", get(rest::readyz))
+        .route("/metrics", get(metrics::render))
         .route("/v1/users", axum::routing::post(rest::sign_up))
         .route("/v1/users/by-name/{username}", get(rest::user_by_name))
         .route(

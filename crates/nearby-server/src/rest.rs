@@ -60,6 +60,45 @@ pub async fn healthz() -> impl IntoResponse {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
+/// `GET /readyz`: 200 when every backend answers within a second, 503
+/// naming the ones that do not (or while the node drains).
+pub async fn readyz(State(st): St) -> Response {
+    if st.shutdown.is_cancelled() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this node is shutting down",
+        )
+        .into_response();
+    }
+    let b = &st.backends;
+    let limit = std::time::Duration::from_secs(1);
+    let check = |name: &'static str, f| async move {
+        match tokio::time::timeout(limit, f).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("{name}: {e}")),
+            Err(_) => Some(format!("{name}: no answer within {limit:?}")),
+        }
+    };
+    let (users, history, cache, bus) = tokio::join!(
+        check("users", b.users.ping()),
+        check("history", b.history.ping()),
+        check("cache", b.cache.ping()),
+        check("bus", b.bus.ping()),
+    );
+    let failed: Vec<String> = [users, history, cache, bus].into_iter().flatten().collect();
+    if failed.is_empty() {
+        Json(serde_json::json!({ "status": "ready" })).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            failed.join("; "),
+        )
+        .into_response()
+    }
+}
+
 /// Any unknown route.
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
@@ -353,7 +392,11 @@ pub async fn start_session(
         None => Vec::new(),
     };
     if let Some(sub) = subscriber {
-        st.backends.bus.subscribe(sub, &channels).await?;
+        if let Err(e) = st.backends.bus.subscribe(sub, &channels).await {
+            // Some channels may have been taken before the failure.
+            let _ = st.backends.bus.unsubscribe(sub, &channels).await;
+            return Err(e);
+        }
     }
     let mut ids = friends.clone();
     ids.push(me);

@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{ConfigError, ServerConfig};
 use crate::history::HistoryQueue;
+use crate::metrics::Metrics;
 
 /// Concurrent password hashes allowed.
 pub const HASHING_SLOTS: usize = 4;
@@ -42,16 +43,21 @@ pub struct AppState {
     /// milliseconds): a flood of logins queues here instead of spawning
     /// hundreds of blocking threads and gigabytes of hashing memory.
     pub hashing: tokio::sync::Semaphore,
+    /// Hot-path instruments.
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
     /// Validates `cfg` and starts the history writer. Needs a tokio runtime.
     pub fn new(cfg: ServerConfig, backends: Backends) -> Result<Arc<Self>, ConfigError> {
         cfg.validate()?;
+        let metrics = Arc::new(Metrics::new());
+        tokio::spawn(crate::metrics::upkeep());
         let history = HistoryQueue::start(
             backends.history.clone(),
             cfg.history_queue,
             cfg.history_batch,
+            metrics.clone(),
         );
         Ok(Arc::new(Self {
             cfg,
@@ -60,6 +66,7 @@ impl AppState {
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             hashing: tokio::sync::Semaphore::new(HASHING_SLOTS),
+            metrics,
         }))
     }
 }

@@ -90,6 +90,7 @@ async fn run(st: Arc<AppState>, me: AuthUser, mut socket: WebSocket) {
     let (sub, mut inbox) = Subscriber::new(st.cfg.session_queue);
     let user = me.id;
     tracing::debug!(%user, "session open");
+    let opened = std::time::Instant::now();
     // The inbox first: a friendship change made while the session starts is
     // queued, not lost.
     let started = match st
@@ -103,6 +104,8 @@ async fn run(st: Arc<AppState>, me: AuthUser, mut socket: WebSocket) {
     };
     let mut conn = match started {
         Ok((session, snapshot)) => {
+            crate::metrics::observe(&st.metrics.session_start, opened);
+            st.metrics.connections.increment(1.0);
             let frame = ServerFrame::Snapshot {
                 friends: snapshot.into_iter().map(Into::into).collect(),
             };
@@ -141,6 +144,7 @@ async fn run(st: Arc<AppState>, me: AuthUser, mut socket: WebSocket) {
     if let Err(e) = st.backends.bus.unsubscribe(&conn.sub, &channels).await {
         tracing::warn!(%user, error = %e, "unsubscribe failed");
     }
+    st.metrics.connections.decrement(1.0);
     tracing::debug!(%user, "session closed");
 }
 
@@ -304,6 +308,13 @@ impl Conn {
     /// read for [`WRITE_TIMEOUT`] is treated as gone.
     async fn flush(&mut self, socket: &mut WebSocket) -> Result<(), axum::Error> {
         let out = &mut self.out;
+        let deliveries = out
+            .iter()
+            .filter(|f| matches!(f, ServerFrame::FriendLocation(_)))
+            .count();
+        if deliveries > 0 {
+            self.st.metrics.deliveries_out.increment(deliveries as u64);
+        }
         let write = async {
             for frame in out.drain(..) {
                 socket.feed(Message::Text(frame.to_json().into())).await?;
@@ -374,16 +385,21 @@ impl Conn {
         let loc = Location { point, ts_ms: now };
         let events = self.session.on_own_location(loc, now);
         self.out.extend(events.into_iter().map(ServerFrame::from));
-        let b = &self.st.backends;
+        let (b, m) = (&self.st.backends, &self.st.metrics);
+        m.updates_in.increment(1);
+        let started = std::time::Instant::now();
         if let Err(e) = b.cache.put(user, loc, self.st.cfg.location_ttl).await {
             tracing::warn!(%user, error = %e, "location cache write failed");
         }
+        crate::metrics::observe(&m.cache_put, started);
         self.st.history.push(HistoryEntry { user, loc });
-        if let Err(e) = b
+        let started = std::time::Instant::now();
+        let published = b
             .bus
             .publish(Channel::Location(user), BusMessage::Location { user, loc })
-            .await
-        {
+            .await;
+        crate::metrics::observe(&m.publish, started);
+        if let Err(e) = published {
             tracing::warn!(%user, error = %e, "publish failed");
             self.out.push(ServerFrame::error(
                 "unavailable",
@@ -395,7 +411,11 @@ impl Conn {
     async fn on_bus(&mut self, msg: BusMessage) {
         let now = now_ms();
         let event = match msg {
-            BusMessage::Location { user, loc } => self.session.on_friend_location(user, loc, now),
+            BusMessage::Location { user, loc } => {
+                let lag_ms = now.saturating_sub(loc.ts_ms).max(0);
+                self.st.metrics.bus_lag.record(lag_ms as f64 / 1000.0);
+                self.session.on_friend_location(user, loc, now)
+            }
             BusMessage::FriendVisible { friend } => {
                 let b = &self.st.backends;
                 if !self.session.tracks(friend) {

@@ -50,28 +50,33 @@ impl PgHistoryStore {
     pub async fn ensure_partitions(&self, now_ms: i64) -> StoreResult<()> {
         let today = now_ms.div_euclid(DAY_MS) * DAY_MS;
         for day in -1..=DAYS_AHEAD {
-            let start = today + day * DAY_MS;
-            let name = partition_name(start);
-            let ddl = format!(
-                "CREATE TABLE IF NOT EXISTS {name} PARTITION OF location_history \
-                 FOR VALUES FROM ({start}) TO ({})",
-                start + DAY_MS
-            );
-            let mut tx = self.pool.begin().await.map_err(backend)?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(crate::MIGRATION_LOCK)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            if let Err(e) = sqlx::raw_sql(&ddl).execute(&mut *tx).await {
-                // Rows for that day already sit in the default partition:
-                // keep serving from there rather than fail.
-                tracing::warn!(partition = %name, error = %e, "cannot create history partition");
-                continue;
-            }
-            tx.commit().await.map_err(backend)?;
+            self.create_partition(today + day * DAY_MS).await?;
         }
         Ok(())
+    }
+
+    async fn create_partition(&self, start: i64) -> StoreResult<()> {
+        let name = partition_name(start);
+        let ddl = format!(
+            "CREATE TABLE IF NOT EXISTS {name} PARTITION OF location_history \
+             FOR VALUES FROM ({start}) TO ({})",
+            start + DAY_MS
+        );
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(crate::MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        // `query`, not `raw_sql`: the latter's executor bounds make the
+        // future fail the `Send` check of callers that spawn this.
+        if let Err(e) = sqlx::query(&ddl).execute(&mut *tx).await {
+            // Rows for that day already sit in the default partition:
+            // keep serving from there rather than fail.
+            tracing::warn!(partition = %name, error = %e, "cannot create history partition");
+            return Ok(());
+        }
+        tx.commit().await.map_err(backend)
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use nearby_server::ServerConfig;
+use nearby_store_redis::RedisConfig;
 use serde::Deserialize;
 
 /// Options of `nearby serve`. In the TOML file the keys are the flag names
@@ -61,6 +62,21 @@ pub struct ServeArgs {
     /// Seconds to wait for sessions and history on shutdown [default: 10].
     #[arg(long, env = "NEARBY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Redis for the location cache and the bus (`redis://host:port`); without it both are in-process.
+    #[arg(long, env = "NEARBY_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key and channel [default: "nearby:"].
+    #[arg(long, env = "NEARBY_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// Redis subscriber connections per node [default: 4].
+    #[arg(long, env = "NEARBY_REDIS_SUBSCRIBERS")]
+    pub redis_subscribers: Option<usize>,
+    /// PostgreSQL for users, friendships and history (`postgres://user@host/db`); without it, SQLite in --data-dir.
+    #[arg(long, env = "NEARBY_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// PostgreSQL connections per node [default: 16].
+    #[arg(long, env = "NEARBY_DATABASE_MAX_CONNECTIONS")]
+    pub database_max_connections: Option<u32>,
 }
 
 /// The settings after merging, ready to use.
@@ -70,6 +86,10 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub grace: Duration,
     pub server: ServerConfig,
+    /// Redis cache and bus, if configured.
+    pub redis: Option<RedisConfig>,
+    /// PostgreSQL URL and pool size, if configured.
+    pub database: Option<(String, u32)>,
 }
 
 impl ServeArgs {
@@ -93,7 +113,12 @@ impl ServeArgs {
             session_queue,
             history_queue,
             history_batch,
-            shutdown_grace_secs
+            shutdown_grace_secs,
+            redis_url,
+            redis_prefix,
+            redis_subscribers,
+            database_url,
+            database_max_connections
         )
     }
 
@@ -124,7 +149,46 @@ impl ServeArgs {
             history_batch: merged.history_batch.unwrap_or(d.history_batch),
         };
         server.validate()?;
+        let redis = match merged.redis_url {
+            None => None,
+            Some(url) => {
+                anyhow::ensure!(
+                    url.starts_with("redis://") || url.starts_with("rediss://"),
+                    "redis_url must start with redis:// or rediss://"
+                );
+                let mut cfg = RedisConfig::new(url);
+                if let Some(p) = merged.redis_prefix {
+                    cfg.prefix = p;
+                }
+                let n = merged
+                    .redis_subscribers
+                    .unwrap_or(cfg.subscriber_connections);
+                anyhow::ensure!(
+                    (1..=64).contains(&n),
+                    "redis_subscribers must be between 1 and 64, got {n}"
+                );
+                cfg.subscriber_connections = n;
+                Some(cfg)
+            }
+        };
+        let database = match merged.database_url {
+            None => None,
+            Some(url) => {
+                anyhow::ensure!(
+                    url.starts_with("postgres://") || url.starts_with("postgresql://"),
+                    "database_url must start with postgres:// or postgresql://"
+                );
+                let n = merged.database_max_connections.unwrap_or(16);
+                anyhow::ensure!(
+                    (2..=1000).contains(&n),
+                    "database_max_connections must be between 2 and 1000, got {n}"
+                );
+                Some((url, n))
+            }
+        };
         Ok(Settings {
+            redis,
+            database,
             listen: merged
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
@@ -180,5 +244,41 @@ mod tests {
         .unwrap_err();
         assert!(err.to_string().contains("radius_m"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn backends_are_chosen_by_url_and_checked() {
+        let s = ServeArgs::default().resolve().unwrap();
+        assert!(
+            s.redis.is_none() && s.database.is_none(),
+            "embedded by default"
+        );
+        let s = ServeArgs {
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            redis_subscribers: Some(2),
+            database_url: Some("postgres://u@h/db".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(s.redis.map(|r| r.subscriber_connections), Some(2));
+        assert_eq!(s.database, Some(("postgres://u@h/db".into(), 16)));
+        for bad in [
+            ServeArgs {
+                redis_url: Some("http://x".into()),
+                ..Default::default()
+            },
+            ServeArgs {
+                database_url: Some("mysql://x".into()),
+                ..Default::default()
+            },
+            ServeArgs {
+                redis_url: Some("redis://x".into()),
+                redis_subscribers: Some(0),
+                ..Default::default()
+            },
+        ] {
+            assert!(bad.resolve().is_err());
+        }
     }
 }

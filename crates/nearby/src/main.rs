@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nearby_ports::{HistoryStore, LocationCache, PubSub, UserStore};
 use nearby_server::{AppState, Backends};
 use nearby_store_memory::{MemoryBus, MemoryCache};
 use nearby_store_sqlite::{SqliteHistoryStore, SqliteUserStore};
@@ -28,7 +29,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run the server (REST + WebSocket) with embedded storage in --data-dir.
+    /// Run the server (REST + WebSocket): embedded storage in --data-dir, or Redis and PostgreSQL.
     Serve(ServeArgs),
 }
 
@@ -66,25 +67,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let s = args.resolve()?;
-    std::fs::create_dir_all(&s.data_dir)
-        .with_context(|| format!("creating data dir {}", s.data_dir.display()))?;
-    let users = Arc::new(
-        SqliteUserStore::open(&s.data_dir.join("users.db"))
-            .await
-            .context("opening users.db")?,
-    );
-    let history = SqliteHistoryStore::open(&s.data_dir.join("history.db"))
-        .await
-        .context("opening history.db")?;
-    let sweep = s.server.location_ttl.min(Duration::from_secs(10));
+    let (users, history): (Arc<dyn UserStore>, Arc<dyn HistoryStore>) = match &s.database {
+        Some((url, max)) => {
+            let (users, history) = nearby_store_postgres::connect(url, *max)
+                .await
+                .context("connecting to PostgreSQL")?;
+            let (u, h) = (users.clone(), history.clone());
+            tokio::spawn(hourly("expired token purge", move || {
+                let u = u.clone();
+                async move { u.purge_expired_tokens(now_ms()).await }
+            }));
+            tokio::spawn(hourly("history partition upkeep", move || {
+                let h = h.clone();
+                async move { h.ensure_partitions(now_ms()).await.map(|()| 0) }
+            }));
+            (Arc::new(users), Arc::new(history))
+        }
+        None => {
+            std::fs::create_dir_all(&s.data_dir)
+                .with_context(|| format!("creating data dir {}", s.data_dir.display()))?;
+            let users = SqliteUserStore::open(&s.data_dir.join("users.db"))
+                .await
+                .context("opening users.db")?;
+            let history = SqliteHistoryStore::open(&s.data_dir.join("history.db"))
+                .await
+                .context("opening history.db")?;
+            let u = users.clone();
+            tokio::spawn(hourly("expired token purge", move || {
+                let u = u.clone();
+                async move { u.purge_expired_tokens(now_ms()).await }
+            }));
+            (Arc::new(users), Arc::new(history))
+        }
+    };
+    let (cache, bus): (Arc<dyn LocationCache>, Arc<dyn PubSub>) = match &s.redis {
+        Some(cfg) => {
+            let (cache, bus) = nearby_store_redis::connect(cfg)
+                .await
+                .context("connecting to Redis")?;
+            (cache, bus)
+        }
+        None => {
+            let sweep = s.server.location_ttl.min(Duration::from_secs(10));
+            (MemoryCache::new(sweep), Arc::new(MemoryBus::new()))
+        }
+    };
     let backends = Backends {
-        users: users.clone(),
-        history: Arc::new(history),
-        cache: MemoryCache::new(sweep),
-        bus: Arc::new(MemoryBus::new()),
+        users,
+        history,
+        cache,
+        bus,
     };
     let state = AppState::new(s.server.clone(), backends)?;
-    tokio::spawn(purge_tokens(users));
 
     let listener = tokio::net::TcpListener::bind(s.listen)
         .await
@@ -92,7 +126,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     // Scripts and tests read this line to learn the port when --listen ends in :0.
     println!("nearby listening on http://{addr}");
-    tracing::info!(%addr, data_dir = %s.data_dir.display(), radius_m = s.server.radius_m, "serving with embedded storage");
+    let storage = if s.database.is_some() {
+        "postgres".to_owned()
+    } else {
+        format!("sqlite in {}", s.data_dir.display())
+    };
+    let live = if s.redis.is_some() {
+        "redis"
+    } else {
+        "in-process"
+    };
+    tracing::info!(%addr, %storage, cache_and_bus = live, radius_m = s.server.radius_m, "serving");
 
     let shutdown = state.shutdown.clone();
     tokio::spawn(async move {
@@ -105,18 +149,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Expired tokens are refused on read; this only keeps the table small.
-async fn purge_tokens(users: Arc<SqliteUserStore>) {
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Runs a maintenance job now and every hour; failures are logged and
+/// retried at the next tick.
+async fn hourly<F, Fut>(what: &'static str, job: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, nearby_ports::StoreError>>,
+{
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tick.tick().await;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        match users.purge_expired_tokens(now).await {
-            Ok(n) if n > 0 => tracing::info!(purged = n, "expired tokens removed"),
+        match job().await {
+            Ok(n) if n > 0 => tracing::info!(job = what, affected = n, "maintenance done"),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "token purge failed"),
+            Err(e) => tracing::warn!(job = what, error = %e, "maintenance failed"),
         }
     }
 }

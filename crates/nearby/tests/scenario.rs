@@ -13,13 +13,36 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 const SEOUL: (f64, f64) = (37.5665, 126.9780);
 const QUIET: Duration = Duration::from_millis(300);
 
+const TTL_SECS: u64 = 4;
+
 #[tokio::test]
 async fn two_friends_see_each_other_and_every_reason_to_leave() {
-    let ttl_secs = 4;
-    let server = Server::start(&["--location-ttl-secs", &ttl_secs.to_string()]);
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    let carol = server.user("carol").await;
+    let server = Server::start(&["--location-ttl-secs", &TTL_SECS.to_string()]);
+    full_scenario([&server, &server, &server]).await;
+}
+
+/// The same scenario with Alice, Bob and Carol each on their own node,
+/// the nodes sharing Redis and PostgreSQL.
+#[tokio::test]
+async fn the_scenario_holds_across_three_nodes_on_redis_and_postgres() {
+    let Some(shared) = common::Shared::get().await else {
+        return;
+    };
+    let ttl = TTL_SECS.to_string();
+    let nodes: Vec<Server> = (0..3)
+        .map(|_| Server::start(&shared.flags(&["--location-ttl-secs", &ttl])))
+        .collect();
+    full_scenario([&nodes[0], &nodes[1], &nodes[2]]).await;
+}
+
+/// Alice uses `nodes[0]`, Bob `nodes[1]`, Carol `nodes[2]` (for REST and
+/// the WebSocket alike).
+async fn full_scenario(nodes: [&Server; 3]) {
+    let ttl_secs = TTL_SECS;
+    let [na, nb, nc] = nodes;
+    let alice = na.user("alice").await;
+    let bob = nb.user("bob").await;
+    let carol = nc.user("carol").await;
 
     // Alice finds Bob by name (exact match only, logged-in callers only).
     let (st, found) = alice.req(Method::GET, "/v1/users/by-name/bob", None).await;
@@ -32,7 +55,7 @@ async fn two_friends_see_each_other_and_every_reason_to_leave() {
         (st.as_u16(), &missing["code"]),
         (404, &json!("unknown_user"))
     );
-    let (st, _) = server.get("/v1/users/by-name/bob", None).await;
+    let (st, _) = na.get("/v1/users/by-name/bob", None).await;
     assert_eq!(st.as_u16(), 401);
 
     assert_eq!(alice.befriend(&bob).await["status"], "outgoing");
@@ -43,11 +66,11 @@ async fn two_friends_see_each_other_and_every_reason_to_leave() {
     );
     assert_eq!(bob.befriend(&alice).await["status"], "friends");
 
-    let (mut a, snap) = alice.connect(&server).await;
+    let (mut a, snap) = alice.connect(na).await;
     assert_eq!(snap["friends"], json!([]));
-    let (mut b, _) = bob.connect(&server).await;
+    let (mut b, _) = bob.connect(nb).await;
     // Carol uses the browser form of the token.
-    let url = format!("{}?token={}", server.ws, carol.token);
+    let url = format!("{}?token={}", nc.ws, carol.token);
     let (stream, _) = tokio_tungstenite::connect_async(url.into_client_request().unwrap())
         .await
         .expect("ws with ?token=");

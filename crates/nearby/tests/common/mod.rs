@@ -14,6 +14,53 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+/// Redis and PostgreSQL shared by the nodes of one test: the machine's
+/// Redis under a prefix of the test's own, and a fresh database.
+pub struct Shared {
+    pub redis_url: String,
+    pub prefix: String,
+    pub db: nearby_conformance::services::TempDatabase,
+}
+
+impl Shared {
+    /// `None` (after reporting, which fails under `CI=true`) if either
+    /// service is unreachable.
+    pub async fn get() -> Option<Self> {
+        use nearby_conformance::services;
+        let redis_url = services::redis_url();
+        if let Err(e) = services::reachable(&redis_url) {
+            services::missing("Redis", e);
+            return None;
+        }
+        let db = match services::TempDatabase::create(&services::postgres_url()).await {
+            Ok(db) => db,
+            Err(e) => {
+                services::missing("PostgreSQL", e);
+                return None;
+            }
+        };
+        Some(Self {
+            redis_url,
+            prefix: services::unique("it") + ":",
+            db,
+        })
+    }
+
+    /// `nearby serve` flags for a node on these services, then `extra`.
+    pub fn flags<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut f = vec![
+            "--redis-url",
+            self.redis_url.as_str(),
+            "--redis-prefix",
+            self.prefix.as_str(),
+            "--database-url",
+            self.db.url.as_str(),
+        ];
+        f.extend_from_slice(extra);
+        f
+    }
+}
+
 /// A running `nearby serve`, killed on drop.
 pub struct Server {
     pub child: Child,
@@ -115,9 +162,16 @@ pub async fn call(
     }
     let resp = req.send().await.expect("http request");
     let status = resp.status();
+    let plain = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
     let text = resp.text().await.expect("body");
     let value = if text.is_empty() {
         Value::Null
+    } else if plain {
+        Value::String(text)
     } else {
         serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON body {text:?}"))
     };
