@@ -1,0 +1,168 @@
+//! Backends failing under live sessions: Redis killed and restarted (the
+//! sessions keep working without reconnecting), PostgreSQL stopped (live
+//! updates go on, history catches up when it is back). Each test runs its
+//! own `redis-server` or PostgreSQL cluster on a free port.
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_location, north_of, Server, Ws};
+use nearby_conformance::services::{self, PostgresCluster, RedisProcess, TempDatabase};
+use reqwest::Method;
+use serde_json::Value;
+
+const SEOUL: (f64, f64) = (37.5665, 126.9780);
+
+/// Sends `mover`'s position `metres` north of Seoul, alternating between two
+/// spots, until `watcher` gets a `friend_location` for `id` (other frames
+/// are skipped). Panics after `within`.
+async fn until_seen(mover: &mut Ws, watcher: &mut Ws, id: &str, within: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut step = 0u32;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no friend_location for {id} within {within:?}"
+        );
+        let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 600.0 + 100.0 * f64::from(step % 2));
+        step += 1;
+        mover.send_location(lat, lon).await;
+        // Whatever the mover is told (e.g. `unavailable` while Redis is
+        // down) is read so its socket never backs up.
+        while mover.next_message(Duration::from_millis(1)).await.is_some() {}
+        let wait = tokio::time::Instant::now() + Duration::from_millis(400);
+        while let Some(m) = watcher
+            .next_message(wait - tokio::time::Instant::now())
+            .await
+        {
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+                let f: Value = serde_json::from_str(t.as_str()).expect("json");
+                if f["type"] == "friend_location" && f["id"] == id {
+                    return f;
+                }
+            }
+        }
+    }
+}
+
+async fn metric(server: &Server, name: &str) -> f64 {
+    let (_, body) = server.get("/metrics", None).await;
+    body.as_str()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn sessions_on_two_nodes_survive_a_redis_restart() {
+    let mut redis = match RedisProcess::start() {
+        Ok(r) => r,
+        Err(e) => return services::missing("redis-server", e),
+    };
+    let db = match TempDatabase::create(&services::postgres_url()).await {
+        Ok(db) => db,
+        Err(e) => return services::missing("PostgreSQL", e),
+    };
+    let url = redis.url();
+    let flags = ["--redis-url", &url, "--database-url", &db.url];
+    let (node_a, node_b) = (Server::start(&flags), Server::start(&flags));
+    let alice = node_a.user("alice").await;
+    let bob = node_b.user("bob").await;
+    alice.befriend(&bob).await;
+    bob.befriend(&alice).await;
+    let (mut a, _) = alice.connect(&node_a).await;
+    let (mut b, _) = bob.connect(&node_b).await;
+    a.send_location(SEOUL.0, SEOUL.1).await;
+    let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 1000.0);
+    b.send_location(lat, lon).await;
+    assert_location(&b.next_json().await, &alice.id, 1000.0);
+    assert_location(&a.next_json().await, &bob.id, 1000.0);
+
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (st, body) = node_a.get("/readyz", None).await;
+    assert_eq!(
+        (st.as_u16(), &body["code"]),
+        (503, &Value::from("not_ready")),
+        "{body}"
+    );
+    // An update while Redis is down: Bob is told his friends may not see it.
+    b.send_location(lat, lon).await;
+    b.expect_error("unavailable").await;
+
+    redis.restart().expect("restart redis");
+    // Neither client reconnects: both nodes resubscribe on their own.
+    until_seen(&mut b, &mut a, &bob.id, Duration::from_secs(20)).await;
+    until_seen(&mut a, &mut b, &alice.id, Duration::from_secs(20)).await;
+    assert!(metric(&node_a, "nearby_redis_reconnects_total").await >= 1.0);
+    assert!(metric(&node_b, "nearby_redis_reconnects_total").await >= 1.0);
+    let (st, _) = node_a.get("/readyz", None).await;
+    assert_eq!(st.as_u16(), 200);
+}
+
+#[tokio::test]
+async fn live_updates_go_on_while_postgres_is_down_and_history_catches_up() {
+    let mut pg = match PostgresCluster::start() {
+        Ok(pg) => pg,
+        Err(e) => return services::missing("PostgreSQL server binaries", e),
+    };
+    let url = pg.url();
+    let node = Server::start(&["--database-url", &url]);
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    alice.befriend(&bob).await;
+    bob.befriend(&alice).await;
+    let (mut a, _) = alice.connect(&node).await;
+    let (mut b, _) = bob.connect(&node).await;
+    a.send_location(SEOUL.0, SEOUL.1).await;
+    // Alice's update is in history before the database goes away.
+    for _ in 0..100 {
+        if metric(&node, "nearby_history_written_total").await == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    pg.stop().expect("stop postgres");
+    let (st, body) = node.get("/readyz", None).await;
+    assert_eq!(st.as_u16(), 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("users")),
+        "{body}"
+    );
+
+    // Five moves while the database is down: Alice sees every one.
+    for i in 0..5 {
+        let d = 100.0 * f64::from(i + 1);
+        let (lat, lon) = north_of(SEOUL.0, SEOUL.1, d);
+        b.send_location(lat, lon).await;
+        assert_location(&a.next_json().await, &bob.id, d);
+        assert_location(&b.next_json().await, &alice.id, d);
+    }
+    assert_eq!(metric(&node, "nearby_history_written_total").await, 1.0);
+
+    pg.restart().expect("restart postgres");
+    // The writer retries with backoff; all six of Bob and Alice's updates
+    // land, none dropped.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, hist) = bob
+            .req(Method::GET, "/v1/me/history?from=0&to=99999999999999", None)
+            .await;
+        if st.is_success() && hist["points"].as_array().map(Vec::len) == Some(5) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history did not catch up: {st} {hist}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(metric(&node, "nearby_history_written_total").await, 6.0);
+    assert_eq!(metric(&node, "nearby_history_dropped_total").await, 0.0);
+    let (st, _) = node.get("/readyz", None).await;
+    assert_eq!(st.as_u16(), 200);
+}
