@@ -178,7 +178,9 @@ async function main() {
     if (problems.length) fail(problems.join('\n'));
     console.log(`PASS: browser client end to end (${((Date.now() - t0) / 1000).toFixed(1)}s)`);
   } catch (err) {
-    console.error(`FAIL at step "${step}": ${err.message.split('\n')[0]}`);
+    const lines = err.message.replace(/\x1b\[[0-9;]*m/g, "").split("\n");
+    const waiting = lines.find((l) => /waiting for/.test(l));
+    console.error(`FAIL at step "${step}": ${lines[0]}${waiting ? `\n  ${waiting.trim()}` : ''}`);
     for (const [who, page] of Object.entries(pages)) {
       try {
         const conn = await page.textContent('#conn-status', { timeout: 1000 });

@@ -534,7 +534,7 @@ function renderMap() {
   ];
   for (const r of [range / 2, range]) {
     parts.push(s('circle', { cx: 0, cy: 0, r: r * k, class: 'ring' }),
-      s('text', { x: r * k * Math.SQRT1_2 + 3, y: -r * k * Math.SQRT1_2 - 3, class: 'ring-label' },
+      s('text', { x: r * k - 4, y: -5, class: 'ring-label' },
         r < 1000 ? `${r} m` : `${r / 1000} km`));
   }
   const friends = [];
