@@ -22,7 +22,7 @@ use crate::error::ApiError;
 use crate::state::{now_ms, AppState};
 
 /// Hashes a password with argon2id and a random salt. CPU-heavy (tens of
-/// milliseconds): call from `spawn_blocking`.
+/// milliseconds): run it on the [`Hasher`].
 pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);
     Ok(Argon2::default()
@@ -31,7 +31,7 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
 }
 
 /// Checks a password against a stored PHC hash. A malformed hash verifies
-/// nothing. CPU-heavy: call from `spawn_blocking`.
+/// nothing. CPU-heavy: run it on the [`Hasher`].
 pub fn verify_password(password: &str, phc: &str) -> bool {
     PasswordHash::new(phc).is_ok_and(|h| {
         Argon2::default()
@@ -133,5 +133,66 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 64);
         assert_eq!(token_hash(&a), ha);
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A few dedicated threads for password hashing.
+///
+/// Argon2 takes ~19 MiB per hash. On tokio's blocking pool every burst of
+/// logins lands on different threads, and glibc keeps each thread's arena
+/// (a 50-login burst left the server at ~1 GB RSS). A fixed set of threads
+/// bounds both the CPU and the memory hashing can take; jobs beyond
+/// [`HASH_QUEUE`] waiting are refused.
+pub struct Hasher {
+    tx: std::sync::mpsc::SyncSender<Job>,
+}
+
+/// Hashing jobs that may wait for a thread.
+pub const HASH_QUEUE: usize = 4096;
+
+/// The pool refused or lost a job.
+#[derive(Debug, thiserror::Error)]
+#[error("password hashing is overloaded; retry later")]
+pub struct HasherBusy;
+
+impl Hasher {
+    /// Starts `threads` hashing threads.
+    pub fn new(threads: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(HASH_QUEUE);
+        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("nearby-hash-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(guard) => guard.recv(),
+                        Err(poisoned) => poisoned.into_inner().recv(),
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return, // the pool was dropped
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a hashing thread");
+            }
+        }
+        Self { tx }
+    }
+
+    /// Runs `f` on a hashing thread and waits for its result.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, HasherBusy> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(f());
+        });
+        self.tx.try_send(job).map_err(|_| HasherBusy)?;
+        result.await.map_err(|_| HasherBusy)
     }
 }

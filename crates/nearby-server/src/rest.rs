@@ -104,18 +104,26 @@ pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
+fn busy(e: auth::HasherBusy) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        e.to_string(),
+    )
+}
+
 /// `POST /v1/users`: sign up.
 pub async fn sign_up(State(st): St, JsonBody(c): JsonBody<Credentials>) -> ApiResult<Response> {
     account::validate_username(&c.username)
         .map_err(|e| ApiError::bad_request("invalid_username", e.to_string()))?;
     account::validate_password(&c.password)
         .map_err(|e| ApiError::bad_request("invalid_password", e.to_string()))?;
-    let slot = st.hashing.acquire().await.map_err(ApiError::internal)?;
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&c.password))
+    let hash = st
+        .hasher
+        .run(move || auth::hash_password(&c.password))
         .await
-        .map_err(ApiError::internal)?
+        .map_err(busy)?
         .map_err(ApiError::internal)?;
-    drop(slot);
     let id = st
         .backends
         .users
@@ -190,13 +198,13 @@ pub async fn log_in(
     }
     let user = st.backends.users.user_by_name(&c.username).await?;
     let phc = user.as_ref().map(|u| u.password_hash.clone());
-    let slot = st.hashing.acquire().await.map_err(ApiError::internal)?;
-    let ok = tokio::task::spawn_blocking(move || {
-        auth::verify_password(&c.password, phc.as_deref().unwrap_or_else(|| decoy_hash()))
-    })
-    .await
-    .map_err(ApiError::internal)?;
-    drop(slot);
+    let ok = st
+        .hasher
+        .run(move || {
+            auth::verify_password(&c.password, phc.as_deref().unwrap_or_else(|| decoy_hash()))
+        })
+        .await
+        .map_err(busy)?;
     let user = match user {
         Some(u) if ok => u,
         _ => {

@@ -11,7 +11,7 @@ use crate::config::{ConfigError, ServerConfig};
 use crate::history::HistoryQueue;
 use crate::metrics::Metrics;
 
-/// Concurrent password hashes allowed.
+/// Most password-hashing threads (fewer on machines with fewer cores).
 pub const HASHING_SLOTS: usize = 4;
 
 /// The four ports, filled by whichever adapters the binary chose.
@@ -39,10 +39,10 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Live WebSocket sessions, so shutdown can wait for them.
     pub sessions: TaskTracker,
-    /// Caps concurrent argon2 computations (each takes ~19 MiB and tens of
+    /// The argon2 threads (each hash takes ~19 MiB and tens of
     /// milliseconds): a flood of logins queues here instead of spawning
     /// hundreds of blocking threads and gigabytes of hashing memory.
-    pub hashing: tokio::sync::Semaphore,
+    pub hasher: crate::auth::Hasher,
     /// Hot-path instruments.
     pub metrics: Arc<Metrics>,
 }
@@ -65,7 +65,9 @@ impl AppState {
             history,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
-            hashing: tokio::sync::Semaphore::new(HASHING_SLOTS),
+            hasher: crate::auth::Hasher::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get().min(HASHING_SLOTS)),
+            ),
             metrics,
         }))
     }

@@ -89,9 +89,6 @@ fn builder(cfg: &RedisConfig) -> StoreResult<Builder> {
     })
     .with_performance_config(|p| {
         p.default_command_timeout = timeout;
-        // Pub/sub messages reach the shard task through a broadcast channel:
-        // room for bursts so a busy node lags rarely (lags are counted).
-        p.broadcast_channel_capacity = 1 << 16;
     })
     // Retry forever, 100 ms doubling to 2 s between attempts.
     .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
@@ -114,7 +111,13 @@ pub async fn connect(cfg: &RedisConfig) -> StoreResult<(Arc<RedisCache>, Arc<Red
     let n = cfg.subscriber_connections.max(1);
     let mut shards = Vec::with_capacity(n);
     for idx in 0..n {
-        let client = builder(cfg)?.build().map_err(backend)?;
+        let mut b = builder(cfg)?;
+        // Pub/sub messages reach the shard task through a broadcast channel:
+        // room for bursts so the node lags rarely (lags are counted). Only
+        // here: fred sizes all of a client's event channels with this, and
+        // slots are preallocated (65 536 on every client cost ~300 MB).
+        b.with_performance_config(|p| p.broadcast_channel_capacity = SUBSCRIBER_BACKLOG);
+        let client = b.build().map_err(backend)?;
         client.init().await.map_err(backend)?;
         let (tx, rx) = mpsc::unbounded_channel();
         count_reconnects(&client, reconnects.clone(), Some(tx.clone()));
@@ -360,6 +363,9 @@ struct ShardTask {
     /// What Redis has confirmed on this connection.
     upstream: HashSet<Channel>,
 }
+
+/// Messages a subscriber connection may hold for its shard task.
+const SUBSCRIBER_BACKLOG: usize = 8192;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command.
 const CHANNELS_PER_COMMAND: usize = 1024;

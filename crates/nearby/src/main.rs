@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod demo;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,12 @@ struct Cli {
 enum Cmd {
     /// Run the server (REST + WebSocket): embedded storage in --data-dir, or Redis and PostgreSQL.
     Serve(ServeArgs),
+    /// Load a running server with simulated users over WebSockets and measure latency and throughput.
+    Bench(nearby_bench::BenchArgs),
+    /// Talk to a running server: sign up, log in, manage friends, watch the live feed, move.
+    Client(nearby_client::cli::ClientArgs),
+    /// Run a server with a demo login and simulated friends walking around Seoul.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,11 +69,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .init();
     match cli.cmd {
         Cmd::Serve(args) => serve(args).await,
+        Cmd::Bench(args) => nearby_bench::run(args).await.map(drop).map_err(Into::into),
+        Cmd::Client(args) => nearby_client::cli::run(args).await.map_err(Into::into),
+        Cmd::Demo(args) => demo::run(args).await,
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let s = args.resolve()?;
+    serve_with(args.resolve()?, |_, _| {}).await
+}
+
+/// Runs the server on resolved settings until SIGTERM or Ctrl-C.
+/// `on_listening` is called once the socket is bound (`nearby demo` starts
+/// its simulated users there).
+async fn serve_with(
+    s: config::Settings,
+    on_listening: impl FnOnce(std::net::SocketAddr, &AppState),
+) -> anyhow::Result<()> {
     let (users, history): (Arc<dyn UserStore>, Arc<dyn HistoryStore>) = match &s.database {
         Some((url, max)) => {
             let (users, history) = nearby_store_postgres::connect(url, *max)
@@ -137,6 +156,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "in-process"
     };
     tracing::info!(%addr, %storage, cache_and_bus = live, radius_m = s.server.radius_m, "serving");
+    on_listening(addr, &state);
 
     let shutdown = state.shutdown.clone();
     tokio::spawn(async move {

@@ -1,0 +1,667 @@
+//! `nearby bench`: plays many mobile users against a running server over
+//! real WebSockets and measures what users feel.
+//!
+//! 1. **Population** — `--users` accounts (signed up and logged in over
+//!    REST), befriended along a seeded small-world graph ([`graph`]), with
+//!    homes scattered in a `--city-radius-m` disc so friends are in range.
+//! 2. **Load** — the `--online` share of them connect; each sends its
+//!    position every `--interval-ms` (random phase), wandering within
+//!    ±10 m of home: small enough that the server never re-sends a distance
+//!    because of the mover's *own* move, so every `friend_location` a client
+//!    receives is a delivery of a friend's update.
+//! 3. **Measurement** — after `--warmup-s`, for `--duration-s` (or exactly
+//!    `--rounds` updates per client): updates sent, deliveries received and
+//!    expected (the mover's online friends), and the latency from a mover's
+//!    send to each friend's receipt, in an HDR histogram (µs). With
+//!    `--server-pid`, the server's RSS and CPU from `/proc`.
+#![forbid(unsafe_code)]
+
+pub mod graph;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::graph::Graph;
+
+/// What can stop a run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The server refused or failed a setup call.
+    #[error("setup: {0}")]
+    Setup(String),
+    /// HTTP transport.
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    /// WebSocket handshake.
+    #[error("websocket: {0}")]
+    Ws(Box<tokio_tungstenite::tungstenite::Error>),
+    /// Writing the result file.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// Bad arguments.
+    #[error("{0}")]
+    Args(String),
+}
+
+impl From<tokio_tungstenite::tungstenite::Error> for BenchError {
+    fn from(e: tokio_tungstenite::tungstenite::Error) -> Self {
+        Self::Ws(Box::new(e))
+    }
+}
+
+/// Options of `nearby bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Server to load.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Users to create.
+    #[arg(long, default_value_t = 200)]
+    pub users: usize,
+    /// Mean friends per user (small-world graph).
+    #[arg(long, default_value_t = 20)]
+    pub friends: usize,
+    /// Share of lattice edges rewired to random users (0 = pure circles).
+    #[arg(long, default_value_t = 0.1)]
+    pub rewire: f64,
+    /// Share of users online (connected).
+    #[arg(long, default_value_t = 1.0)]
+    pub online: f64,
+    /// Radius of the disc the users live in, metres (keep it under half the
+    /// server's nearby radius for every friend to be in range).
+    #[arg(long, default_value_t = 2000.0)]
+    pub city_radius_m: f64,
+    /// Milliseconds between a client's updates.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 3)]
+    pub warmup_s: u64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 20)]
+    pub duration_s: u64,
+    /// Send exactly this many updates per client (no warm-up) instead of
+    /// running for a duration.
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Seconds to wait for in-flight deliveries after the last send.
+    #[arg(long, default_value_t = 2)]
+    pub drain_s: u64,
+    /// Seed of the graph, homes and phases.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Concurrent REST calls during set-up.
+    #[arg(long, default_value_t = 32)]
+    pub setup_concurrency: usize,
+    /// Server process to read RSS and CPU of (same machine).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th.
+    pub p90_ms: f64,
+    /// 99th.
+    pub p99_ms: f64,
+    /// 99.9th.
+    pub p999_ms: f64,
+    /// Largest.
+    pub max_ms: f64,
+}
+
+/// The outcome of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Users created, and online.
+    pub users: usize,
+    /// Online clients.
+    pub online: usize,
+    /// Friendships.
+    pub friendships: usize,
+    /// Seconds the set-up took (sign-ups, friendships, connections).
+    pub setup_s: f64,
+    /// Seconds of measured sending.
+    pub window_s: f64,
+    /// Updates offered per second (clients / interval).
+    pub offered_updates_per_s: f64,
+    /// Updates sent in the window.
+    pub updates: u64,
+    /// Deliveries the window's updates should cause.
+    pub expected_deliveries: u64,
+    /// Deliveries received.
+    pub deliveries: u64,
+    /// Updates per second achieved.
+    pub updates_per_s: f64,
+    /// Deliveries per second achieved.
+    pub deliveries_per_s: f64,
+    /// Error frames and failed sends.
+    pub errors: u64,
+    /// Connections that ended early.
+    pub disconnects: u64,
+    /// Send-to-receipt latency of deliveries.
+    pub latency: Latency,
+    /// Server resident memory at the end, bytes.
+    pub server_rss_bytes: Option<u64>,
+    /// Server CPU over the window, in cores (1.0 = one core busy).
+    pub server_cpu_cores: Option<f64>,
+}
+
+/// Counters shared by every client task.
+struct Shared {
+    /// When each user last sent, µs since `t0` (0 = never).
+    sent_at: Vec<AtomicU64>,
+    /// user id (as the server spells it) → index.
+    index: HashMap<String, u32>,
+    /// Online friends of each user.
+    online_friends: Vec<u32>,
+    t0: Instant,
+    measuring: AtomicBool,
+    sending: AtomicBool,
+    updates: AtomicU64,
+    expected: AtomicU64,
+    deliveries: AtomicU64,
+    errors: AtomicU64,
+    disconnects: AtomicU64,
+}
+
+struct Account {
+    id: String,
+    token: String,
+}
+
+/// Runs the benchmark and prints a summary; returns the report.
+pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
+    if args.users < 2 || args.interval_ms < 100 || !(0.0..=1.0).contains(&args.online) {
+        return Err(BenchError::Args(
+            "need --users >= 2, --interval-ms >= 100, 0 <= --online <= 1".into(),
+        ));
+    }
+    let setup_started = Instant::now();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.setup_concurrency)
+        .build()?;
+    let base = args.url.trim_end_matches('/').to_owned();
+    let graph = Graph::small_world(args.users, args.friends, args.rewire, args.seed);
+    let run_tag = format!("{:x}", rand::random::<u32>());
+    eprintln!(
+        "set-up: {} users, {} friendships, tag {run_tag}",
+        args.users,
+        graph.edges().count()
+    );
+
+    let accounts = create_accounts(&http, &base, &run_tag, &args).await?;
+    befriend_all(&http, &base, &accounts, &graph, args.setup_concurrency).await?;
+
+    let mut rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
+    let mut order: Vec<u32> = (0..args.users as u32).collect();
+    order.shuffle(&mut rng);
+    let n_online = ((args.users as f64) * args.online).round() as usize;
+    let mut online = vec![false; args.users];
+    for u in &order[..n_online] {
+        online[*u as usize] = true;
+    }
+    let online_friends = graph
+        .adj
+        .iter()
+        .map(|l| l.iter().filter(|f| online[**f as usize]).count() as u32)
+        .collect();
+    let shared = Arc::new(Shared {
+        sent_at: (0..args.users).map(|_| AtomicU64::new(0)).collect(),
+        index: accounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.id.clone(), i as u32))
+            .collect(),
+        online_friends,
+        t0: Instant::now(),
+        measuring: AtomicBool::new(false),
+        sending: AtomicBool::new(true),
+        updates: AtomicU64::new(0),
+        expected: AtomicU64::new(0),
+        deliveries: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        disconnects: AtomicU64::new(0),
+    });
+
+    // Connect everyone, each placed at home once, before any load.
+    let ws_url = format!("{}/v1/ws", base.replacen("http", "ws", 1));
+    let homes: Vec<(f64, f64)> = (0..args.users)
+        .map(|_| home(&mut rng, args.city_radius_m))
+        .collect();
+    let stop = CancellationToken::new();
+    let go = CancellationToken::new();
+    let mut tasks = Vec::with_capacity(n_online);
+    let connected = futures_util::stream::iter(order[..n_online].iter().copied())
+        .map(|u| {
+            let req = ws_request(&ws_url, &accounts[u as usize].token);
+            async move {
+                let req = req?;
+                let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+                Ok::<_, BenchError>((u, ws))
+            }
+        })
+        .buffer_unordered(args.setup_concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    for c in connected {
+        let (u, ws) = c?;
+        let plan = Plan {
+            user: u,
+            home: homes[u as usize],
+            interval: Duration::from_millis(args.interval_ms),
+            phase: Duration::from_millis(rng.gen_range(0..args.interval_ms)),
+            rounds: args.rounds,
+            seed: args.seed.wrapping_add(u64::from(u)),
+        };
+        tasks.push(tokio::spawn(client(
+            ws,
+            plan,
+            shared.clone(),
+            go.clone(),
+            stop.clone(),
+        )));
+    }
+    // Every client placed itself on connecting; let those first sightings
+    // settle so they are not counted as load.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    go.cancel();
+    let setup_s = setup_started.elapsed().as_secs_f64();
+    eprintln!("set-up done in {setup_s:.1} s; {n_online} clients online");
+
+    let cpu_before = args.server_pid.and_then(cpu_ticks);
+    let window_started;
+    if let Some(rounds) = args.rounds {
+        shared.measuring.store(true, Ordering::SeqCst);
+        window_started = Instant::now();
+        // Each client stops by itself after `rounds` sends.
+        let limit = Duration::from_millis(args.interval_ms * (rounds + 2)) + Duration::from_secs(5);
+        let deadline = Instant::now() + limit;
+        while shared.updates.load(Ordering::Relaxed) < rounds * n_online as u64
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    } else {
+        progress(&shared, Duration::from_secs(args.warmup_s), "warm-up").await;
+        shared.updates.store(0, Ordering::SeqCst);
+        shared.expected.store(0, Ordering::SeqCst);
+        shared.deliveries.store(0, Ordering::SeqCst);
+        shared.errors.store(0, Ordering::SeqCst);
+        shared.measuring.store(true, Ordering::SeqCst);
+        window_started = Instant::now();
+        progress(&shared, Duration::from_secs(args.duration_s), "measuring").await;
+    }
+    shared.sending.store(false, Ordering::SeqCst);
+    let window_s = window_started.elapsed().as_secs_f64();
+    let cpu_after = args.server_pid.and_then(cpu_ticks);
+    tokio::time::sleep(Duration::from_secs(args.drain_s)).await;
+    stop.cancel();
+    let mut hist = new_histogram();
+    for t in tasks {
+        if let Ok(h) = t.await {
+            let _ = hist.add(h);
+        }
+    }
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let server_cpu_cores = match (cpu_before, cpu_after) {
+        (Some(a), Some(b)) if window_s > 0.0 => Some((b - a) as f64 / ticks_per_s / window_s),
+        _ => None,
+    };
+    let updates = shared.updates.load(Ordering::SeqCst);
+    let deliveries = shared.deliveries.load(Ordering::SeqCst);
+    let report = Report {
+        users: args.users,
+        online: n_online,
+        friendships: graph.edges().count(),
+        setup_s,
+        window_s,
+        offered_updates_per_s: n_online as f64 * 1000.0 / args.interval_ms as f64,
+        updates,
+        expected_deliveries: shared.expected.load(Ordering::SeqCst),
+        deliveries,
+        updates_per_s: updates as f64 / window_s,
+        deliveries_per_s: deliveries as f64 / window_s,
+        errors: shared.errors.load(Ordering::SeqCst),
+        disconnects: shared.disconnects.load(Ordering::SeqCst),
+        latency: latency(&hist),
+        server_rss_bytes: args.server_pid.and_then(rss_bytes),
+        server_cpu_cores,
+    };
+    print_summary(&report);
+    if let Some(path) = &args.out {
+        let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        std::fs::write(path, text)?;
+        eprintln!("result written to {}", path.display());
+    }
+    Ok(report)
+}
+
+fn ws_request(
+    url: &str,
+    token: &str,
+) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, BenchError> {
+    let mut req = url.into_client_request()?;
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| BenchError::Setup("token is not a valid header value".into()))?;
+    req.headers_mut().insert("authorization", value);
+    Ok(req)
+}
+
+/// A uniformly random point in the city disc (Seoul-centred).
+fn home(rng: &mut StdRng, radius_m: f64) -> (f64, f64) {
+    let r = radius_m * rng.gen::<f64>().sqrt();
+    let theta = rng.gen::<f64>() * std::f64::consts::TAU;
+    offset((37.5665, 126.9780), r * theta.cos(), r * theta.sin())
+}
+
+/// `(lat, lon)` moved `north_m` north and `east_m` east.
+fn offset((lat, lon): (f64, f64), north_m: f64, east_m: f64) -> (f64, f64) {
+    let r = nearby_geo::EARTH_RADIUS_M;
+    let dlat = (north_m / r).to_degrees();
+    let dlon = (east_m / (r * lat.to_radians().cos())).to_degrees();
+    (lat + dlat, lon + dlon)
+}
+
+async fn create_accounts(
+    http: &reqwest::Client,
+    base: &str,
+    tag: &str,
+    args: &BenchArgs,
+) -> Result<Vec<Account>, BenchError> {
+    let made = futures_util::stream::iter(0..args.users)
+        .map(|i| {
+            let creds = json!({ "username": format!("b{tag}_{i}"), "password": "bench password" });
+            async move {
+                let (st, body) = post(http, &format!("{base}/v1/users"), None, &creds).await?;
+                if st != 201 {
+                    return Err(BenchError::Setup(format!("sign-up: {st} {body}")));
+                }
+                let (st, login) = post(http, &format!("{base}/v1/sessions"), None, &creds).await?;
+                let token = login["token"].as_str().unwrap_or_default().to_owned();
+                let id = login["user_id"].as_str().unwrap_or_default().to_owned();
+                if st != 200 || token.is_empty() || id.is_empty() {
+                    return Err(BenchError::Setup(format!("login: {st} {login}")));
+                }
+                Ok((i, Account { id, token }))
+            }
+        })
+        .buffer_unordered(args.setup_concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    let mut accounts: Vec<Option<Account>> = (0..args.users).map(|_| None).collect();
+    for r in made {
+        let (i, a) = r?;
+        accounts[i] = Some(a);
+    }
+    Ok(accounts.into_iter().flatten().collect())
+}
+
+async fn befriend_all(
+    http: &reqwest::Client,
+    base: &str,
+    accounts: &[Account],
+    graph: &Graph,
+    concurrency: usize,
+) -> Result<(), BenchError> {
+    let results = futures_util::stream::iter(graph.edges())
+        .map(|(a, b)| {
+            let (a, b) = (&accounts[a as usize], &accounts[b as usize]);
+            async move {
+                for (from, to) in [(a, b), (b, a)] {
+                    let url = format!("{base}/v1/friends/{}", to.id);
+                    let resp = http.put(url).bearer_auth(&from.token).send().await?;
+                    if !resp.status().is_success() {
+                        let st = resp.status();
+                        let body = resp.text().await.unwrap_or_default();
+                        return Err(BenchError::Setup(format!("befriend: {st} {body}")));
+                    }
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    results.into_iter().collect()
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> Result<(u16, Value), BenchError> {
+    let mut req = http.post(url).json(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await?;
+    let st = resp.status().as_u16();
+    let v = resp.json().await.unwrap_or(Value::Null);
+    Ok((st, v))
+}
+
+struct Plan {
+    user: u32,
+    home: (f64, f64),
+    interval: Duration,
+    phase: Duration,
+    rounds: Option<u64>,
+    seed: u64,
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 60 s at 3 significant digits: constant, valid bounds.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+#[derive(serde::Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(borrow)]
+    id: Option<&'a str>,
+}
+
+/// One simulated phone: sends on its timer, records what it receives.
+async fn client(
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    plan: Plan,
+    shared: Arc<Shared>,
+    go: CancellationToken,
+    stop: CancellationToken,
+) -> Histogram<u64> {
+    let mut hist = new_histogram();
+    let (mut tx, mut rx) = ws.split();
+    let mut rng = StdRng::seed_from_u64(plan.seed);
+    let place = |rng: &mut StdRng| {
+        let (n, e) = (rng.gen_range(-10.0..10.0), rng.gen_range(-10.0..10.0));
+        let (lat, lon) = offset(plan.home, n, e);
+        Message::text(json!({ "type": "location", "lat": lat, "lon": lon }).to_string())
+    };
+    // Placed at home at once; the friends' first sightings are set-up, not load.
+    if tx.send(place(&mut rng)).await.is_err() {
+        shared.disconnects.fetch_add(1, Ordering::Relaxed);
+        return hist;
+    }
+    // Until `go`, only read (the friends' first sightings).
+    loop {
+        tokio::select! {
+            _ = go.cancelled() => break,
+            msg = rx.next() => if !matches!(msg, Some(Ok(_))) {
+                shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                return hist;
+            },
+        }
+    }
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + plan.phase, plan.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent = 0u64;
+    let me = plan.user as usize;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {
+                if !shared.sending.load(Ordering::Relaxed) || plan.rounds.is_some_and(|r| sent >= r) {
+                    continue;
+                }
+                let now_us = shared.t0.elapsed().as_micros() as u64;
+                shared.sent_at[me].store(now_us.max(1), Ordering::Relaxed);
+                if tx.send(place(&mut rng)).await.is_err() {
+                    shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                sent += 1;
+                shared.updates.fetch_add(1, Ordering::Relaxed);
+                shared.expected.fetch_add(u64::from(shared.online_friends[me]), Ordering::Relaxed);
+            }
+            msg = rx.next() => {
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(_)) => continue,
+                    _ => {
+                        if !stop.is_cancelled() {
+                            shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        break;
+                    }
+                };
+                let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                match (frame.kind, frame.id) {
+                    ("friend_location", Some(id)) if shared.measuring.load(Ordering::Relaxed) => {
+                        shared.deliveries.fetch_add(1, Ordering::Relaxed);
+                        let from = shared.index.get(id).map(|i| shared.sent_at[*i as usize].load(Ordering::Relaxed));
+                        if let Some(at) = from.filter(|a| *a > 0) {
+                            let now_us = shared.t0.elapsed().as_micros() as u64;
+                            let _ = hist.record(now_us.saturating_sub(at).max(1));
+                        }
+                    }
+                    ("error", _) => {
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    hist
+}
+
+async fn progress(shared: &Shared, total: Duration, what: &str) {
+    let started = Instant::now();
+    let mut last = (0u64, 0u64);
+    while started.elapsed() < total {
+        tokio::time::sleep(Duration::from_secs(1).min(total)).await;
+        let now = (
+            shared.updates.load(Ordering::Relaxed),
+            shared.deliveries.load(Ordering::Relaxed),
+        );
+        let done = (started.elapsed().as_secs_f64() / total.as_secs_f64()).min(1.0);
+        let bar: String = (0..30)
+            .map(|i| if (i as f64) < done * 30.0 { '#' } else { '.' })
+            .collect();
+        eprintln!(
+            "{what:>9} [{bar}] {:>5.1}s  updates/s {:>8}  deliveries/s {:>9}",
+            started.elapsed().as_secs_f64(),
+            now.0 - last.0,
+            now.1 - last.1
+        );
+        last = now;
+    }
+}
+
+fn latency(h: &Histogram<u64>) -> Latency {
+    let ms = |us: u64| us as f64 / 1000.0;
+    Latency {
+        count: h.len(),
+        p50_ms: ms(h.value_at_quantile(0.5)),
+        p90_ms: ms(h.value_at_quantile(0.9)),
+        p99_ms: ms(h.value_at_quantile(0.99)),
+        p999_ms: ms(h.value_at_quantile(0.999)),
+        max_ms: ms(h.max()),
+    }
+}
+
+fn print_summary(r: &Report) {
+    println!(
+        "users {} (online {}), friendships {}, set-up {:.1} s",
+        r.users, r.online, r.friendships, r.setup_s
+    );
+    println!(
+        "window {:.1} s: updates {} ({:.0}/s, offered {:.0}/s), deliveries {} of {} expected ({:.0}/s)",
+        r.window_s,
+        r.updates,
+        r.updates_per_s,
+        r.offered_updates_per_s,
+        r.deliveries,
+        r.expected_deliveries,
+        r.deliveries_per_s
+    );
+    let l = &r.latency;
+    println!(
+        "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  ({} samples)",
+        l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count
+    );
+    println!("errors {}, disconnects {}", r.errors, r.disconnects);
+    if let Some(rss) = r.server_rss_bytes {
+        println!(
+            "server RSS {:.1} MiB ({} B per online client), CPU {:.2} cores",
+            rss as f64 / 1048576.0,
+            rss / r.online.max(1) as u64,
+            r.server_cpu_cores.unwrap_or(0.0)
+        );
+    }
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields overall.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
