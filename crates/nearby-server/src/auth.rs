@@ -8,9 +8,11 @@
 
 use std::sync::Arc;
 
+use std::cell::RefCell;
+
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
+use argon2::password_hash::{Output, ParamsString, PasswordHash, SaltString};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -21,23 +23,84 @@ use sha2::{Digest, Sha256};
 use crate::error::ApiError;
 use crate::state::{now_ms, AppState};
 
-/// Hashes a password with argon2id and a random salt. CPU-heavy (tens of
-/// milliseconds): run it on the [`Hasher`].
-pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
-    let salt = SaltString::generate(&mut OsRng);
-    Ok(Argon2::default()
-        .hash_password(password.as_bytes(), &salt)?
-        .to_string())
+thread_local! {
+    /// Argon2's working memory (~19 MiB), kept per hashing thread and
+    /// reused: allocating it per hash fragmented glibc's arenas until a few
+    /// dozen logins held hundreds of MB.
+    static BLOCKS: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Checks a password against a stored PHC hash. A malformed hash verifies
-/// nothing. CPU-heavy: run it on the [`Hasher`].
-pub fn verify_password(password: &str, phc: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|h| {
-        Argon2::default()
-            .verify_password(password.as_bytes(), &h)
-            .is_ok()
+/// Runs argon2 into `out` on this thread's reusable memory.
+fn argon2_into(
+    argon: &Argon2,
+    password: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+) -> Result<(), argon2::Error> {
+    let need = argon.params().block_count();
+    BLOCKS.with(|cell| {
+        let mut blocks = cell.borrow_mut();
+        if blocks.len() < need {
+            blocks.resize(need, Block::default());
+        }
+        argon.hash_password_into_with_memory(password, salt, out, &mut blocks[..need])
     })
+}
+
+/// Hashes a password with argon2id (default parameters) and a random salt,
+/// as a PHC string. CPU-heavy (tens of milliseconds): run it on the
+/// [`Hasher`].
+pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Error> {
+    let argon = Argon2::default();
+    let salt = SaltString::generate(&mut OsRng);
+    let mut salt_buf = [0u8; 64];
+    let salt_bytes = salt.as_salt().decode_b64(&mut salt_buf)?;
+    let len = argon
+        .params()
+        .output_len()
+        .unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+    let output = Output::init_with(len, |out| {
+        Ok(argon2_into(&argon, password.as_bytes(), salt_bytes, out)?)
+    })?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: ParamsString::try_from(argon.params())?,
+        salt: Some(salt.as_salt()),
+        hash: Some(output),
+    };
+    Ok(phc.to_string())
+}
+
+/// Checks a password against a stored PHC hash (any argon2 variant and
+/// parameters). A malformed hash verifies nothing. CPU-heavy: run it on the
+/// [`Hasher`].
+pub fn verify_password(password: &str, phc: &str) -> bool {
+    let Ok(h) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Ok(algorithm), Ok(params), Some(salt), Some(expected)) = (
+        Algorithm::try_from(h.algorithm),
+        Params::try_from(&h),
+        h.salt,
+        h.hash,
+    ) else {
+        return false;
+    };
+    let version = match h.version.map(Version::try_from).transpose() {
+        Ok(v) => v.unwrap_or_default(),
+        Err(_) => return false,
+    };
+    let argon = Argon2::new(algorithm, version, params);
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt_bytes) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    // `Output`'s equality is constant-time.
+    Output::init_with(expected.len(), |out| {
+        Ok(argon2_into(&argon, password.as_bytes(), salt_bytes, out)?)
+    })
+    .is_ok_and(|computed| computed == expected)
 }
 
 /// A new token and the hash to store.
@@ -124,6 +187,40 @@ mod tests {
         assert!(verify_password("correct horse", &h));
         assert!(!verify_password("correct horsf", &h));
         assert!(!verify_password("correct horse", "not a hash"));
+    }
+
+    #[test]
+    fn hashes_are_interchangeable_with_the_stock_argon2_ones() {
+        use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+        // Stored by an earlier version (stock API), verified by ours.
+        let salt = SaltString::generate(&mut OsRng);
+        let stock = Argon2::default()
+            .hash_password(b"correct horse", &salt)
+            .unwrap()
+            .to_string();
+        assert!(verify_password("correct horse", &stock));
+        assert!(!verify_password("wrong", &stock));
+        // Ours, verified by the stock API; same parameters in the string.
+        let ours = hash_password("correct horse").unwrap();
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(Argon2::default()
+            .verify_password(b"correct horse", &parsed)
+            .is_ok());
+        assert_eq!(
+            ours.split('$').nth(3),
+            stock.split('$').nth(3),
+            "m, t, p differ"
+        );
+        // Other parameters still verify (the memory grows to fit).
+        let big = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(32 * 1024, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"pw", &salt)
+        .unwrap()
+        .to_string();
+        assert!(verify_password("pw", &big));
     }
 
     #[test]
