@@ -6,8 +6,9 @@
 //!    homes scattered in a `--city-radius-m` disc so friends are in range.
 //! 2. **Load** — the `--online` share of them connect; each sends its
 //!    position every `--interval-ms` (random phase), wandering within
-//!    ±10 m of home: small enough that the server never re-sends a distance
-//!    because of the mover's *own* move, so every `friend_location` a client
+//!    a box of ±[`WANDER_M`] around home: small enough that no pair's
+//!    distance ever changes by the server's 25 m re-send threshold through
+//!    the receiver's *own* moves, so every `friend_location` a client
 //!    receives is a delivery of a friend's update.
 //! 3. **Measurement** — after `--warmup-s`, for `--duration-s` (or exactly
 //!    `--rounds` updates per client): updates sent, deliveries received and
@@ -36,6 +37,13 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::graph::Graph;
+
+/// Half-width of the box each user wanders in, metres. Two users' distance
+/// can change by at most 2 · 2√2 · this (22.6 m) between any two of their
+/// positions: under the server's 25 m threshold for re-sending a distance on
+/// one's own move. (At ±10 m, own-move re-sends were miscounted as
+/// deliveries with up-to-one-interval "latency".)
+pub const WANDER_M: f64 = 4.0;
 
 /// What can stop a run.
 #[derive(Debug, thiserror::Error)]
@@ -501,7 +509,10 @@ async fn client(
     let (mut tx, mut rx) = ws.split();
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let place = |rng: &mut StdRng| {
-        let (n, e) = (rng.gen_range(-10.0..10.0), rng.gen_range(-10.0..10.0));
+        let (n, e) = (
+            rng.gen_range(-WANDER_M..WANDER_M),
+            rng.gen_range(-WANDER_M..WANDER_M),
+        );
         let (lat, lon) = offset(plan.home, n, e);
         Message::text(json!({ "type": "location", "lat": lat, "lon": lon }).to_string())
     };

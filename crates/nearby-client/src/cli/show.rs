@@ -1,0 +1,200 @@
+//! How the command line shows things to people: one line per frame, friend
+//! lists as a table. Pure functions, so the wording is tested here.
+
+use std::collections::HashMap;
+
+use nearby_core::{FriendStatus, LeftReason, UserId};
+use nearby_proto::rest::FriendView;
+use nearby_proto::ws::ServerFrame;
+
+/// Usernames by id, for frames (which carry ids only).
+#[derive(Debug, Default)]
+pub(crate) struct Names {
+    by_id: HashMap<UserId, String>,
+}
+
+impl Names {
+    pub(crate) fn from_friends(friends: &[FriendView]) -> Self {
+        Self {
+            by_id: friends.iter().map(|f| (f.id, f.username.clone())).collect(),
+        }
+    }
+
+    pub(crate) fn knows(&self, id: UserId) -> bool {
+        self.by_id.contains_key(&id)
+    }
+
+    fn name(&self, id: UserId) -> String {
+        self.by_id
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("user {id}"))
+    }
+}
+
+/// The user ids a frame mentions.
+pub(crate) fn ids(frame: &ServerFrame) -> Vec<UserId> {
+    match frame {
+        ServerFrame::Snapshot { friends } => friends.iter().map(|f| f.id).collect(),
+        ServerFrame::FriendLocation(f) => vec![f.id],
+        ServerFrame::FriendLeft { id, .. } => vec![*id],
+        ServerFrame::Error { .. } => vec![],
+    }
+}
+
+/// One line for one frame. `now_ms` is the local clock, to say how old a
+/// location is when it is not fresh.
+pub(crate) fn frame_line(frame: &ServerFrame, names: &Names, now_ms: i64) -> String {
+    match frame {
+        ServerFrame::Snapshot { friends } if friends.is_empty() => "nearby now: nobody".to_owned(),
+        ServerFrame::Snapshot { friends } => {
+            let list: Vec<String> = friends
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{} {}{}",
+                        names.name(f.id),
+                        metres(f.distance_m),
+                        age(f.updated_at, now_ms)
+                    )
+                })
+                .collect();
+            format!("nearby now: {}", list.join(", "))
+        }
+        ServerFrame::FriendLocation(f) => format!(
+            "{} is {} away{}",
+            names.name(f.id),
+            metres(f.distance_m),
+            age(f.updated_at, now_ms)
+        ),
+        ServerFrame::FriendLeft { id, reason } => {
+            let why = match reason {
+                LeftReason::OutOfRange => "out of range",
+                LeftReason::Inactive => "inactive (no recent location)",
+                LeftReason::Unshared => "stopped sharing with you",
+                LeftReason::Unfriended => "no longer friends",
+            };
+            format!("{} left: {why}", names.name(*id))
+        }
+        ServerFrame::Error { code, message } => format!("server error {code}: {message}"),
+    }
+}
+
+fn metres(m: f64) -> String {
+    format!("{m:.1} m")
+}
+
+/// " (seen 42 s ago)" for a location older than a few seconds, else "".
+fn age(updated_at: i64, now_ms: i64) -> String {
+    let secs = now_ms.saturating_sub(updated_at) / 1000;
+    match secs {
+        ..=4 => String::new(),
+        5..=119 => format!(" (seen {secs} s ago)"),
+        120..=7199 => format!(" (seen {} min ago)", secs / 60),
+        _ => format!(" (seen {} h ago)", secs / 3600),
+    }
+}
+
+/// The friend list as aligned rows: name, relation, sharing.
+pub(crate) fn friends_table(friends: &[FriendView]) -> Vec<String> {
+    if friends.is_empty() {
+        return vec!["no friends yet: add one with `nearby client friends add NAME`".to_owned()];
+    }
+    let width = friends.iter().map(|f| f.username.len()).max().unwrap_or(0);
+    friends
+        .iter()
+        .map(|f| {
+            let (status, sharing) = match f.status {
+                FriendStatus::Friends => (
+                    "friends",
+                    if f.sharing {
+                        "sharing your location"
+                    } else {
+                        "not sharing your location"
+                    },
+                ),
+                FriendStatus::Incoming => ("incoming", "asked you: `friends accept` them"),
+                FriendStatus::Outgoing => ("outgoing", "you asked; waiting for them"),
+            };
+            format!("{:<width$}  {status:<8}  {sharing}", f.username)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nearby_proto::ws::NearbyFriend;
+
+    fn names() -> Names {
+        Names::from_friends(&[FriendView {
+            id: UserId(2),
+            username: "bob".into(),
+            status: FriendStatus::Friends,
+            sharing: true,
+        }])
+    }
+
+    #[test]
+    fn frames_read_as_sentences() {
+        let now = 1_700_000_000_000;
+        let near = |id, d, t| NearbyFriend {
+            id: UserId(id),
+            distance_m: d,
+            updated_at: t,
+        };
+        let n = names();
+        let line = |f: ServerFrame| frame_line(&f, &n, now);
+        assert_eq!(
+            line(ServerFrame::Snapshot { friends: vec![] }),
+            "nearby now: nobody"
+        );
+        assert_eq!(
+            line(ServerFrame::Snapshot {
+                friends: vec![near(2, 999.64, now), near(9, 12.0, now - 90_000)]
+            }),
+            "nearby now: bob 999.6 m, user 9 12.0 m (seen 90 s ago)"
+        );
+        assert_eq!(
+            line(ServerFrame::FriendLocation(near(2, 1000.0, now - 1000))),
+            "bob is 1000.0 m away"
+        );
+        assert_eq!(
+            line(ServerFrame::FriendLocation(near(2, 5.0, now - 600_000))),
+            "bob is 5.0 m away (seen 10 min ago)"
+        );
+        assert_eq!(
+            line(ServerFrame::FriendLeft {
+                id: UserId(2),
+                reason: LeftReason::Unshared
+            }),
+            "bob left: stopped sharing with you"
+        );
+        assert_eq!(
+            line(ServerFrame::error("rate_limited", "slow down")),
+            "server error rate_limited: slow down"
+        );
+    }
+
+    #[test]
+    fn the_friend_table_is_aligned() {
+        let f = |name: &str, status, sharing| FriendView {
+            id: UserId(3),
+            username: name.into(),
+            status,
+            sharing,
+        };
+        let rows = friends_table(&[
+            f("bob", FriendStatus::Friends, false),
+            f("carolyn", FriendStatus::Incoming, true),
+        ]);
+        assert_eq!(
+            rows,
+            [
+                "bob      friends   not sharing your location",
+                "carolyn  incoming  asked you: `friends accept` them"
+            ]
+        );
+        assert!(friends_table(&[])[0].starts_with("no friends yet"));
+    }
+}

@@ -1,0 +1,493 @@
+//! `nearby client` and `nearby demo` as a person uses them: the real binary
+//! is the server and every client command, over real TCP; each user has
+//! their own saved-login file.
+mod common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{assert_left, assert_location, north_of, Server};
+use futures_util::StreamExt;
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nearby");
+const SEOUL: (f64, f64) = (37.5665, 126.9780);
+const PASSWORD: &str = "correct horse";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// One user's terminal: `nearby client` with their own config file.
+struct Term {
+    server: String,
+    config: PathBuf,
+}
+
+impl Term {
+    fn new(server: &str, dir: &Path, name: &str) -> Self {
+        Self {
+            server: server.to_owned(),
+            config: dir.join(format!("{name}.json")),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("client")
+            .args(args)
+            .env("NEARBY_CLIENT_CONFIG", &self.config)
+            .env_remove("NEARBY_SERVER")
+            .env_remove("NEARBY_TOKEN")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run nearby client")
+    }
+
+    /// Runs a command that must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let (stdout, stderr) = texts(&out);
+        assert!(
+            out.status.success(),
+            "nearby client {args:?} failed: {stderr}{stdout}"
+        );
+        stdout
+    }
+
+    /// Runs a command that must fail; its stderr, which must be one line
+    /// starting with `error: `.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let (stdout, stderr) = texts(&out);
+        assert!(
+            !out.status.success(),
+            "nearby client {args:?} succeeded: {stdout}"
+        );
+        assert!(
+            stderr.starts_with("error: ") && stderr.lines().count() == 1,
+            "{args:?}: not a one-line error: {stderr:?}"
+        );
+        stderr.trim_end().to_owned()
+    }
+
+    /// `ok` with `--server` (for the commands before a login is saved).
+    fn ok_on_server(&self, args: &[&str]) -> String {
+        let mut all = vec!["--server", self.server.as_str()];
+        all.extend_from_slice(args);
+        self.ok(&all)
+    }
+
+    /// Starts a long-running command, its stdout read line by line.
+    fn spawn(&self, args: &[&str]) -> Proc {
+        Proc::spawn(self.command(args))
+    }
+
+    fn saved(&self) -> Value {
+        let text = std::fs::read_to_string(&self.config).expect("saved login");
+        serde_json::from_str(&text).expect("saved login is JSON")
+    }
+
+    fn user_id(&self) -> String {
+        self.saved()["user_id"]
+            .as_str()
+            .expect("user_id")
+            .to_owned()
+    }
+}
+
+fn texts(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A child process whose stdout lines arrive on a channel; killed on drop.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    fn line(&self) -> String {
+        self.lines.recv_timeout(WAIT).expect("a line within 10 s")
+    }
+
+    fn json(&self) -> Value {
+        let line = self.line();
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line:?}"))
+    }
+
+    /// Waits for the process to end by itself; its status and stderr.
+    fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
+        for _ in 0..(WAIT.as_millis() / 50) {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                let mut err = String::new();
+                if let Some(mut e) = self.child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                return (status, err);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("process did not exit");
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        for _ in 0..(WAIT.as_millis() / 50) {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("process did not exit within 10 s of SIGTERM");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn coords((lat, lon): (f64, f64)) -> [String; 2] {
+    [lat.to_string(), lon.to_string()]
+}
+
+/// The distance in a human line such as "alice is 1000.0 m away".
+fn distance_in(line: &str, name: &str) -> f64 {
+    let rest = line
+        .strip_prefix(&format!("{name} is "))
+        .unwrap_or_else(|| panic!("{line:?} is not about {name}"));
+    rest.split(' ')
+        .next()
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("no distance in {line:?}"))
+}
+
+#[test]
+fn two_users_befriend_share_and_watch_each_other_from_the_command_line() {
+    // A short idle limit: `watch` must answer the server's pings to stay.
+    let server = Server::start(&["--idle-timeout-secs", "3"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alice = Term::new(&server.base, dir.path(), "alice");
+    let bob = Term::new(&server.base, dir.path(), "bob");
+
+    for (t, name) in [(&alice, "alice"), (&bob, "bob")] {
+        let out = t.ok_on_server(&["signup", name, PASSWORD]);
+        assert!(out.starts_with(&format!("signed up {name} (id ")), "{out}");
+        let out = t.ok_on_server(&["login", name, PASSWORD]);
+        assert!(
+            out.starts_with(&format!("logged in as {name} on {}", server.base)),
+            "{out}"
+        );
+        let saved = t.saved();
+        assert_eq!(saved["server"], server.base.as_str());
+        assert_eq!(saved["username"], name);
+        assert!(
+            saved["token"].as_str().is_some_and(|t| t.len() == 64),
+            "{saved}"
+        );
+    }
+    let (alice_id, bob_id) = (alice.user_id(), bob.user_id());
+
+    // From here on the saved login names the server.
+    let out = alice.ok(&["friends", "add", "bob"]);
+    assert!(out.starts_with("asked bob to be your friend"), "{out}");
+    let out = bob.ok(&["friends", "list"]);
+    assert!(out.starts_with("alice  incoming"), "{out}");
+    assert_eq!(
+        bob.ok(&["friends", "accept", "alice"]).trim(),
+        "you and alice are friends"
+    );
+    let list: Value =
+        serde_json::from_str(&alice.ok(&["friends", "list", "--json"])).expect("JSON");
+    assert_eq!(
+        list,
+        json!({ "friends": [{ "id": bob_id, "username": "bob", "status": "friends", "sharing": true }] })
+    );
+
+    // Alice stands in Seoul and watches.
+    let [lat, lon] = coords(SEOUL);
+    let out = alice.ok(&["move", &lat, &lon, "--wait-ms", "300"]);
+    assert_eq!(out.lines().next(), Some("nearby now: nobody"), "{out}");
+    let watch = alice.spawn(&["watch", "--json"]);
+    let snap = watch.json();
+    assert_eq!(snap, json!({ "type": "snapshot", "friends": [] }));
+
+    // Bob, 1 km north, sees her at once, and her watch shows him.
+    let [lat, lon] = coords(north_of(SEOUL.0, SEOUL.1, 1000.0));
+    let out = bob.ok(&["move", &lat, &lon]);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("alice is"))
+        .unwrap_or_else(|| panic!("bob's move did not show alice: {out}"));
+    assert!((distance_in(line, "alice") - 1000.0).abs() <= 1.0, "{line}");
+    assert_location(&watch.json(), &bob_id, 1000.0);
+
+    // Longer than the idle limit with nothing to say: still connected.
+    std::thread::sleep(Duration::from_secs(4));
+    let half_km = north_of(SEOUL.0, SEOUL.1, 500.0);
+    let [lat, lon] = coords(half_km);
+    bob.ok(&["move", &lat, &lon, "--wait-ms", "200"]);
+    assert_location(&watch.json(), &bob_id, 500.0);
+
+    // Bob stops sharing with Alice, then shares again.
+    let out = bob.ok(&["share", "off", "alice"]);
+    assert_eq!(out.trim(), "not sharing your location with alice any more");
+    assert_left(&watch.json(), &bob_id, "unshared");
+    let out = bob.ok(&["share", "on", "alice", "--json"]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).expect("JSON"),
+        json!({ "id": alice_id, "sharing": true })
+    );
+    assert_location(&watch.json(), &bob_id, 500.0);
+
+    // Bob walks north to 2 km in two steps; Alice sees each step.
+    let from = format!("{},{}", half_km.0, half_km.1);
+    let to_point = north_of(SEOUL.0, SEOUL.1, 2000.0);
+    let to = format!("{},{}", to_point.0, to_point.1);
+    let out = bob.ok(&[
+        "walk",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--steps",
+        "2",
+        "--interval-ms",
+        "300",
+        "--wait-ms",
+        "300",
+        "--json",
+    ]);
+    let frames: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(frames[0]["type"], "snapshot", "{out}");
+    assert_location(frames.last().expect("frames"), &alice_id, 2000.0);
+    assert_location(&watch.json(), &bob_id, 500.0);
+    assert_location(&watch.json(), &bob_id, 1250.0);
+    assert_location(&watch.json(), &bob_id, 2000.0);
+
+    // Alice logs out: the watch opened with that token is closed (1008).
+    assert_eq!(alice.ok(&["logout"]).trim(), "logged out");
+    assert_eq!(alice.saved(), json!({ "server": server.base }));
+    let f = watch.json();
+    assert_eq!(
+        (f["type"].as_str(), f["code"].as_str()),
+        (Some("error"), Some("token_revoked")),
+        "{f}"
+    );
+    let (status, stderr) = watch.wait_exit();
+    assert!(!status.success());
+    assert!(
+        stderr.starts_with("error: the server closed the connection: 1008"),
+        "{stderr}"
+    );
+    let err = alice.fails(&["friends", "list"]);
+    assert!(
+        err.starts_with(&format!("error: not logged in to {}", server.base)),
+        "{err}"
+    );
+}
+
+#[test]
+fn mistakes_give_one_line_errors_and_a_failure_status() {
+    let server = Server::start(&[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let carol = Term::new(&server.base, dir.path(), "carol");
+    carol.ok_on_server(&["signup", "carol", PASSWORD]);
+    carol.ok_on_server(&["login", "carol", PASSWORD]);
+
+    let err = carol.fails(&["--server", &server.base, "login", "carol", "wrong password"]);
+    assert_eq!(
+        err,
+        "error: 401 bad_credentials: wrong username or password"
+    );
+    // The failed login kept the saved one.
+    assert!(carol.ok(&["friends", "list"]).starts_with("no friends yet"));
+
+    let err = carol.fails(&["friends", "add", "nobody"]);
+    assert_eq!(err, r#"error: 404 unknown_user: no user named "nobody""#);
+    carol.fails(&["friends", "remove", "nobody"]);
+    carol.fails(&["share", "on", "nobody"]);
+    let err = carol.fails(&["friends", "accept", "carol"]);
+    assert_eq!(err, r#"error: no friend request from "carol""#);
+    let err = carol.fails(&["signup", "carol", PASSWORD]);
+    assert!(err.starts_with("error: 409 username_taken: "), "{err}");
+    let err = carol.fails(&["move", "91", "0"]);
+    assert_eq!(err, "error: latitude 91 is out of range [-90, 90]");
+
+    // A token is only ever sent to the server that issued it.
+    let other = server.base.replace("127.0.0.1", "localhost");
+    let err = carol.fails(&["--server", &other, "friends", "list"]);
+    assert!(
+        err.starts_with(&format!("error: not logged in to {other}")),
+        "{err}"
+    );
+    let err = carol.fails(&["--token", "0000", "friends", "list"]);
+    assert!(err.starts_with("error: 401 unauthorized: "), "{err}");
+
+    // Nothing listens on port 1.
+    let err = carol.fails(&["--server", "http://127.0.0.1:1", "signup", "dave", PASSWORD]);
+    assert!(
+        err.starts_with("error: cannot reach http://127.0.0.1:1: "),
+        "{err}"
+    );
+
+    let stranger = Term::new(&server.base, dir.path(), "nobody-yet");
+    let err = stranger.fails(&["watch"]);
+    assert!(err.contains("not logged in"), "{err}");
+}
+
+/// Starts `nearby demo` on a free port; its address and the printed password.
+fn start_demo(data_dir: &Path) -> (Proc, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "warn");
+    let demo = Proc::spawn(cmd);
+    let first = demo.line();
+    let addr = first
+        .strip_prefix("nearby listening on http://")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_owned();
+    let login = (0..10)
+        .map(|_| demo.line())
+        .find(|l| l.starts_with("demo login:"))
+        .expect("a login line");
+    let password = login
+        .strip_prefix("demo login: username demo, password ")
+        .unwrap_or_else(|| panic!("unexpected login line {login:?}"))
+        .to_owned();
+    (demo, addr, password)
+}
+
+#[tokio::test]
+async fn the_demo_user_sees_simulated_friends_walking_around() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut demo, addr, password) = start_demo(dir.path());
+    let base = format!("http://{addr}");
+    let http = reqwest::Client::new();
+    let creds = json!({ "username": "demo", "password": password });
+    let (st, login) = common::call(
+        &http,
+        Method::POST,
+        &format!("{base}/v1/sessions"),
+        None,
+        Some(creds),
+    )
+    .await;
+    assert_eq!(st.as_u16(), 200, "{login}");
+    let token = login["token"].as_str().expect("token").to_owned();
+
+    let (_, list) = common::call(
+        &http,
+        Method::GET,
+        &format!("{base}/v1/friends"),
+        Some(&token),
+        None,
+    )
+    .await;
+    let friends = list["friends"].as_array().expect("friends");
+    assert_eq!(friends.len(), 5, "{list}");
+    assert!(friends.iter().all(|f| f["status"] == "friends"), "{list}");
+    let ids: Vec<&str> = friends.iter().filter_map(|f| f["id"].as_str()).collect();
+
+    // The live feed shows at least three of them near, moving, within seconds.
+    let mut req = format!("ws://{addr}/v1/ws")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws");
+    let mut seen = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.len() < 3 {
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await;
+        let Ok(Some(Ok(Message::Text(t)))) = msg else {
+            assert!(msg.is_ok(), "only {seen:?} seen within 10 s");
+            continue;
+        };
+        let f: Value = serde_json::from_str(t.as_str()).expect("JSON");
+        let near = match f["type"].as_str() {
+            Some("snapshot") => f["friends"].as_array().cloned().unwrap_or_default(),
+            Some("friend_location") => vec![f.clone()],
+            _ => vec![],
+        };
+        for n in near {
+            let id = n["id"].as_str().expect("id").to_owned();
+            assert!(ids.contains(&id.as_str()), "{n} is not a friend of demo");
+            assert!(n["distance_m"].as_f64().is_some_and(|d| d < 8047.0), "{n}");
+            seen.insert(id);
+        }
+    }
+    let (st, near) = common::call(
+        &http,
+        Method::GET,
+        &format!("{base}/v1/nearby"),
+        Some(&token),
+        None,
+    )
+    .await;
+    assert_eq!(st.as_u16(), 200);
+    assert!(
+        near["friends"].as_array().is_some_and(|f| !f.is_empty()),
+        "{near}"
+    );
+
+    assert!(demo.terminate().success());
+    drop(demo);
+
+    // The same data dir again: same password, same accounts, no error.
+    let (mut again, addr, password_again) = start_demo(dir.path());
+    assert_eq!(password_again, password);
+    let creds = json!({ "username": "demo", "password": password });
+    let (st, _) = common::call(
+        &http,
+        Method::POST,
+        &format!("http://{addr}/v1/sessions"),
+        None,
+        Some(creds),
+    )
+    .await;
+    assert_eq!(st.as_u16(), 200);
+    assert!(again.terminate().success());
+}
