@@ -50,6 +50,8 @@ pub struct Nearby {
     pub id: UserId,
     /// Great-circle distance from the user, metres.
     pub distance_m: f64,
+    /// Direction from the user, degrees clockwise from north.
+    pub bearing_deg: f64,
     /// When the friend's location was accepted, Unix milliseconds.
     pub updated_at: i64,
 }
@@ -230,10 +232,12 @@ impl Session {
             .friends
             .iter()
             .filter_map(|(id, t)| {
+                let last = t.last?;
                 Some(Nearby {
                     id: *id,
                     distance_m: t.shown?,
-                    updated_at: t.last?.ts_ms,
+                    bearing_deg: self.own.map_or(0.0, |o| o.point.bearing_deg(last.point)),
+                    updated_at: last.ts_ms,
                 })
             })
             .collect();
@@ -275,11 +279,16 @@ fn evaluate(
         _ => None,
     };
     let updated_at = t.last.map_or(0, |l| l.ts_ms);
+    let bearing_deg = match (own, t.last) {
+        (Some(o), Some(l)) => o.point.bearing_deg(l.point),
+        _ => 0.0,
+    };
     let show = |t: &mut Tracked, distance_m: f64| {
         t.shown = Some(distance_m);
         Some(FriendEvent::Location(Nearby {
             id,
             distance_m,
+            bearing_deg,
             updated_at,
         }))
     };

@@ -57,6 +57,25 @@ impl Point {
     pub fn distance_m(self, other: Point) -> f64 {
         haversine_m(self.lat, self.lon, other.lat, other.lon)
     }
+
+    /// Initial great-circle bearing towards `other`, degrees clockwise from
+    /// true north in `[0, 360)`; 0 when the points coincide.
+    pub fn bearing_deg(self, other: Point) -> f64 {
+        let (p1, p2) = (self.lat.to_radians(), other.lat.to_radians());
+        let dl = (other.lon - self.lon).to_radians();
+        let y = dl.sin() * p2.cos();
+        let x = p1.cos() * p2.sin() - p1.sin() * p2.cos() * dl.cos();
+        if y == 0.0 && x == 0.0 {
+            return 0.0;
+        }
+        let b = y.atan2(x).to_degrees().rem_euclid(360.0);
+        // rem_euclid can round up to exactly 360.0 for tiny negative angles.
+        if b >= 360.0 {
+            0.0
+        } else {
+            b
+        }
+    }
 }
 
 /// Haversine great-circle distance between two coordinates in degrees, in
@@ -69,6 +88,34 @@ pub fn haversine_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
     // Rounding can push `a` a hair above 1 for antipodal points; clamp so
     // `asin` never sees an out-of-domain value and returns NaN.
     2.0 * EARTH_RADIUS_M * a.clamp(0.0, 1.0).sqrt().asin()
+}
+
+#[cfg(test)]
+mod bearing_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn p(lat: f64, lon: f64) -> Point {
+        Point::new(lat, lon).unwrap()
+    }
+
+    #[test]
+    fn cardinal_directions() {
+        let o = p(0.0, 0.0);
+        assert!((o.bearing_deg(p(1.0, 0.0)) - 0.0).abs() < 1e-9);
+        assert!((o.bearing_deg(p(0.0, 1.0)) - 90.0).abs() < 1e-9);
+        assert!((o.bearing_deg(p(-1.0, 0.0)) - 180.0).abs() < 1e-9);
+        assert!((o.bearing_deg(p(0.0, -1.0)) - 270.0).abs() < 1e-9);
+        assert_eq!(o.bearing_deg(o), 0.0);
+    }
+
+    proptest! {
+        #[test]
+        fn always_in_range(a in -90.0..=90.0f64, b in -180.0..=180.0f64, c in -90.0..=90.0f64, d in -180.0..=180.0f64) {
+            let x = p(a, b).bearing_deg(p(c, d));
+            prop_assert!((0.0..360.0).contains(&x), "{x}");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -74,6 +74,10 @@ pub struct NearbyFriend {
     pub id: UserId,
     /// Distance from the receiving user, metres (one decimal).
     pub distance_m: f64,
+    /// Direction from the receiving user, degrees clockwise from north (one
+    /// decimal). Absent in frames of servers that predate it.
+    #[serde(default)]
+    pub bearing_deg: f64,
     /// When the friend's location was accepted, Unix milliseconds.
     pub updated_at: i64,
 }
@@ -83,6 +87,10 @@ impl From<Nearby> for NearbyFriend {
         Self {
             id: n.id,
             distance_m: crate::round_distance(n.distance_m),
+            // One decimal, and 359.96 must not round to 360.
+            bearing_deg: Some(crate::round_distance(n.bearing_deg))
+                .filter(|b| *b < 360.0)
+                .unwrap_or(0.0),
             updated_at: n.updated_at,
         }
     }
@@ -175,11 +183,12 @@ mod tests {
         let f = ServerFrame::FriendLocation(NearbyFriend {
             id: UserId(7),
             distance_m: 12.3,
+            bearing_deg: 45.0,
             updated_at: 1000,
         });
         assert_eq!(
             f.to_json(),
-            r#"{"type":"friend_location","id":"7","distance_m":12.3,"updated_at":1000}"#
+            r#"{"type":"friend_location","id":"7","distance_m":12.3,"bearing_deg":45.0,"updated_at":1000}"#
         );
         let f = ServerFrame::FriendLeft {
             id: UserId(7),

@@ -21,7 +21,7 @@ const $ = (sel) => document.querySelector(sel);
 const state = {
   session: null,        // {token, user_id, username, expires_at}
   friends: new Map(),   // id -> {id, username, status, sharing}
-  nearby: new Map(),    // id -> {id, distance_m, updated_at}
+  nearby: new Map(),    // id -> {id, distance_m, bearing_deg, updated_at}
   me: null,             // {lat, lon, source}
   ws: null,
   live: false,
@@ -367,7 +367,7 @@ function onFrame(data) {
       if (state.me) queueSend();
       break;
     case 'friend_location':
-      state.nearby.set(msg.id, { id: msg.id, distance_m: msg.distance_m, updated_at: msg.updated_at });
+      state.nearby.set(msg.id, { id: msg.id, distance_m: msg.distance_m, bearing_deg: msg.bearing_deg, updated_at: msg.updated_at });
       if (state.friends.get(msg.id)?.status !== 'friends') refreshFriendsSoon(); // a request just accepted
       break;
     case 'friend_left': {
@@ -505,7 +505,7 @@ function renderLocationInfo() {
   el.textContent = `${state.me.lat.toFixed(5)}, ${state.me.lon.toFixed(5)} (${from}); ${state.live ? sent : 'will send when connected'}.`;
 }
 
-// A stable colour and map direction per friend, from the id.
+// A stable colour per friend, from the id.
 function hashOf(id) {
   let x = 2166136261;
   for (const c of String(id)) x = Math.imul(x ^ c.charCodeAt(0), 16777619) >>> 0;
@@ -514,6 +514,10 @@ function hashOf(id) {
 const colourOf = (id) => `hsl(${hashOf(id) % 360} 55% 45%)`;
 
 const MAP_R = 180; // SVG units from centre to the outer ring
+// Radial scale: square root, so friends a few hundred metres away do not pile
+// up on the centre when the outer ring is kilometres out.
+const toUnits = (m, range) => MAP_R * Math.sqrt(Math.min(m, range) / range);
+const toMetres = (u, range) => range * (u / MAP_R) ** 2;
 const SCALES = [200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
 
 function mapScale() {
@@ -525,22 +529,22 @@ function mapScale() {
 function renderMap() {
   const svg = $('#map');
   const range = mapScale();
-  const k = MAP_R / range;
   const parts = [
     s('rect', { x: -200, y: -200, width: 400, height: 400, class: 'bg' }),
     s('line', { x1: -MAP_R, y1: 0, x2: MAP_R, y2: 0, class: 'axis' }),
     s('line', { x1: 0, y1: -MAP_R, x2: 0, y2: MAP_R, class: 'axis' }),
     s('text', { x: 0, y: -MAP_R - 6, class: 'compass' }, 'N'),
   ];
-  for (const r of [range / 2, range]) {
-    parts.push(s('circle', { cx: 0, cy: 0, r: r * k, class: 'ring' }),
-      s('text', { x: r * k - 4, y: -5, class: 'ring-label' },
+  for (const r of [range / 10, range / 2, range]) {
+    parts.push(s('circle', { cx: 0, cy: 0, r: toUnits(r, range), class: 'ring' }),
+      s('text', { x: toUnits(r, range) - 4, y: -5, class: 'ring-label' },
         r < 1000 ? `${r} m` : `${r / 1000} km`));
   }
   const friends = [];
   for (const f of sortedNearby().reverse()) {
-    const angle = ((hashOf(f.id) % 360) * Math.PI) / 180; // not a real bearing: see index.html
-    const d = Math.min(f.distance_m, range) * k;
+    // The server's bearing; a stable made-up one only for old servers that send none.
+    const angle = ((f.bearing_deg ?? hashOf(f.id) % 360) * Math.PI) / 180;
+    const d = toUnits(f.distance_m, range);
     const x = d * Math.sin(angle);
     const y = -d * Math.cos(angle);
     const g = s('g', { class: 'friend', 'data-id': f.id, 'data-username': nameOf(f.id) });
@@ -565,7 +569,8 @@ function renderAll() {
 function placeOnMap(event) {
   const svg = $('#map');
   const pt = new DOMPoint(event.clientX, event.clientY).matrixTransform(svg.getScreenCTM().inverse());
-  const metresPerUnit = mapScale() / MAP_R;
+  const units = Math.hypot(pt.x, pt.y);
+  const metresPerUnit = units > 0 ? toMetres(units, mapScale()) / units : 0;
   const base = state.me ?? (validLatLon($('#lat').valueAsNumber, $('#lon').valueAsNumber)
     ? { lat: $('#lat').valueAsNumber, lon: $('#lon').valueAsNumber } : DEMO_CENTRE);
   const next = offsetLatLon(base, pt.x * metresPerUnit, -pt.y * metresPerUnit);

@@ -86,8 +86,13 @@ async fn full_scenario(nodes: [&Server; 3]) {
     // Bob reports 1 km north: he sees Alice at once (his own move), she sees him.
     let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 1000.0);
     b.send_location(lat, lon).await;
-    assert_location(&b.next_json().await, &alice.id, 1000.0);
-    assert_location(&a.next_json().await, &bob.id, 1000.0);
+    let seen_by_bob = b.next_json().await;
+    let seen_by_alice = a.next_json().await;
+    assert_location(&seen_by_bob, &alice.id, 1000.0);
+    assert_location(&seen_by_alice, &bob.id, 1000.0);
+    // He is due north of her; she is due south of him.
+    assert_eq!(seen_by_alice["bearing_deg"], 0.0, "{seen_by_alice}");
+    assert_eq!(seen_by_bob["bearing_deg"], 180.0, "{seen_by_bob}");
 
     // Bob drives 20 km away: both lose each other, out of range.
     let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 20_000.0);

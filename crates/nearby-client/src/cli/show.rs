@@ -141,6 +141,7 @@ mod tests {
         let near = |id, d, t| NearbyFriend {
             id: UserId(id),
             distance_m: d,
+            bearing_deg: 0.0,
             updated_at: t,
         };
         let n = names();

@@ -362,6 +362,8 @@ pub fn assert_location(frame: &Value, id: &str, distance: f64) {
     assert_eq!(frame["type"], "friend_location", "{frame}");
     assert_eq!(frame["id"], id, "{frame}");
     let d = frame["distance_m"].as_f64().expect("distance_m");
+    let b = frame["bearing_deg"].as_f64().expect("bearing_deg");
+    assert!((0.0..360.0).contains(&b), "{frame}");
     assert!(
         (d - distance).abs() <= 1.0,
         "distance {d}, expected {distance}: {frame}"
