@@ -18,10 +18,11 @@
 #![forbid(unsafe_code)]
 
 pub mod graph;
+mod report;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,6 +103,18 @@ pub struct BenchArgs {
     /// Seconds measured.
     #[arg(long, default_value_t = 20)]
     pub duration_s: u64,
+    /// Ramp: comma-separated intervals in ms (e.g. `2000,1000,500,250`), each
+    /// a step of `--warmup-s` + `--duration-s` at that rate with the same
+    /// population; the report gives each step and the node's capacity: the
+    /// most deliveries/s of a step whose p99 stayed within `--p99-bound-ms`.
+    #[arg(long, value_delimiter = ',')]
+    pub ramp_ms: Vec<u64>,
+    /// Latency bound of the capacity search, ms.
+    #[arg(long, default_value_t = 50.0)]
+    pub p99_bound_ms: f64,
+    /// Write a self-contained HTML report (SVG plots) here.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
     /// Send exactly this many updates per client (no warm-up) instead of
     /// running for a duration.
     #[arg(long)]
@@ -175,6 +188,41 @@ pub struct Report {
     pub server_rss_bytes: Option<u64>,
     /// Server CPU over the window, in cores (1.0 = one core busy).
     pub server_cpu_cores: Option<f64>,
+    /// Every step (one unless `--ramp-ms`); the fields above are the last.
+    pub steps: Vec<Step>,
+    /// Most deliveries/s of a step with p99 within the bound.
+    pub capacity_deliveries_per_s: Option<f64>,
+    /// The bound used, ms.
+    pub p99_bound_ms: f64,
+}
+
+/// One load level.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    /// Interval between a client's updates, ms.
+    pub interval_ms: u64,
+    /// Seconds measured.
+    pub window_s: f64,
+    /// Updates offered per second.
+    pub offered_updates_per_s: f64,
+    /// Updates sent.
+    pub updates: u64,
+    /// Deliveries those updates should cause.
+    pub expected_deliveries: u64,
+    /// Deliveries received.
+    pub deliveries: u64,
+    /// Achieved rates.
+    pub updates_per_s: f64,
+    /// Achieved rates.
+    pub deliveries_per_s: f64,
+    /// Error frames.
+    pub errors: u64,
+    /// Latency of this step's deliveries.
+    pub latency: Latency,
+    /// Server CPU over the step, cores.
+    pub server_cpu_cores: Option<f64>,
+    /// Server RSS at the end of the step, bytes.
+    pub server_rss_bytes: Option<u64>,
 }
 
 /// Counters shared by every client task.
@@ -186,6 +234,13 @@ struct Shared {
     /// Online friends of each user.
     online_friends: Vec<u32>,
     t0: Instant,
+    /// Current step, from 1; deliveries are recorded against it (0 = not
+    /// measuring).
+    step: AtomicUsize,
+    /// Current interval between a client's sends, µs.
+    interval_us: AtomicU64,
+    /// Per-step latency, merged from the clients.
+    hists: std::sync::Mutex<Vec<Histogram<u64>>>,
     measuring: AtomicBool,
     sending: AtomicBool,
     updates: AtomicU64,
@@ -202,9 +257,14 @@ struct Account {
 
 /// Runs the benchmark and prints a summary; returns the report.
 pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
-    if args.users < 2 || args.interval_ms < 100 || !(0.0..=1.0).contains(&args.online) {
+    let intervals: Vec<u64> = if args.ramp_ms.is_empty() || args.rounds.is_some() {
+        vec![args.interval_ms]
+    } else {
+        args.ramp_ms.clone()
+    };
+    if args.users < 2 || intervals.iter().any(|i| *i < 100) || !(0.0..=1.0).contains(&args.online) {
         return Err(BenchError::Args(
-            "need --users >= 2, --interval-ms >= 100, 0 <= --online <= 1".into(),
+            "need --users >= 2, intervals >= 100 ms, 0 <= --online <= 1".into(),
         ));
     }
     let setup_started = Instant::now();
@@ -245,6 +305,9 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             .collect(),
         online_friends,
         t0: Instant::now(),
+        step: AtomicUsize::new(0),
+        interval_us: AtomicU64::new(intervals[0] * 1000),
+        hists: std::sync::Mutex::new((0..=intervals.len()).map(|_| new_histogram()).collect()),
         measuring: AtomicBool::new(false),
         sending: AtomicBool::new(true),
         updates: AtomicU64::new(0),
@@ -279,8 +342,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         let plan = Plan {
             user: u,
             home: homes[u as usize],
-            interval: Duration::from_millis(args.interval_ms),
-            phase: Duration::from_millis(rng.gen_range(0..args.interval_ms)),
+            phase: rng.gen::<f64>(),
             rounds: args.rounds,
             seed: args.seed.wrapping_add(u64::from(u)),
         };
@@ -299,65 +361,111 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let setup_s = setup_started.elapsed().as_secs_f64();
     eprintln!("set-up done in {setup_s:.1} s; {n_online} clients online");
 
-    let cpu_before = args.server_pid.and_then(cpu_ticks);
-    let window_started;
+    let mut steps = Vec::with_capacity(intervals.len());
     if let Some(rounds) = args.rounds {
+        let cpu_before = args.server_pid.and_then(cpu_ticks);
+        shared.step.store(1, Ordering::SeqCst);
         shared.measuring.store(true, Ordering::SeqCst);
-        window_started = Instant::now();
+        let started = Instant::now();
         // Each client stops by itself after `rounds` sends.
         let limit = Duration::from_millis(args.interval_ms * (rounds + 2)) + Duration::from_secs(5);
-        let deadline = Instant::now() + limit;
         while shared.updates.load(Ordering::Relaxed) < rounds * n_online as u64
-            && Instant::now() < deadline
+            && started.elapsed() < limit
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        shared.sending.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(args.drain_s)).await;
+        steps.push(close_step(
+            &shared,
+            args.interval_ms,
+            n_online,
+            started,
+            cpu_before,
+            args.server_pid,
+        ));
     } else {
-        progress(&shared, Duration::from_secs(args.warmup_s), "warm-up").await;
-        shared.updates.store(0, Ordering::SeqCst);
-        shared.expected.store(0, Ordering::SeqCst);
-        shared.deliveries.store(0, Ordering::SeqCst);
-        shared.errors.store(0, Ordering::SeqCst);
-        shared.measuring.store(true, Ordering::SeqCst);
-        window_started = Instant::now();
-        progress(&shared, Duration::from_secs(args.duration_s), "measuring").await;
+        for (i, iv) in intervals.iter().enumerate() {
+            shared.interval_us.store(iv * 1000, Ordering::SeqCst);
+            let label = format!("{iv} ms");
+            progress(
+                &shared,
+                Duration::from_secs(args.warmup_s),
+                &format!("warm {label}"),
+            )
+            .await;
+            for c in [
+                &shared.updates,
+                &shared.expected,
+                &shared.deliveries,
+                &shared.errors,
+            ] {
+                c.store(0, Ordering::SeqCst);
+            }
+            let cpu_before = args.server_pid.and_then(cpu_ticks);
+            shared.step.store(i + 1, Ordering::SeqCst);
+            shared.measuring.store(true, Ordering::SeqCst);
+            let started = Instant::now();
+            progress(&shared, Duration::from_secs(args.duration_s), &label).await;
+            shared.measuring.store(false, Ordering::SeqCst);
+            steps.push(close_step(
+                &shared,
+                *iv,
+                n_online,
+                started,
+                cpu_before,
+                args.server_pid,
+            ));
+        }
+        shared.sending.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(args.drain_s)).await;
     }
-    shared.sending.store(false, Ordering::SeqCst);
-    let window_s = window_started.elapsed().as_secs_f64();
-    let cpu_after = args.server_pid.and_then(cpu_ticks);
-    tokio::time::sleep(Duration::from_secs(args.drain_s)).await;
     stop.cancel();
-    let mut hist = new_histogram();
     for t in tasks {
-        if let Ok(h) = t.await {
-            let _ = hist.add(h);
+        let _ = t.await;
+    }
+    // The clients have flushed their histograms: fill in each step's latency.
+    if let Ok(hists) = shared.hists.lock() {
+        for (i, step) in steps.iter_mut().enumerate() {
+            if let Some(h) = hists.get(i + 1) {
+                step.latency = latency(h);
+            }
         }
     }
-    let ticks_per_s = 100.0; // USER_HZ on Linux
-    let server_cpu_cores = match (cpu_before, cpu_after) {
-        (Some(a), Some(b)) if window_s > 0.0 => Some((b - a) as f64 / ticks_per_s / window_s),
-        _ => None,
-    };
-    let updates = shared.updates.load(Ordering::SeqCst);
-    let deliveries = shared.deliveries.load(Ordering::SeqCst);
+    let last = steps
+        .last()
+        .cloned()
+        .ok_or_else(|| BenchError::Args("no step ran".into()))?;
+    let capacity_deliveries_per_s = steps
+        .iter()
+        .filter(|s| s.latency.count > 0 && s.latency.p99_ms <= args.p99_bound_ms)
+        .map(|s| s.deliveries_per_s)
+        .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
     let report = Report {
         users: args.users,
         online: n_online,
         friendships: graph.edges().count(),
         setup_s,
-        window_s,
-        offered_updates_per_s: n_online as f64 * 1000.0 / args.interval_ms as f64,
-        updates,
-        expected_deliveries: shared.expected.load(Ordering::SeqCst),
-        deliveries,
-        updates_per_s: updates as f64 / window_s,
-        deliveries_per_s: deliveries as f64 / window_s,
-        errors: shared.errors.load(Ordering::SeqCst),
+        window_s: last.window_s,
+        offered_updates_per_s: last.offered_updates_per_s,
+        updates: last.updates,
+        expected_deliveries: last.expected_deliveries,
+        deliveries: last.deliveries,
+        updates_per_s: last.updates_per_s,
+        deliveries_per_s: last.deliveries_per_s,
+        errors: last.errors,
         disconnects: shared.disconnects.load(Ordering::SeqCst),
-        latency: latency(&hist),
+        latency: last.latency.clone(),
         server_rss_bytes: args.server_pid.and_then(rss_bytes),
-        server_cpu_cores,
+        server_cpu_cores: last.server_cpu_cores,
+        steps,
+        capacity_deliveries_per_s,
+        p99_bound_ms: args.p99_bound_ms,
     };
+    if let Some(path) = &args.html {
+        std::fs::write(path, report::html(&report))?;
+        eprintln!("report written to {}", path.display());
+    }
     print_summary(&report);
     if let Some(path) = &args.out {
         let text = serde_json::to_string_pretty(&report).unwrap_or_default();
@@ -365,6 +473,40 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         eprintln!("result written to {}", path.display());
     }
     Ok(report)
+}
+
+/// Reads the counters of the step that started at `started` (its latency is
+/// filled in once the clients have flushed).
+fn close_step(
+    shared: &Shared,
+    interval_ms: u64,
+    online: usize,
+    started: Instant,
+    cpu_before: Option<u64>,
+    pid: Option<u32>,
+) -> Step {
+    let window_s = started.elapsed().as_secs_f64().max(1e-9);
+    let cpu_after = pid.and_then(cpu_ticks);
+    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let updates = shared.updates.load(Ordering::SeqCst);
+    let deliveries = shared.deliveries.load(Ordering::SeqCst);
+    Step {
+        interval_ms,
+        window_s,
+        offered_updates_per_s: online as f64 * 1000.0 / interval_ms as f64,
+        updates,
+        expected_deliveries: shared.expected.load(Ordering::SeqCst),
+        deliveries,
+        updates_per_s: updates as f64 / window_s,
+        deliveries_per_s: deliveries as f64 / window_s,
+        errors: shared.errors.load(Ordering::SeqCst),
+        latency: latency(&new_histogram()),
+        server_cpu_cores: match (cpu_before, cpu_after) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / ticks_per_s / window_s),
+            _ => None,
+        },
+        server_rss_bytes: pid.and_then(rss_bytes),
+    }
 }
 
 fn ws_request(
@@ -476,8 +618,8 @@ async fn post(
 struct Plan {
     user: u32,
     home: (f64, f64),
-    interval: Duration,
-    phase: Duration,
+    /// Where in the interval this client sends, as a fraction.
+    phase: f64,
     rounds: Option<u64>,
     seed: u64,
 }
@@ -504,8 +646,22 @@ async fn client(
     shared: Arc<Shared>,
     go: CancellationToken,
     stop: CancellationToken,
-) -> Histogram<u64> {
+) {
+    // Latency of the deliveries of step `hist_step`, merged into the shared
+    // per-step histograms when the step changes and at the end.
     let mut hist = new_histogram();
+    let mut hist_step = 0usize;
+    let flush = |hist: &mut Histogram<u64>, step: usize| {
+        if hist.is_empty() {
+            return;
+        }
+        if let Ok(mut all) = shared.hists.lock() {
+            if let Some(h) = all.get_mut(step) {
+                let _ = h.add(&*hist);
+            }
+        }
+        hist.reset();
+    };
     let (mut tx, mut rx) = ws.split();
     let mut rng = StdRng::seed_from_u64(plan.seed);
     let place = |rng: &mut StdRng| {
@@ -519,7 +675,7 @@ async fn client(
     // Placed at home at once; the friends' first sightings are set-up, not load.
     if tx.send(place(&mut rng)).await.is_err() {
         shared.disconnects.fetch_add(1, Ordering::Relaxed);
-        return hist;
+        return;
     }
     // Until `go`, only read (the friends' first sightings).
     loop {
@@ -527,19 +683,24 @@ async fn client(
             _ = go.cancelled() => break,
             msg = rx.next() => if !matches!(msg, Some(Ok(_))) {
                 shared.disconnects.fetch_add(1, Ordering::Relaxed);
-                return hist;
+                return;
             },
         }
     }
-    let mut tick =
-        tokio::time::interval_at(tokio::time::Instant::now() + plan.phase, plan.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The interval is read at every send, so a ramp changes it live.
+    let interval = || Duration::from_micros(shared.interval_us.load(Ordering::Relaxed));
+    let mut next = tokio::time::Instant::now() + interval().mul_f64(plan.phase);
     let mut sent = 0u64;
     let me = plan.user as usize;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tick.tick() => {
+            _ = tokio::time::sleep_until(next) => {
+                next += interval();
+                let now = tokio::time::Instant::now();
+                if next < now {
+                    next = now + interval(); // fell behind: skip, do not burst
+                }
                 if !shared.sending.load(Ordering::Relaxed) || plan.rounds.is_some_and(|r| sent >= r) {
                     continue;
                 }
@@ -571,6 +732,11 @@ async fn client(
                 match (frame.kind, frame.id) {
                     ("friend_location", Some(id)) if shared.measuring.load(Ordering::Relaxed) => {
                         shared.deliveries.fetch_add(1, Ordering::Relaxed);
+                        let step = shared.step.load(Ordering::Relaxed);
+                        if step != hist_step {
+                            flush(&mut hist, hist_step);
+                            hist_step = step;
+                        }
                         let from = shared.index.get(id).map(|i| shared.sent_at[*i as usize].load(Ordering::Relaxed));
                         if let Some(at) = from.filter(|a| *a > 0) {
                             let now_us = shared.t0.elapsed().as_micros() as u64;
@@ -585,7 +751,7 @@ async fn client(
             }
         }
     }
-    hist
+    flush(&mut hist, hist_step);
 }
 
 async fn progress(shared: &Shared, total: Duration, what: &str) {
@@ -644,6 +810,29 @@ fn print_summary(r: &Report) {
         l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count
     );
     println!("errors {}, disconnects {}", r.errors, r.disconnects);
+    if r.steps.len() > 1 {
+        println!("interval_ms  offered_upd/s  upd/s  deliveries/s  p50_ms  p99_ms  p99.9_ms  cpu");
+        for s in &r.steps {
+            println!(
+                "{:>11}  {:>13.0}  {:>5.0}  {:>12.0}  {:>6.2}  {:>6.2}  {:>8.2}  {:.2}",
+                s.interval_ms,
+                s.offered_updates_per_s,
+                s.updates_per_s,
+                s.deliveries_per_s,
+                s.latency.p50_ms,
+                s.latency.p99_ms,
+                s.latency.p999_ms,
+                s.server_cpu_cores.unwrap_or(0.0)
+            );
+        }
+        match r.capacity_deliveries_per_s {
+            Some(c) => println!(
+                "capacity (p99 <= {} ms): {c:.0} deliveries/s",
+                r.p99_bound_ms
+            ),
+            None => println!("capacity: no step kept p99 <= {} ms", r.p99_bound_ms),
+        }
+    }
     if let Some(rss) = r.server_rss_bytes {
         println!(
             "server RSS {:.1} MiB ({} B per online client), CPU {:.2} cores",

@@ -25,12 +25,16 @@ fn bench(server: &Server) -> Value {
         .args(["--server-pid", &server.child.id().to_string()])
         .arg("--out")
         .arg(&out)
+        .arg("--html")
+        .arg(out_dir.path().join("report.html"))
         .output()
         .expect("run nearby bench");
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "bench failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("latency ms: p50"), "{stdout}");
+    let page = std::fs::read_to_string(out_dir.path().join("report.html")).expect("report");
+    assert_eq!(page.matches("<svg").count(), 2, "{page}");
     serde_json::from_str(&std::fs::read_to_string(&out).expect("result file")).expect("json")
 }
 

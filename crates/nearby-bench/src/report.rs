@@ -1,0 +1,275 @@
+//! A self-contained HTML report: the run's figures and two SVG plots
+//! (latency percentiles per load step, achieved vs offered deliveries).
+//! No scripts, no external assets.
+
+use std::fmt::Write;
+
+use crate::{Report, Step};
+
+const W: f64 = 560.0;
+const H: f64 = 300.0;
+const PAD: f64 = 56.0;
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// One line of a chart: label, colour, points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+/// A line chart over x and y from 0.
+fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String {
+    let xmax = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.0))
+        .fold(0.0, f64::max)
+        .max(1e-9)
+        * 1.05;
+    let ymax = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(0.0, f64::max)
+        .max(1e-9)
+        * 1.1;
+    let px = |x: f64| PAD + x / xmax * (W - 2.0 * PAD);
+    let py = |y: f64| H - PAD + -(y / ymax) * (H - 2.0 * PAD);
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" font-family="sans-serif" font-size="11">"#
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="18" font-size="14" text-anchor="middle">{}</text>"#,
+        W / 2.0,
+        esc(title)
+    );
+    let _ = write!(
+        svg,
+        r##"<line x1="{PAD}" y1="{b}" x2="{r}" y2="{b}" stroke="#333"/><line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{b}" stroke="#333"/>"##,
+        b = H - PAD,
+        r = W - PAD
+    );
+    for i in 0..=4 {
+        let (xv, yv) = (
+            xmax / 1.05 * f64::from(i) / 4.0,
+            ymax / 1.1 * f64::from(i) / 4.0,
+        );
+        let _ = write!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="middle">{}</text><text x="{}" y="{}" text-anchor="end">{}</text><line x1="{PAD}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/>"##,
+            px(xv),
+            H - PAD + 16.0,
+            short(xv),
+            PAD - 6.0,
+            py(yv) + 4.0,
+            short(yv),
+            W - PAD,
+            y = py(yv)
+        );
+    }
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        W / 2.0,
+        H - 12.0,
+        esc(x_label)
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="14" y="{}" text-anchor="middle" transform="rotate(-90 14 {})">{}</text>"#,
+        H / 2.0,
+        H / 2.0,
+        esc(y_label)
+    );
+    for (i, (label, colour, pts)) in series.iter().enumerate() {
+        let path: Vec<String> = pts
+            .iter()
+            .map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y)))
+            .collect();
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+            path.join(" ")
+        );
+        for (x, y) in pts {
+            let _ = write!(
+                svg,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
+                px(*x),
+                py(*y)
+            );
+        }
+        let ly = PAD + 14.0 * i as f64;
+        let _ = write!(
+            svg,
+            r#"<rect x="{}" y="{}" width="10" height="10" fill="{colour}"/><text x="{}" y="{}">{}</text>"#,
+            W - PAD - 110.0,
+            ly - 9.0,
+            W - PAD - 95.0,
+            ly,
+            esc(label)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn short(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.0}k", v / 1e3)
+    } else if v >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn offered_deliveries(s: &Step) -> f64 {
+    if s.updates == 0 {
+        0.0
+    } else {
+        s.offered_updates_per_s * s.expected_deliveries as f64 / s.updates as f64
+    }
+}
+
+/// The whole page.
+pub fn html(r: &Report) -> String {
+    let x: Vec<f64> = r.steps.iter().map(offered_deliveries).collect();
+    let pts = |f: &dyn Fn(&Step) -> f64| -> Vec<(f64, f64)> {
+        r.steps.iter().zip(&x).map(|(s, x)| (*x, f(s))).collect()
+    };
+    let latency = chart(
+        "Update-to-friend latency by offered load",
+        "offered deliveries/s",
+        "ms",
+        &[
+            ("p50", "#2563eb", pts(&|s| s.latency.p50_ms)),
+            ("p99", "#dc2626", pts(&|s| s.latency.p99_ms)),
+            ("p99.9", "#9333ea", pts(&|s| s.latency.p999_ms)),
+        ],
+    );
+    let throughput = chart(
+        "Deliveries achieved vs offered",
+        "offered deliveries/s",
+        "deliveries/s",
+        &[
+            ("achieved", "#16a34a", pts(&|s| s.deliveries_per_s)),
+            ("offered", "#9ca3af", x.iter().map(|v| (*v, *v)).collect()),
+        ],
+    );
+    let mut rows = String::new();
+    for s in &r.steps {
+        let _ = write!(
+            rows,
+            "<tr><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.0}</td><td>{} / {}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>",
+            s.interval_ms,
+            s.offered_updates_per_s,
+            s.updates_per_s,
+            s.deliveries_per_s,
+            s.deliveries,
+            s.expected_deliveries,
+            s.latency.p50_ms,
+            s.latency.p99_ms,
+            s.latency.p999_ms,
+            s.latency.max_ms,
+            s.server_cpu_cores.map_or("–".into(), |c| format!("{c:.2}"))
+        );
+    }
+    let capacity = r.capacity_deliveries_per_s.map_or_else(
+        || format!("no step kept p99 ≤ {} ms", r.p99_bound_ms),
+        |c| format!("{c:.0} deliveries/s with p99 ≤ {} ms", r.p99_bound_ms),
+    );
+    format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>nearby bench</title>
+<style>body{{font-family:sans-serif;margin:24px;color:#111}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
+<h1>nearby bench</h1>
+<p>{users} users ({online} online), {friendships} friendships, set-up {setup:.1} s. Capacity: <b>{capacity}</b>.
+Server RSS at the end: {rss}.</p>
+{latency}
+{throughput}
+<table><tr><th>interval ms</th><th>offered upd/s</th><th>upd/s</th><th>deliveries/s</th><th>received / expected</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th><th>server cores</th></tr>
+{rows}</table>
+</body></html>
+"#,
+        users = r.users,
+        online = r.online,
+        friendships = r.friendships,
+        setup = r.setup_s,
+        rss = r
+            .server_rss_bytes
+            .map_or("–".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Latency;
+
+    fn step(interval_ms: u64, p99: f64) -> Step {
+        Step {
+            interval_ms,
+            window_s: 10.0,
+            offered_updates_per_s: 1000.0 * 1000.0 / interval_ms as f64,
+            updates: 10_000,
+            expected_deliveries: 200_000,
+            deliveries: 199_000,
+            updates_per_s: 1000.0,
+            deliveries_per_s: 19_900.0,
+            errors: 0,
+            latency: Latency {
+                count: 199_000,
+                p50_ms: 1.0,
+                p90_ms: 2.0,
+                p99_ms: p99,
+                p999_ms: p99 * 2.0,
+                max_ms: 90.0,
+            },
+            server_cpu_cores: Some(0.5),
+            server_rss_bytes: None,
+        }
+    }
+
+    #[test]
+    fn the_page_has_both_plots_and_a_row_per_step() {
+        let steps = vec![step(1000, 20.0), step(500, 80.0)];
+        let r = Report {
+            users: 1000,
+            online: 1000,
+            friendships: 10_000,
+            setup_s: 3.0,
+            window_s: 10.0,
+            offered_updates_per_s: 2000.0,
+            updates: 10_000,
+            expected_deliveries: 1,
+            deliveries: 1,
+            updates_per_s: 1.0,
+            deliveries_per_s: 1.0,
+            errors: 0,
+            disconnects: 0,
+            latency: steps[1].latency.clone(),
+            server_rss_bytes: Some(10 << 20),
+            server_cpu_cores: None,
+            steps,
+            capacity_deliveries_per_s: Some(19_900.0),
+            p99_bound_ms: 50.0,
+        };
+        let page = html(&r);
+        assert_eq!(page.matches("<svg").count(), 2);
+        assert_eq!(page.matches("<tr><td>").count(), 2);
+        assert!(page.contains("19900 deliveries/s with p99 ≤ 50 ms"));
+        assert!(page.contains("<polyline"));
+        assert!(!page.contains("NaN"), "{page}");
+        assert!(!page.contains("<script"));
+    }
+
+    #[test]
+    fn labels_are_escaped() {
+        assert_eq!(esc("a<b>&c"), "a&lt;b&gt;&amp;c");
+    }
+}
