@@ -330,7 +330,8 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             let req = ws_request(&ws_url, &accounts[u as usize].token);
             async move {
                 let req = req?;
-                let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+                // No Nagle: a phone sends one small frame at a time.
+                let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true).await?;
                 Ok::<_, BenchError>((u, ws))
             }
         })

@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, put};
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 
@@ -79,6 +80,14 @@ pub async fn serve(
     grace: Duration,
 ) -> std::io::Result<()> {
     let shutdown = state.shutdown.clone();
+    // Frames are already coalesced per wake-up (see `ws`); Nagle's algorithm
+    // would only hold the next small write until the peer's delayed ACK,
+    // which put a ~40 ms floor under the latency tail.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
