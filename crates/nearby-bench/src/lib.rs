@@ -125,6 +125,15 @@ pub struct BenchArgs {
     /// Seed of the graph, homes and phases.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Create the population straight in the server's SQLite `users.db`
+    /// (its `--data-dir`), in one transaction, instead of over REST: one
+    /// argon2 hash for all, no request per friendship. Thousands of times
+    /// faster; the server may be running.
+    #[arg(long, conflicts_with = "bulk_postgres")]
+    pub bulk_sqlite: Option<PathBuf>,
+    /// The same, in the server's PostgreSQL (`--database-url`).
+    #[arg(long)]
+    pub bulk_postgres: Option<String>,
     /// Concurrent REST calls during set-up.
     #[arg(long, default_value_t = 32)]
     pub setup_concurrency: usize,
@@ -280,8 +289,13 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         graph.edges().count()
     );
 
-    let accounts = create_accounts(&http, &base, &run_tag, &args).await?;
-    befriend_all(&http, &base, &accounts, &graph, args.setup_concurrency).await?;
+    let accounts = if args.bulk_sqlite.is_some() || args.bulk_postgres.is_some() {
+        bulk_accounts(&run_tag, &args, &graph).await?
+    } else {
+        let accounts = create_accounts(&http, &base, &run_tag, &args).await?;
+        befriend_all(&http, &base, &accounts, &graph, args.setup_concurrency).await?;
+        accounts
+    };
 
     let mut rng = StdRng::seed_from_u64(args.seed ^ 0x5eed);
     let mut order: Vec<u32> = (0..args.users as u32).collect();
@@ -569,6 +583,70 @@ async fn create_accounts(
         accounts[i] = Some(a);
     }
     Ok(accounts.into_iter().flatten().collect())
+}
+
+/// The population written straight into the user store.
+async fn bulk_accounts(
+    tag: &str,
+    args: &BenchArgs,
+    graph: &Graph,
+) -> Result<Vec<Account>, BenchError> {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    use sha2::Digest;
+    let started = Instant::now();
+    let salt = SaltString::generate(&mut OsRng);
+    let phc = argon2::Argon2::default()
+        .hash_password(b"bench password", &salt)
+        .map_err(|e| BenchError::Setup(format!("hashing: {e}")))?
+        .to_string();
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+        + 86_400_000;
+    let mut tokens = Vec::with_capacity(args.users);
+    let users: Vec<nearby_ports::BulkUser> = (0..args.users)
+        .map(|i| {
+            let raw: [u8; 32] = rand::random();
+            let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            let token_hash: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+            tokens.push(token);
+            nearby_ports::BulkUser {
+                username: format!("b{tag}_{i}"),
+                password_hash: phc.clone(),
+                token_hash,
+                token_expires_at_ms: expires,
+            }
+        })
+        .collect();
+    let edges: Vec<(u32, u32)> = graph.edges().collect();
+    let store_err = |e: nearby_ports::StoreError| BenchError::Setup(e.to_string());
+    let ids = if let Some(path) = &args.bulk_sqlite {
+        let store = nearby_store_sqlite::SqliteUserStore::open(path)
+            .await
+            .map_err(store_err)?;
+        store.bulk_insert(&users, &edges).await.map_err(store_err)?
+    } else if let Some(url) = &args.bulk_postgres {
+        let (store, _) = nearby_store_postgres::connect(url, 2)
+            .await
+            .map_err(store_err)?;
+        store.bulk_insert(&users, &edges).await.map_err(store_err)?
+    } else {
+        return Err(BenchError::Args("no bulk target".into()));
+    };
+    eprintln!(
+        "bulk-loaded {} users and {} friendships in {:.1} s",
+        users.len(),
+        edges.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ids
+        .into_iter()
+        .zip(tokens)
+        .map(|(id, token)| Account {
+            id: id.to_string(),
+            token,
+        })
+        .collect())
 }
 
 async fn befriend_all(

@@ -275,3 +275,57 @@ pub async fn history_store(store: &dyn HistoryStore, ns: i64) {
         .expect("range")
         .is_empty());
 }
+
+/// After an adapter's `bulk_insert(users, friendships)` returned `ids`: every
+/// user exists, logs in with their token, and sees exactly their bulk
+/// friends (mutual, sharing).
+pub async fn bulk_loaded(
+    store: &dyn UserStore,
+    users: &[nearby_ports::BulkUser],
+    friendships: &[(u32, u32)],
+    ids: &[UserId],
+) {
+    assert_eq!(ids.len(), users.len());
+    for (u, id) in users.iter().zip(ids) {
+        let rec = store
+            .user_by_name(&u.username)
+            .await
+            .expect("user_by_name")
+            .expect("bulk user exists");
+        assert_eq!(rec.id, *id);
+        assert_eq!(rec.password_hash, u.password_hash);
+        assert_eq!(
+            store.token_user(&u.token_hash, 0).await.expect("token"),
+            Some((*id, u.token_expires_at_ms))
+        );
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let mut want: Vec<UserId> = friendships
+            .iter()
+            .filter_map(|&(a, b)| match (a as usize == i, b as usize == i) {
+                (true, _) => Some(ids[b as usize]),
+                (_, true) => Some(ids[a as usize]),
+                _ => None,
+            })
+            .collect();
+        want.sort();
+        let mut got = store.visible_friends(*id).await.expect("visible");
+        got.sort();
+        assert_eq!(got, want, "friends of user #{i}");
+    }
+}
+
+/// Sample input for [`bulk_loaded`]: `n` users named from `ns`, a ring of
+/// friendships.
+pub fn bulk_sample(ns: &str, n: u32) -> (Vec<nearby_ports::BulkUser>, Vec<(u32, u32)>) {
+    let users = (0..n)
+        .map(|i| nearby_ports::BulkUser {
+            username: format!("bulk{i}_{ns}"),
+            password_hash: format!("hash-{i}"),
+            token_hash: [i as u8 ^ 0x5a; 32],
+            token_expires_at_ms: 4_000_000_000_000 + i64::from(i),
+        })
+        .collect();
+    let ring = (0..n).map(|i| (i, (i + 1) % n)).collect();
+    (users, ring)
+}

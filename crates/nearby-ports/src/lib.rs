@@ -194,6 +194,19 @@ pub struct UserRecord {
     pub password_hash: String,
 }
 
+/// A user to create in bulk (load tests, imports), with one login token.
+#[derive(Debug, Clone)]
+pub struct BulkUser {
+    /// Unique name.
+    pub username: String,
+    /// PHC-format password hash.
+    pub password_hash: String,
+    /// SHA-256 of a token to create for the user.
+    pub token_hash: [u8; 32],
+    /// When that token expires, Unix ms.
+    pub token_expires_at_ms: i64,
+}
+
 /// One row of a user's friend list.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FriendEntry {

@@ -1,6 +1,6 @@
 use async_trait::async_trait;
 use nearby_core::{FriendStatus, UserId};
-use nearby_ports::{FriendEntry, StoreError, StoreResult, UserRecord, UserStore};
+use nearby_ports::{BulkUser, FriendEntry, StoreError, StoreResult, UserRecord, UserStore};
 use sqlx::postgres::PgPool;
 use sqlx::{Postgres, Row, Transaction};
 
@@ -15,6 +15,87 @@ pub struct PgUserStore {
 impl PgUserStore {
     pub(crate) fn new(pool: PgPool) -> Self {
         Self { pool }
+    }
+
+    /// Creates `users` (with their tokens) and the mutual friendships
+    /// `friendships` (indexes into `users`, sharing on both ways) in one
+    /// transaction, a few array-parameter statements for the lot; returns
+    /// the new ids in order. For load tests and imports.
+    pub async fn bulk_insert(
+        &self,
+        users: &[BulkUser],
+        friendships: &[(u32, u32)],
+    ) -> StoreResult<Vec<UserId>> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        let names: Vec<&str> = users.iter().map(|u| u.username.as_str()).collect();
+        let hashes: Vec<&str> = users.iter().map(|u| u.password_hash.as_str()).collect();
+        let rows = sqlx::query(
+            "INSERT INTO users (username, password_hash)
+             SELECT * FROM UNNEST($1::TEXT[], $2::TEXT[])
+             RETURNING id, username",
+        )
+        .bind(&names)
+        .bind(&hashes)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                StoreError::Conflict("a username is taken".into())
+            }
+            e => backend(e),
+        })?;
+        // RETURNING's order is not promised: match ids back by name.
+        let mut by_name = std::collections::HashMap::with_capacity(rows.len());
+        for r in &rows {
+            let id: i64 = r.try_get(0).map_err(backend)?;
+            let name: String = r.try_get(1).map_err(backend)?;
+            by_name.insert(name, id);
+        }
+        let ids: Vec<i64> = users
+            .iter()
+            .map(|u| {
+                by_name.get(&u.username).copied().ok_or_else(|| {
+                    StoreError::Backend(format!("no id returned for {:?}", u.username))
+                })
+            })
+            .collect::<StoreResult<_>>()?;
+        let token_hashes: Vec<Vec<u8>> = users.iter().map(|u| u.token_hash.to_vec()).collect();
+        let expiries: Vec<i64> = users.iter().map(|u| u.token_expires_at_ms).collect();
+        sqlx::query(
+            "INSERT INTO tokens (token_hash, user_id, expires_at)
+             SELECT * FROM UNNEST($1::BYTEA[], $2::BIGINT[], $3::BIGINT[])",
+        )
+        .bind(&token_hashes)
+        .bind(&ids)
+        .bind(&expiries)
+        .execute(&mut *tx)
+        .await
+        .map_err(backend)?;
+        let mut from = Vec::with_capacity(friendships.len() * 2);
+        let mut to = Vec::with_capacity(friendships.len() * 2);
+        for &(a, b) in friendships {
+            let (Some(a), Some(b)) = (ids.get(a as usize), ids.get(b as usize)) else {
+                return Err(StoreError::NotFound(format!(
+                    "friendship ({a}, {b}) names no user"
+                )));
+            };
+            from.extend([*a, *b]);
+            to.extend([*b, *a]);
+        }
+        for (f, t) in from.chunks(100_000).zip(to.chunks(100_000)) {
+            sqlx::query(
+                "INSERT INTO friend_edges (user_id, friend_id, status)
+                 SELECT f, t, 'friends' FROM UNNEST($1::BIGINT[], $2::BIGINT[]) AS x(f, t)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(f)
+            .bind(t)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(ids.into_iter().map(UserId).collect())
     }
 
     /// Deletes expired tokens; returns how many.

@@ -86,3 +86,18 @@ async fn history_lands_in_daily_partitions_and_a_batch_is_one_statement() {
         "yesterday..+3 days and default: {partitions}"
     );
 }
+
+#[tokio::test]
+async fn postgres_bulk_insert_loads_users_tokens_and_friends() {
+    let Some(db) = fresh().await else { return };
+    let (users, _) = nearby_store_postgres::connect(&db.url, 4)
+        .await
+        .expect("connect");
+    let (bulk, ring) = nearby_conformance::bulk_sample("p", 50);
+    let ids = users.bulk_insert(&bulk, &ring).await.expect("bulk");
+    nearby_conformance::bulk_loaded(&users, &bulk, &ring, &ids).await;
+    assert!(
+        users.bulk_insert(&bulk[..1], &[]).await.is_err(),
+        "names are unique"
+    );
+}

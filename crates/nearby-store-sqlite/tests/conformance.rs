@@ -25,3 +25,18 @@ async fn sqlite_history_store_conforms() {
         .expect("open");
     nearby_conformance::history_store(&store, 0).await;
 }
+
+#[tokio::test]
+async fn sqlite_bulk_insert_loads_users_tokens_and_friends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteUserStore::open(&dir.path().join("users.db"))
+        .await
+        .expect("open");
+    let (users, ring) = nearby_conformance::bulk_sample("s", 50);
+    let ids = store.bulk_insert(&users, &ring).await.expect("bulk");
+    nearby_conformance::bulk_loaded(&store, &users, &ring, &ids).await;
+    assert!(
+        store.bulk_insert(&users[..1], &[]).await.is_err(),
+        "names are unique"
+    );
+}

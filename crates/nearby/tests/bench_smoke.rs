@@ -8,7 +8,7 @@ use std::process::Command;
 use common::Server;
 use serde_json::Value;
 
-fn bench(server: &Server) -> Value {
+fn bench(server: &Server, extra: &[&str]) -> Value {
     let out_dir = tempfile::tempdir().expect("tempdir");
     let out = out_dir.path().join("result.json");
     let run = Command::new(env!("CARGO_BIN_EXE_nearby"))
@@ -23,6 +23,7 @@ fn bench(server: &Server) -> Value {
             "8",
         ])
         .args(["--server-pid", &server.child.id().to_string()])
+        .args(extra)
         .arg("--out")
         .arg(&out)
         .arg("--html")
@@ -60,7 +61,18 @@ fn check(r: &Value) {
 #[tokio::test]
 async fn bench_smoke_embedded() {
     let server = Server::start(&[]);
-    check(&bench(&server));
+    check(&bench(&server, &[]));
+}
+
+/// The population written straight into the running server's `users.db`.
+#[tokio::test]
+async fn bench_smoke_bulk_loaded() {
+    let server = Server::start(&[]);
+    let db = server.data_dir().join("users.db");
+    check(&bench(
+        &server,
+        &["--bulk-sqlite", db.to_str().expect("utf-8 path")],
+    ));
 }
 
 #[tokio::test]
@@ -69,5 +81,5 @@ async fn bench_smoke_on_redis_and_postgres() {
         return;
     };
     let server = Server::start(&shared.flags(&[]));
-    check(&bench(&server));
+    check(&bench(&server, &["--bulk-postgres", &shared.db.url]));
 }

@@ -105,6 +105,11 @@ impl Server {
         }
     }
 
+    /// The server's `--data-dir`.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._dir.path()
+    }
+
     /// Stops the process (SIGTERM) and hands back its data directory.
     pub fn stop_keeping_data(mut self) -> tempfile::TempDir {
         assert!(self.terminate().success());
