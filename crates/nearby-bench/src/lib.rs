@@ -105,8 +105,9 @@ pub struct BenchArgs {
     pub duration_s: u64,
     /// Ramp: comma-separated intervals in ms (e.g. `2000,1000,500,250`), each
     /// a step of `--warmup-s` + `--duration-s` at that rate with the same
-    /// population; the report gives each step and the node's capacity: the
-    /// most deliveries/s of a step whose p99 stayed within `--p99-bound-ms`.
+    /// population, stopping after the first step whose p99 exceeds
+    /// `--p99-bound-ms`; the report gives each step and the node's capacity:
+    /// the most deliveries/s of a step within the bound.
     #[arg(long, value_delimiter = ',')]
     pub ramp_ms: Vec<u64>,
     /// Latency bound of the capacity search, ms.
@@ -423,6 +424,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             let started = Instant::now();
             progress(&shared, Duration::from_secs(args.duration_s), &label).await;
             shared.measuring.store(false, Ordering::SeqCst);
+            shared.step.store(0, Ordering::SeqCst);
             steps.push(close_step(
                 &shared,
                 *iv,
@@ -431,6 +433,24 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                 cpu_before,
                 args.server_pid,
             ));
+            if i + 1 == intervals.len() {
+                break;
+            }
+            // Stop the ramp once a step breaks the bound: give the clients a
+            // second (at the current rate) to hand over that step's samples.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let p99 = shared
+                .hists
+                .lock()
+                .ok()
+                .and_then(|h| h.get(i + 1).map(|h| latency(h).p99_ms));
+            if let Some(p99) = p99.filter(|p| *p > args.p99_bound_ms) {
+                eprintln!(
+                    "p99 {p99:.1} ms > {} ms at {iv} ms: the ramp stops here",
+                    args.p99_bound_ms
+                );
+                break;
+            }
         }
         shared.sending.store(false, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_secs(args.drain_s)).await;
@@ -809,13 +829,18 @@ async fn client(
                     continue;
                 };
                 match (frame.kind, frame.id) {
-                    ("friend_location", Some(id)) if shared.measuring.load(Ordering::Relaxed) => {
-                        shared.deliveries.fetch_add(1, Ordering::Relaxed);
+                    ("friend_location", Some(id)) => {
+                        // A new step (or the end of one) hands the last
+                        // step's samples over at the first delivery after it.
                         let step = shared.step.load(Ordering::Relaxed);
                         if step != hist_step {
                             flush(&mut hist, hist_step);
                             hist_step = step;
                         }
+                        if !shared.measuring.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        shared.deliveries.fetch_add(1, Ordering::Relaxed);
                         let from = shared.index.get(id).map(|i| shared.sent_at[*i as usize].load(Ordering::Relaxed));
                         if let Some(at) = from.filter(|a| *a > 0) {
                             let now_us = shared.t0.elapsed().as_micros() as u64;

@@ -36,6 +36,10 @@ CREATE TABLE friend_edges (
 CREATE INDEX friend_edges_reverse ON friend_edges(friend_id, status, sharing);
 "#];
 
+/// The reverse-edge index of the first migration, rebuilt by bulk loads.
+const REVERSE_INDEX: &str =
+    "CREATE INDEX friend_edges_reverse ON friend_edges(friend_id, status, sharing)";
+
 /// Users, tokens, friendships and sharing permissions in a SQLite file.
 #[derive(Clone)]
 pub struct SqliteUserStore {
@@ -61,6 +65,13 @@ impl SqliteUserStore {
         friendships: &[(u32, u32)],
     ) -> StoreResult<Vec<UserId>> {
         let mut tx = self.db.writer.begin().await.map_err(backend)?;
+        // A large page cache for this transaction: the reverse index takes
+        // its rows in random order, and with the default 2 MB cache that
+        // thrashes once it outgrows it.
+        sqlx::query("PRAGMA cache_size = -1048576")
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
         let mut ids = Vec::with_capacity(users.len());
         // Multi-row statements, well under SQLite's 32 766 variables each.
         for chunk in users.chunks(BULK_ROWS) {
@@ -116,6 +127,18 @@ impl SqliteUserStore {
             edges.push((*a, *b));
             edges.push((*b, *a));
         }
+        // In primary-key order, the table's B-tree is appended to, not split.
+        edges.sort_unstable();
+        // The reverse index would take these rows in random order; building
+        // it once afterwards sorts them instead. Readers (WAL) keep seeing
+        // the old index until the commit.
+        let big = edges.len() > 100_000;
+        if big {
+            sqlx::query("DROP INDEX IF EXISTS friend_edges_reverse")
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
         for chunk in edges.chunks(BULK_ROWS) {
             let mut q = QueryBuilder::<Sqlite>::new(
                 "INSERT OR IGNORE INTO friend_edges (user_id, friend_id, status) ",
@@ -125,7 +148,18 @@ impl SqliteUserStore {
             });
             q.build().execute(&mut *tx).await.map_err(backend)?;
         }
+        if big {
+            sqlx::query(REVERSE_INDEX)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
         tx.commit().await.map_err(backend)?;
+        // Back to the default for this pooled connection.
+        sqlx::query("PRAGMA cache_size = -2000")
+            .execute(&self.db.writer)
+            .await
+            .map_err(backend)?;
         Ok(ids)
     }
 
