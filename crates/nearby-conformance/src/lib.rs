@@ -322,7 +322,11 @@ pub fn bulk_sample(ns: &str, n: u32) -> (Vec<nearby_ports::BulkUser>, Vec<(u32, 
         .map(|i| nearby_ports::BulkUser {
             username: format!("bulk{i}_{ns}"),
             password_hash: format!("hash-{i}"),
-            token_hash: [i as u8 ^ 0x5a; 32],
+            token_hash: {
+                let mut h = [0x5a; 32];
+                h[..4].copy_from_slice(&i.to_le_bytes());
+                h
+            },
             token_expires_at_ms: 4_000_000_000_000 + i64::from(i),
         })
         .collect();

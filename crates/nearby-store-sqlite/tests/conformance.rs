@@ -40,3 +40,32 @@ async fn sqlite_bulk_insert_loads_users_tokens_and_friends() {
         "names are unique"
     );
 }
+
+#[tokio::test]
+async fn a_large_bulk_insert_rebuilds_the_reverse_index() {
+    use nearby_ports::UserStore;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("users.db");
+    let store = SqliteUserStore::open(&path).await.expect("open");
+    // 60 000 users in a ring: 120 000 edge rows, past the rebuild threshold.
+    let (users, ring) = nearby_conformance::bulk_sample("big", 60_000);
+    let ids = store.bulk_insert(&users, &ring).await.expect("bulk");
+    for i in [0usize, 1, 30_000, 59_999] {
+        let mut got = store.visible_friends(ids[i]).await.expect("visible");
+        got.sort();
+        let mut want = vec![ids[(i + 1) % 60_000], ids[(i + 59_999) % 60_000]];
+        want.sort();
+        assert_eq!(got, want, "friends of #{i}");
+    }
+    drop(store);
+    let conn = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("connect");
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'friend_edges_reverse'",
+    )
+    .fetch_one(&conn)
+    .await
+    .expect("query");
+    assert_eq!(n, 1, "the reverse index is back");
+}
