@@ -174,31 +174,12 @@ pub struct Report {
     pub friendships: usize,
     /// Seconds the set-up took (sign-ups, friendships, connections).
     pub setup_s: f64,
-    /// Seconds of measured sending.
-    pub window_s: f64,
-    /// Updates offered per second (clients / interval).
-    pub offered_updates_per_s: f64,
-    /// Updates sent in the window.
-    pub updates: u64,
-    /// Deliveries the window's updates should cause.
-    pub expected_deliveries: u64,
-    /// Deliveries received.
-    pub deliveries: u64,
-    /// Updates per second achieved.
-    pub updates_per_s: f64,
-    /// Deliveries per second achieved.
-    pub deliveries_per_s: f64,
-    /// Error frames and failed sends.
-    pub errors: u64,
     /// Connections that ended early.
     pub disconnects: u64,
-    /// Send-to-receipt latency of deliveries.
-    pub latency: Latency,
-    /// Server resident memory at the end, bytes.
-    pub server_rss_bytes: Option<u64>,
-    /// Server CPU over the window, in cores (1.0 = one core busy).
-    pub server_cpu_cores: Option<f64>,
-    /// Every step (one unless `--ramp-ms`); the fields above are the last.
+    /// The last step, its fields at the top level of the JSON.
+    #[serde(flatten)]
+    pub last: Step,
+    /// Every step (one unless `--ramp-ms`).
     pub steps: Vec<Step>,
     /// Most deliveries/s of a step with p99 within the bound.
     pub capacity_deliveries_per_s: Option<f64>,
@@ -481,18 +462,8 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         online: n_online,
         friendships: graph.edges().count(),
         setup_s,
-        window_s: last.window_s,
-        offered_updates_per_s: last.offered_updates_per_s,
-        updates: last.updates,
-        expected_deliveries: last.expected_deliveries,
-        deliveries: last.deliveries,
-        updates_per_s: last.updates_per_s,
-        deliveries_per_s: last.deliveries_per_s,
-        errors: last.errors,
         disconnects: shared.disconnects.load(Ordering::SeqCst),
-        latency: last.latency.clone(),
-        server_rss_bytes: args.server_pid.and_then(rss_bytes),
-        server_cpu_cores: last.server_cpu_cores,
+        last,
         steps,
         capacity_deliveries_per_s,
         p99_bound_ms: args.p99_bound_ms,
@@ -893,10 +864,11 @@ fn latency(h: &Histogram<u64>) -> Latency {
     }
 }
 
-fn print_summary(r: &Report) {
+fn print_summary(report: &Report) {
+    let r = &report.last;
     println!(
         "users {} (online {}), friendships {}, set-up {:.1} s",
-        r.users, r.online, r.friendships, r.setup_s
+        report.users, report.online, report.friendships, report.setup_s
     );
     println!(
         "window {:.1} s: updates {} ({:.0}/s, offered {:.0}/s), deliveries {} of {} expected ({:.0}/s)",
@@ -913,10 +885,10 @@ fn print_summary(r: &Report) {
         "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  ({} samples)",
         l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count
     );
-    println!("errors {}, disconnects {}", r.errors, r.disconnects);
-    if r.steps.len() > 1 {
+    println!("errors {}, disconnects {}", r.errors, report.disconnects);
+    if report.steps.len() > 1 {
         println!("interval_ms  offered_upd/s  upd/s  deliveries/s  p50_ms  p99_ms  p99.9_ms  cpu");
-        for s in &r.steps {
+        for s in &report.steps {
             println!(
                 "{:>11}  {:>13.0}  {:>5.0}  {:>12.0}  {:>6.2}  {:>6.2}  {:>8.2}  {:.2}",
                 s.interval_ms,
@@ -929,19 +901,19 @@ fn print_summary(r: &Report) {
                 s.server_cpu_cores.unwrap_or(0.0)
             );
         }
-        match r.capacity_deliveries_per_s {
+        match report.capacity_deliveries_per_s {
             Some(c) => println!(
                 "capacity (p99 <= {} ms): {c:.0} deliveries/s",
-                r.p99_bound_ms
+                report.p99_bound_ms
             ),
-            None => println!("capacity: no step kept p99 <= {} ms", r.p99_bound_ms),
+            None => println!("capacity: no step kept p99 <= {} ms", report.p99_bound_ms),
         }
     }
     if let Some(rss) = r.server_rss_bytes {
         println!(
             "server RSS {:.1} MiB ({} B per online client), CPU {:.2} cores",
             rss as f64 / 1048576.0,
-            rss / r.online.max(1) as u64,
+            rss / report.online.max(1) as u64,
             r.server_cpu_cores.unwrap_or(0.0)
         );
     }

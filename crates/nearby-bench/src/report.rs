@@ -201,6 +201,7 @@ Server RSS at the end: {rss}.</p>
         friendships = r.friendships,
         setup = r.setup_s,
         rss = r
+            .last
             .server_rss_bytes
             .map_or("–".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
     )
@@ -243,22 +244,16 @@ mod tests {
             online: 1000,
             friendships: 10_000,
             setup_s: 3.0,
-            window_s: 10.0,
-            offered_updates_per_s: 2000.0,
-            updates: 10_000,
-            expected_deliveries: 1,
-            deliveries: 1,
-            updates_per_s: 1.0,
-            deliveries_per_s: 1.0,
-            errors: 0,
             disconnects: 0,
-            latency: steps[1].latency.clone(),
-            server_rss_bytes: Some(10 << 20),
-            server_cpu_cores: None,
+            last: Step {
+                server_rss_bytes: Some(10 << 20),
+                ..steps[1].clone()
+            },
             steps,
             capacity_deliveries_per_s: Some(19_900.0),
             p99_bound_ms: 50.0,
         };
+
         let page = html(&r);
         assert_eq!(page.matches("<svg").count(), 2);
         assert_eq!(page.matches("<tr><td>").count(), 2);
