@@ -56,10 +56,15 @@ pub fn reachable(url: &str) -> Result<(), String> {
 /// A unique prefix for keys and channels, so tests sharing one Redis never
 /// see each other's data.
 pub fn unique(tag: &str) -> String {
+    // The counter separates calls within this process (two tests starting
+    // in the same clock tick collided on the time alone); pid and time
+    // separate processes and runs.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
-    format!("{tag}{}x{nanos}", std::process::id())
+    format!("{tag}{}x{nanos}x{n}", std::process::id())
 }
 
 /// A database created for one test on a PostgreSQL server, dropped (with
