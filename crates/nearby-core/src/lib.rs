@@ -34,6 +34,17 @@ pub struct Location {
     pub ts_ms: i64,
 }
 
+impl Location {
+    /// A location with validated coordinates (what stores re-check when
+    /// reading rows or bytes back).
+    pub fn new(lat: f64, lon: f64, ts_ms: i64) -> Result<Self, CoordError> {
+        Ok(Self {
+            point: Point::new(lat, lon)?,
+            ts_ms,
+        })
+    }
+}
+
 /// How a user relates to another user in the friend graph, seen from one side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

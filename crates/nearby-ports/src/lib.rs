@@ -249,6 +249,9 @@ pub trait UserStore: Send + Sync + 'static {
     ) -> StoreResult<Option<(UserId, i64)>>;
     /// Deletes a token (logout). Unknown tokens are ignored.
     async fn delete_token(&self, token_hash: &[u8]) -> StoreResult<()>;
+    /// Deletes tokens expired at `now_ms` (they are already refused on
+    /// read; this keeps the table small). Returns how many.
+    async fn purge_expired_tokens(&self, now_ms: i64) -> StoreResult<u64>;
     /// `from` asks `to` to be friends, or accepts `to`'s pending request
     /// (the transition is [`FriendStatus::after_request`]). Returns the
     /// relation before, from `from`'s side. `NotFound` if `to` does not exist,

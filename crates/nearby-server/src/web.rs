@@ -27,7 +27,12 @@ fn serve(path: &str) -> Response {
     let Some(file) = Assets::get(path) else {
         return ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such asset").into_response();
     };
-    let mut resp = file.data.into_owned().into_response();
+    // Release builds embed the files: hand out the static bytes, no copy.
+    let body = match file.data {
+        std::borrow::Cow::Borrowed(b) => axum::body::Body::from(b),
+        std::borrow::Cow::Owned(v) => axum::body::Body::from(v),
+    };
+    let mut resp = body.into_response();
     let headers = resp.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime(path)));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));

@@ -1,10 +1,9 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use nearby_core::{Location, Point, UserId};
+use nearby_core::{Location, UserId};
 use nearby_ports::{HistoryEntry, HistoryStore, StoreError, StoreResult};
 use sqlx::postgres::PgPool;
-use sqlx::Row;
 
 use crate::backend;
 
@@ -117,7 +116,7 @@ impl HistoryStore for PgHistoryStore {
         to_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<Location>> {
-        let rows = sqlx::query(
+        let rows: Vec<(i64, f64, f64)> = sqlx::query_as(
             "SELECT ts, lat, lon FROM location_history
              WHERE user_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4",
         )
@@ -129,16 +128,8 @@ impl HistoryStore for PgHistoryStore {
         .await
         .map_err(backend)?;
         rows.into_iter()
-            .map(|r| {
-                let point = Point::new(
-                    r.try_get(1).map_err(backend)?,
-                    r.try_get(2).map_err(backend)?,
-                )
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
-                Ok(Location {
-                    point,
-                    ts_ms: r.try_get(0).map_err(backend)?,
-                })
+            .map(|(ts, lat, lon)| {
+                Location::new(lat, lon, ts).map_err(|e| StoreError::Backend(e.to_string()))
             })
             .collect()
     }

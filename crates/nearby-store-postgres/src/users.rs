@@ -97,16 +97,6 @@ impl PgUserStore {
         tx.commit().await.map_err(backend)?;
         Ok(ids.into_iter().map(UserId).collect())
     }
-
-    /// Deletes expired tokens; returns how many.
-    pub async fn purge_expired_tokens(&self, now_ms: i64) -> StoreResult<u64> {
-        let done = sqlx::query("DELETE FROM tokens WHERE expires_at <= $1")
-            .bind(now_ms)
-            .execute(&self.pool)
-            .await
-            .map_err(backend)?;
-        Ok(done.rows_affected())
-    }
 }
 
 /// Locks both users' rows, in id order, for the rest of the transaction:
@@ -239,6 +229,15 @@ impl UserStore for PgUserStore {
             ))
         })
         .transpose()
+    }
+
+    async fn purge_expired_tokens(&self, now_ms: i64) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM tokens WHERE expires_at <= $1")
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
     }
 
     async fn delete_token(&self, token_hash: &[u8]) -> StoreResult<()> {

@@ -1,7 +1,7 @@
 //! The PostgreSQL stores against the shared adapter contract, on a fresh
 //! database of the machine's PostgreSQL.
 use nearby_conformance::services::{self, TempDatabase};
-use nearby_ports::{HistoryEntry, HistoryStore};
+use nearby_ports::{HistoryEntry, HistoryStore, UserStore};
 
 async fn fresh() -> Option<TempDatabase> {
     match TempDatabase::create(&services::postgres_url()).await {

@@ -5,7 +5,7 @@
 //! coordinate ranges and returns `None` on anything else, so a stray message
 //! on a channel cannot panic a node.
 
-use nearby_core::{LeftReason, Location, Point, UserId};
+use nearby_core::{LeftReason, Location, UserId};
 use nearby_ports::{BusMessage, Channel};
 
 const LOCATION: u8 = 1;
@@ -37,10 +37,7 @@ pub fn decode_location(b: &[u8]) -> Option<Location> {
     let lat = f64::from_le_bytes(word(b, 0)?);
     let lon = f64::from_le_bytes(word(b, 8)?);
     let ts_ms = i64::from_le_bytes(word(b, 16)?);
-    Some(Location {
-        point: Point::new(lat, lon).ok()?,
-        ts_ms,
-    })
+    Location::new(lat, lon, ts_ms).ok()
 }
 
 fn reason_code(r: LeftReason) -> u8 {
@@ -127,6 +124,7 @@ pub fn parse_channel(prefix: &str, name: &str) -> Option<Channel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nearby_core::Point;
     use proptest::prelude::*;
 
     fn location() -> impl Strategy<Value = Location> {

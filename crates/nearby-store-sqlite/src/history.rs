@@ -1,9 +1,9 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use nearby_core::{Location, Point, UserId};
+use nearby_core::{Location, UserId};
 use nearby_ports::{HistoryEntry, HistoryStore, StoreError, StoreResult};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Sqlite};
 
 use crate::{backend, Pools};
 
@@ -62,7 +62,7 @@ impl HistoryStore for SqliteHistoryStore {
         to_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<Location>> {
-        let rows = sqlx::query(
+        let rows: Vec<(i64, f64, f64)> = sqlx::query_as(
             "SELECT ts, lat, lon FROM history WHERE user_id = ? AND ts >= ? AND ts < ? ORDER BY ts LIMIT ?",
         )
         .bind(user.0)
@@ -73,16 +73,8 @@ impl HistoryStore for SqliteHistoryStore {
         .await
         .map_err(backend)?;
         rows.into_iter()
-            .map(|r| {
-                let point = Point::new(
-                    r.try_get(1).map_err(backend)?,
-                    r.try_get(2).map_err(backend)?,
-                )
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
-                Ok(Location {
-                    point,
-                    ts_ms: r.try_get(0).map_err(backend)?,
-                })
+            .map(|(ts, lat, lon)| {
+                Location::new(lat, lon, ts).map_err(|e| StoreError::Backend(e.to_string()))
             })
             .collect()
     }

@@ -162,16 +162,6 @@ impl SqliteUserStore {
             .map_err(backend)?;
         Ok(ids)
     }
-
-    /// Deletes expired tokens; returns how many.
-    pub async fn purge_expired_tokens(&self, now_ms: i64) -> StoreResult<u64> {
-        let done = sqlx::query("DELETE FROM tokens WHERE expires_at <= ?")
-            .bind(now_ms)
-            .execute(&self.db.writer)
-            .await
-            .map_err(backend)?;
-        Ok(done.rows_affected())
-    }
 }
 
 async fn edge_status(
@@ -289,6 +279,15 @@ impl UserStore for SqliteUserStore {
             ))
         })
         .transpose()
+    }
+
+    async fn purge_expired_tokens(&self, now_ms: i64) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM tokens WHERE expires_at <= ?")
+            .bind(now_ms)
+            .execute(&self.db.writer)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
     }
 
     async fn delete_token(&self, token_hash: &[u8]) -> StoreResult<()> {

@@ -1,4 +1,5 @@
 //! The SQLite stores against the shared adapter contract, on real files.
+use nearby_ports::UserStore;
 use nearby_store_sqlite::{SqliteHistoryStore, SqliteUserStore};
 
 #[tokio::test]
@@ -43,7 +44,6 @@ async fn sqlite_bulk_insert_loads_users_tokens_and_friends() {
 
 #[tokio::test]
 async fn a_large_bulk_insert_rebuilds_the_reverse_index() {
-    use nearby_ports::UserStore;
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("users.db");
     let store = SqliteUserStore::open(&path).await.expect("open");

@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use nearby_client::{Client, ClientError, UserId};
+use nearby_server::state::now_ms;
 use rand::Rng;
 
 use crate::config::ServeArgs;
@@ -346,12 +347,6 @@ fn advance(pos: (f64, f64), leg: usize, route: &[(f64, f64)], step_m: f64) -> ((
             leg,
         )
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

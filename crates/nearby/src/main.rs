@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nearby_ports::{HistoryStore, LocationCache, PubSub, UserStore};
+use nearby_server::state::now_ms;
 use nearby_server::{AppState, Backends};
 use nearby_store_memory::{MemoryBus, MemoryCache};
 use nearby_store_sqlite::{SqliteHistoryStore, SqliteUserStore};
@@ -91,11 +92,7 @@ async fn serve_with(
             let (users, history) = nearby_store_postgres::connect(url, *max)
                 .await
                 .context("connecting to PostgreSQL")?;
-            let (u, h) = (users.clone(), history.clone());
-            tokio::spawn(hourly("expired token purge", move || {
-                let u = u.clone();
-                async move { u.purge_expired_tokens(now_ms()).await }
-            }));
+            let h = history.clone();
             tokio::spawn(hourly("history partition upkeep", move || {
                 let h = h.clone();
                 async move { h.ensure_partitions(now_ms()).await.map(|()| 0) }
@@ -111,14 +108,14 @@ async fn serve_with(
             let history = SqliteHistoryStore::open(&s.data_dir.join("history.db"))
                 .await
                 .context("opening history.db")?;
-            let u = users.clone();
-            tokio::spawn(hourly("expired token purge", move || {
-                let u = u.clone();
-                async move { u.purge_expired_tokens(now_ms()).await }
-            }));
             (Arc::new(users), Arc::new(history))
         }
     };
+    let u = users.clone();
+    tokio::spawn(hourly("expired token purge", move || {
+        let u = u.clone();
+        async move { u.purge_expired_tokens(now_ms()).await }
+    }));
     let (cache, bus): (Arc<dyn LocationCache>, Arc<dyn PubSub>) = match &s.redis {
         Some(cfg) => {
             let (cache, bus) = nearby_store_redis::connect(cfg)
@@ -167,12 +164,6 @@ async fn serve_with(
     nearby_server::serve(listener, state, s.grace).await?;
     tracing::info!("stopped");
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Runs a maintenance job now and every hour; failures are logged and
