@@ -2,8 +2,9 @@
 //! real WebSockets and measures what users feel.
 //!
 //! 1. **Population** — `--users` accounts (signed up and logged in over
-//!    REST), befriended along a seeded small-world graph ([`graph`]), with
-//!    homes scattered in a `--city-radius-m` disc so friends are in range.
+//!    REST, or written straight into the store), befriended along a seeded
+//!    heavy-tailed, clustered graph ([`graph`]), with homes in `--cities`
+//!    city discs: friends in one city are in range, friends in two are not.
 //! 2. **Load** — the `--online` share of them connect; each sends its
 //!    position every `--interval-ms` (random phase), wandering within
 //!    a box of ±[`WANDER_M`] around home: small enough that no pair's
@@ -72,6 +73,30 @@ impl From<tokio_tungstenite::tungstenite::Error> for BenchError {
     }
 }
 
+/// The friend graph's model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GraphModel {
+    /// Holme–Kim: preferential attachment with triad formation.
+    PowerLaw,
+    /// Watts–Strogatz.
+    SmallWorld,
+}
+
+/// City centres (lat, lon), largest first; pairwise 25 km or more apart.
+const CITIES: [(&str, f64, f64); 10] = [
+    ("Seoul", 37.5665, 126.9780),
+    ("Busan", 35.1796, 129.0756),
+    ("Incheon", 37.4563, 126.7052),
+    ("Daegu", 35.8714, 128.6014),
+    ("Daejeon", 36.3504, 127.3845),
+    ("Gwangju", 35.1595, 126.8526),
+    ("Ulsan", 35.5384, 129.3114),
+    ("Jeonju", 35.8242, 127.1480),
+    ("Cheongju", 36.6424, 127.4890),
+    ("Gangneung", 37.7519, 128.8761),
+];
+
 /// Options of `nearby bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
@@ -81,17 +106,35 @@ pub struct BenchArgs {
     /// Users to create.
     #[arg(long, default_value_t = 200)]
     pub users: usize,
-    /// Mean friends per user (small-world graph).
+    /// Mean friends per user.
     #[arg(long, default_value_t = 20)]
     pub friends: usize,
-    /// Share of lattice edges rewired to random users (0 = pure circles).
+    /// Friend graph model: `power-law` (Holme–Kim: heavy-tailed degrees,
+    /// clustered) or `small-world` (Watts–Strogatz: every degree near
+    /// `--friends`).
+    #[arg(long, value_enum, default_value_t = GraphModel::PowerLaw)]
+    pub graph: GraphModel,
+    /// Share of friendships made with a random user anywhere (in other
+    /// cities, mostly) instead of locally: lattice edges rewired in
+    /// `small-world`.
     #[arg(long, default_value_t = 0.1)]
     pub rewire: f64,
+    /// `power-law`: chance that a friendship is made with a friend of the
+    /// last friend (closes triangles).
+    #[arg(long, default_value_t = 0.5)]
+    pub triad: f64,
+    /// `power-law`: most friends one user may have (the book's cap).
+    #[arg(long, default_value_t = 5000)]
+    pub max_friends: usize,
+    /// Cities the users live in (up to 10, Zipf-sized, 25 km or more apart):
+    /// friends in another city are out of range and get no deliveries.
+    #[arg(long, default_value_t = 1)]
+    pub cities: usize,
     /// Share of users online (connected).
     #[arg(long, default_value_t = 1.0)]
     pub online: f64,
-    /// Radius of the disc the users live in, metres (keep it under half the
-    /// server's nearby radius for every friend to be in range).
+    /// Radius of each city's disc, metres (keep it under half the server's
+    /// nearby radius, so everyone in a city is in range of everyone else).
     #[arg(long, default_value_t = 2000.0)]
     pub city_radius_m: f64,
     /// Milliseconds between a client's updates.
@@ -172,6 +215,15 @@ pub struct Report {
     pub online: usize,
     /// Friendships.
     pub friendships: usize,
+    /// The graph's model.
+    pub graph: GraphModel,
+    /// Cities.
+    pub cities: usize,
+    /// Most friends of one user.
+    pub max_friends: usize,
+    /// Server RSS once every client was connected and placed, before the
+    /// load, less the RSS before any connected, per connection (bytes).
+    pub idle_bytes_per_connection: Option<u64>,
     /// Seconds the set-up took (sign-ups, friendships, connections).
     pub setup_s: f64,
     /// Connections that ended early.
@@ -253,17 +305,41 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     } else {
         args.ramp_ms.clone()
     };
-    if args.users < 2 || intervals.iter().any(|i| *i < 100) || !(0.0..=1.0).contains(&args.online) {
-        return Err(BenchError::Args(
-            "need --users >= 2, intervals >= 100 ms, 0 <= --online <= 1".into(),
-        ));
+    if args.users < 2
+        || intervals.iter().any(|i| *i < 100)
+        || !(0.0..=1.0).contains(&args.online)
+        || !(1..=CITIES.len()).contains(&args.cities)
+    {
+        return Err(BenchError::Args(format!(
+            "need --users >= 2, intervals >= 100 ms, 0 <= --online <= 1, 1 <= --cities <= {}",
+            CITIES.len()
+        )));
     }
     let setup_started = Instant::now();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.setup_concurrency)
         .build()?;
     let base = args.url.trim_end_matches('/').to_owned();
-    let graph = Graph::small_world(args.users, args.friends, args.rewire, args.seed);
+    let sizes = graph::city_sizes(args.users, args.cities);
+    let graph = match args.graph {
+        GraphModel::SmallWorld => {
+            Graph::small_world(args.users, args.friends, args.rewire, args.seed)
+        }
+        GraphModel::PowerLaw => Graph::clustered_power_law(
+            &sizes,
+            args.friends,
+            args.triad,
+            args.rewire,
+            args.max_friends,
+            args.seed,
+        ),
+    };
+    // city[u]: the city block user u lives in.
+    let city: Vec<u8> = sizes
+        .iter()
+        .enumerate()
+        .flat_map(|(c, s)| std::iter::repeat_n(c as u8, *s))
+        .collect();
     let run_tag = format!("{:x}", rand::random::<u32>());
     eprintln!(
         "set-up: {} users, {} friendships, tag {run_tag}",
@@ -287,10 +363,17 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     for u in &order[..n_online] {
         online[*u as usize] = true;
     }
+    // Deliveries an update should cause: the mover's online friends in the
+    // same city (other cities are out of range).
     let online_friends = graph
         .adj
         .iter()
-        .map(|l| l.iter().filter(|f| online[**f as usize]).count() as u32)
+        .enumerate()
+        .map(|(u, l)| {
+            l.iter()
+                .filter(|f| online[**f as usize] && city[**f as usize] == city[u])
+                .count() as u32
+        })
         .collect();
     let shared = Arc::new(Shared {
         sent_at: (0..args.users).map(|_| AtomicU64::new(0)).collect(),
@@ -316,11 +399,15 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     // Connect everyone, each placed at home once, before any load.
     let ws_url = format!("{}/v1/ws", base.replacen("http", "ws", 1));
     let homes: Vec<(f64, f64)> = (0..args.users)
-        .map(|_| home(&mut rng, args.city_radius_m))
+        .map(|u| {
+            let (_, lat, lon) = CITIES[usize::from(city[u])];
+            home(&mut rng, (lat, lon), args.city_radius_m)
+        })
         .collect();
     let stop = CancellationToken::new();
     let go = CancellationToken::new();
     let mut tasks = Vec::with_capacity(n_online);
+    let rss_before = args.server_pid.and_then(rss_bytes);
     let connected = futures_util::stream::iter(order[..n_online].iter().copied())
         .map(|u| {
             let req = ws_request(&ws_url, &accounts[u as usize].token);
@@ -354,6 +441,9 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     // Every client placed itself on connecting; let those first sightings
     // settle so they are not counted as load.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_bytes_per_connection = rss_before
+        .zip(args.server_pid.and_then(rss_bytes))
+        .map(|(before, after)| after.saturating_sub(before) / n_online.max(1) as u64);
     go.cancel();
     let setup_s = setup_started.elapsed().as_secs_f64();
     eprintln!("set-up done in {setup_s:.1} s; {n_online} clients online");
@@ -461,6 +551,10 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         users: args.users,
         online: n_online,
         friendships: graph.edges().count(),
+        graph: args.graph,
+        cities: args.cities,
+        max_friends: graph.adj.iter().map(Vec::len).max().unwrap_or(0),
+        idle_bytes_per_connection,
         setup_s,
         disconnects: shared.disconnects.load(Ordering::SeqCst),
         last,
@@ -527,11 +621,11 @@ fn ws_request(
     Ok(req)
 }
 
-/// A uniformly random point in the city disc (Seoul-centred).
-fn home(rng: &mut StdRng, radius_m: f64) -> (f64, f64) {
+/// A uniformly random point in the disc around `centre`.
+fn home(rng: &mut StdRng, centre: (f64, f64), radius_m: f64) -> (f64, f64) {
     let r = radius_m * rng.gen::<f64>().sqrt();
     let theta = rng.gen::<f64>() * std::f64::consts::TAU;
-    offset((37.5665, 126.9780), r * theta.cos(), r * theta.sin())
+    offset(centre, r * theta.cos(), r * theta.sin())
 }
 
 /// `(lat, lon)` moved `north_m` north and `east_m` east.
@@ -867,9 +961,18 @@ fn latency(h: &Histogram<u64>) -> Latency {
 fn print_summary(report: &Report) {
     let r = &report.last;
     println!(
-        "users {} (online {}), friendships {}, set-up {:.1} s",
-        report.users, report.online, report.friendships, report.setup_s
+        "users {} (online {}) in {} cities, friendships {} ({:?}, most friends of one user {}), set-up {:.1} s",
+        report.users,
+        report.online,
+        report.cities,
+        report.friendships,
+        report.graph,
+        report.max_friends,
+        report.setup_s
     );
+    if let Some(idle) = report.idle_bytes_per_connection {
+        println!("server RSS per idle connection: {idle} B");
+    }
     println!(
         "window {:.1} s: updates {} ({:.0}/s, offered {:.0}/s), deliveries {} of {} expected ({:.0}/s)",
         r.window_s,
@@ -940,4 +1043,20 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cities_are_out_of_each_others_range() {
+        // The default radius (8 047 m) plus two city discs of 2 km, with room.
+        for (i, a) in CITIES.iter().enumerate() {
+            for b in &CITIES[i + 1..] {
+                let d = nearby_geo::haversine_m(a.1, a.2, b.1, b.2);
+                assert!(d > 25_000.0, "{} to {}: {d} m", a.0, b.0);
+            }
+        }
+    }
 }

@@ -188,7 +188,7 @@ pub fn html(r: &Report) -> String {
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>nearby bench</title>
 <style>body{{font-family:sans-serif;margin:24px;color:#111}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
 <h1>nearby bench</h1>
-<p>{users} users ({online} online), {friendships} friendships, set-up {setup:.1} s. Capacity: <b>{capacity}</b>.
+<p>{users} users ({online} online) in {cities} cities, {friendships} friendships ({graph:?} graph, most friends of one user {maxf}), set-up {setup:.1} s. Capacity: <b>{capacity}</b>.
 Server RSS at the end: {rss}.</p>
 {latency}
 {throughput}
@@ -199,6 +199,9 @@ Server RSS at the end: {rss}.</p>
         users = r.users,
         online = r.online,
         friendships = r.friendships,
+        cities = r.cities,
+        graph = r.graph,
+        maxf = r.max_friends,
         setup = r.setup_s,
         rss = r
             .last
@@ -243,6 +246,10 @@ mod tests {
             users: 1000,
             online: 1000,
             friendships: 10_000,
+            graph: crate::GraphModel::PowerLaw,
+            cities: 2,
+            max_friends: 310,
+            idle_bytes_per_connection: Some(9000),
             setup_s: 3.0,
             disconnects: 0,
             last: Step {
@@ -259,6 +266,7 @@ mod tests {
         assert_eq!(page.matches("<tr><td>").count(), 2);
         assert!(page.contains("19900 deliveries/s with p99 ≤ 50 ms"));
         assert!(page.contains("<polyline"));
+        assert!(page.contains("in 2 cities"), "{page}");
         assert!(!page.contains("NaN"), "{page}");
         assert!(!page.contains("<script"));
     }
