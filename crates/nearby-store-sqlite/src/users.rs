@@ -11,7 +11,8 @@ const BULK_ROWS: usize = 8000;
 
 use crate::{backend, Pools};
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     id            INTEGER PRIMARY KEY,
     username      TEXT NOT NULL UNIQUE,
@@ -34,11 +35,13 @@ CREATE TABLE friend_edges (
     PRIMARY KEY (user_id, friend_id)
 ) WITHOUT ROWID;
 CREATE INDEX friend_edges_reverse ON friend_edges(friend_id, status, sharing);
-"#];
-
-/// The reverse-edge index of the first migration, rebuilt by bulk loads.
-const REVERSE_INDEX: &str =
-    "CREATE INDEX friend_edges_reverse ON friend_edges(friend_id, status, sharing)";
+"#,
+    // Who shares with a viewer is read through the primary key of the reverse
+    // edges (see `visible_friends`); the index cost a third of the file and of
+    // every edge write, and half of a bulk load's time. No user is ever deleted,
+    // so the cascade on friend_id never needs it.
+    "DROP INDEX friend_edges_reverse;",
+];
 
 /// Users, tokens, friendships and sharing permissions in a SQLite file.
 #[derive(Clone)]
@@ -64,104 +67,98 @@ impl SqliteUserStore {
         users: &[BulkUser],
         friendships: &[(u32, u32)],
     ) -> StoreResult<Vec<UserId>> {
-        let mut tx = self.db.writer.begin().await.map_err(backend)?;
-        // A large page cache for this transaction: the reverse index takes
-        // its rows in random order, and with the default 2 MB cache that
-        // thrashes once it outgrows it.
-        sqlx::query("PRAGMA cache_size = -1048576")
-            .execute(&mut *tx)
+        // A connection of its own, with foreign-key checks off for the
+        // load: every edge names two users inserted just before (checked
+        // below), and the checks were two B-tree lookups per edge row.
+        let mut conn = self.db.writer.acquire().await.map_err(backend)?;
+        sqlx::query("PRAGMA foreign_keys = OFF")
+            .execute(&mut *conn)
             .await
             .map_err(backend)?;
-        let mut ids = Vec::with_capacity(users.len());
-        // Multi-row statements, well under SQLite's 32 766 variables each.
-        for chunk in users.chunks(BULK_ROWS) {
-            let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO users (username, password_hash) ");
-            q.push_values(chunk, |mut row, u| {
-                row.push_bind(&u.username).push_bind(&u.password_hash);
-            });
-            q.push(" RETURNING id, username");
-            let rows = q.build().fetch_all(&mut *tx).await.map_err(|e| match e {
-                sqlx::Error::Database(d) if d.is_unique_violation() => {
-                    StoreError::Conflict("a username is taken".into())
-                }
-                e => backend(e),
-            })?;
-            // RETURNING's order is arbitrary: match ids back by name.
-            let mut by_name = std::collections::HashMap::with_capacity(rows.len());
-            for r in rows {
-                let id: i64 = r.try_get(0).map_err(backend)?;
-                let name: String = r.try_get(1).map_err(backend)?;
-                by_name.insert(name, UserId(id));
-            }
-            for u in chunk {
-                let id = by_name.get(&u.username).copied().ok_or_else(|| {
-                    StoreError::Backend(format!("no id returned for {:?}", u.username))
-                })?;
-                ids.push(id);
-            }
+        let loaded = bulk_load(&mut conn, users, friendships).await;
+        let restored = sqlx::query("PRAGMA foreign_keys = ON")
+            .execute(&mut *conn)
+            .await;
+        if restored.is_err() {
+            // Never hand a connection without the checks back to the pool.
+            conn.close_on_drop();
         }
-        if ids.len() != users.len() {
-            return Err(StoreError::Backend(
-                "bulk insert returned too few ids".into(),
-            ));
-        }
-        let with_ids: Vec<(&BulkUser, UserId)> = users.iter().zip(ids.iter().copied()).collect();
-        for chunk in with_ids.chunks(BULK_ROWS) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO tokens (token_hash, user_id, expires_at) ",
-            );
-            q.push_values(chunk, |mut row, (u, id)| {
-                row.push_bind(&u.token_hash[..])
-                    .push_bind(id.0)
-                    .push_bind(u.token_expires_at_ms);
-            });
-            q.build().execute(&mut *tx).await.map_err(backend)?;
-        }
-        let mut edges = Vec::with_capacity(friendships.len() * 2);
-        for &(a, b) in friendships {
-            let (Some(a), Some(b)) = (ids.get(a as usize), ids.get(b as usize)) else {
-                return Err(StoreError::NotFound(format!(
-                    "friendship ({a}, {b}) names no user"
-                )));
-            };
-            edges.push((*a, *b));
-            edges.push((*b, *a));
-        }
-        // In primary-key order, the table's B-tree is appended to, not split.
-        edges.sort_unstable();
-        // The reverse index would take these rows in random order; building
-        // it once afterwards sorts them instead. Readers (WAL) keep seeing
-        // the old index until the commit.
-        let big = edges.len() > 100_000;
-        if big {
-            sqlx::query("DROP INDEX IF EXISTS friend_edges_reverse")
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        }
-        for chunk in edges.chunks(BULK_ROWS) {
-            let mut q = QueryBuilder::<Sqlite>::new(
-                "INSERT OR IGNORE INTO friend_edges (user_id, friend_id, status) ",
-            );
-            q.push_values(chunk, |mut row, (from, to)| {
-                row.push_bind(from.0).push_bind(to.0).push("'friends'");
-            });
-            q.build().execute(&mut *tx).await.map_err(backend)?;
-        }
-        if big {
-            sqlx::query(REVERSE_INDEX)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        }
-        tx.commit().await.map_err(backend)?;
-        // Back to the default for this pooled connection.
-        sqlx::query("PRAGMA cache_size = -2000")
-            .execute(&self.db.writer)
-            .await
-            .map_err(backend)?;
+        let ids = loaded?;
+        restored.map_err(backend)?;
         Ok(ids)
     }
+}
+
+/// The body of [`SqliteUserStore::bulk_insert`], in one transaction on `conn`.
+async fn bulk_load(
+    conn: &mut sqlx::SqliteConnection,
+    users: &[BulkUser],
+    friendships: &[(u32, u32)],
+) -> StoreResult<Vec<UserId>> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await.map_err(backend)?;
+    let mut ids = Vec::with_capacity(users.len());
+    // Multi-row statements, well under SQLite's 32 766 variables each.
+    for chunk in users.chunks(BULK_ROWS) {
+        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO users (username, password_hash) ");
+        q.push_values(chunk, |mut row, u| {
+            row.push_bind(&u.username).push_bind(&u.password_hash);
+        });
+        q.push(" RETURNING id, username");
+        let rows = q.build().fetch_all(&mut *tx).await.map_err(|e| match e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                StoreError::Conflict("a username is taken".into())
+            }
+            e => backend(e),
+        })?;
+        // RETURNING's order is arbitrary: match ids back by name.
+        let mut by_name = std::collections::HashMap::with_capacity(rows.len());
+        for r in rows {
+            let id: i64 = r.try_get(0).map_err(backend)?;
+            let name: String = r.try_get(1).map_err(backend)?;
+            by_name.insert(name, UserId(id));
+        }
+        for u in chunk {
+            let id = by_name.get(&u.username).copied().ok_or_else(|| {
+                StoreError::Backend(format!("no id returned for {:?}", u.username))
+            })?;
+            ids.push(id);
+        }
+    }
+    let with_ids: Vec<(&BulkUser, UserId)> = users.iter().zip(ids.iter().copied()).collect();
+    for chunk in with_ids.chunks(BULK_ROWS) {
+        let mut q =
+            QueryBuilder::<Sqlite>::new("INSERT INTO tokens (token_hash, user_id, expires_at) ");
+        q.push_values(chunk, |mut row, (u, id)| {
+            row.push_bind(&u.token_hash[..])
+                .push_bind(id.0)
+                .push_bind(u.token_expires_at_ms);
+        });
+        q.build().execute(&mut *tx).await.map_err(backend)?;
+    }
+    let mut edges = Vec::with_capacity(friendships.len() * 2);
+    for &(a, b) in friendships {
+        let (Some(a), Some(b)) = (ids.get(a as usize), ids.get(b as usize)) else {
+            return Err(StoreError::NotFound(format!(
+                "friendship ({a}, {b}) names no user"
+            )));
+        };
+        edges.push((*a, *b));
+        edges.push((*b, *a));
+    }
+    // In primary-key order, the table's B-tree is appended to, not split.
+    edges.sort_unstable();
+    for chunk in edges.chunks(BULK_ROWS) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "INSERT OR IGNORE INTO friend_edges (user_id, friend_id, status) ",
+        );
+        q.push_values(chunk, |mut row, (from, to)| {
+            row.push_bind(from.0).push_bind(to.0).push("'friends'");
+        });
+        q.build().execute(&mut *tx).await.map_err(backend)?;
+    }
+    tx.commit().await.map_err(backend)?;
+    Ok(ids)
 }
 
 async fn edge_status(
@@ -390,7 +387,11 @@ impl UserStore for SqliteUserStore {
 
     async fn visible_friends(&self, viewer: UserId) -> StoreResult<Vec<UserId>> {
         let rows = sqlx::query(
-            "SELECT user_id FROM friend_edges WHERE friend_id = ? AND status = 'friends' AND sharing = 1",
+            // The viewer's friends whose own edge back shares: both by
+            // primary key.
+            "SELECT e.friend_id FROM friend_edges e
+             JOIN friend_edges r ON r.user_id = e.friend_id AND r.friend_id = e.user_id
+             WHERE e.user_id = ? AND e.status = 'friends' AND r.status = 'friends' AND r.sharing = 1",
         )
         .bind(viewer.0)
         .fetch_all(&self.db.reader)

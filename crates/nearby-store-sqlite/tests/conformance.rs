@@ -43,11 +43,11 @@ async fn sqlite_bulk_insert_loads_users_tokens_and_friends() {
 }
 
 #[tokio::test]
-async fn a_large_bulk_insert_rebuilds_the_reverse_index() {
+async fn a_large_bulk_insert_is_read_by_primary_key_and_leaves_checks_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("users.db");
     let store = SqliteUserStore::open(&path).await.expect("open");
-    // 60 000 users in a ring: 120 000 edge rows, past the rebuild threshold.
+    // 60 000 users in a ring: 120 000 edge rows.
     let (users, ring) = nearby_conformance::bulk_sample("big", 60_000);
     let ids = store.bulk_insert(&users, &ring).await.expect("bulk");
     for i in [0usize, 1, 30_000, 59_999] {
@@ -57,6 +57,21 @@ async fn a_large_bulk_insert_rebuilds_the_reverse_index() {
         want.sort();
         assert_eq!(got, want, "friends of #{i}");
     }
+    // Sharing is read from the friend's own edge.
+    assert!(store
+        .set_sharing(ids[1], ids[0], false)
+        .await
+        .expect("share"));
+    assert_eq!(
+        store.visible_friends(ids[0]).await.expect("visible"),
+        vec![ids[59_999]]
+    );
+    // The load turned foreign-key checks off on the single writer
+    // connection; they are back on: a token for nobody is refused.
+    assert!(store
+        .create_token(b"orphan", nearby_core::UserId(i64::MAX), i64::MAX)
+        .await
+        .is_err());
     drop(store);
     let conn = sqlx::SqlitePool::connect(&format!("sqlite://{}", path.display()))
         .await
@@ -67,5 +82,5 @@ async fn a_large_bulk_insert_rebuilds_the_reverse_index() {
     .fetch_one(&conn)
     .await
     .expect("query");
-    assert_eq!(n, 1, "the reverse index is back");
+    assert_eq!(n, 0, "the second migration dropped the reverse index");
 }
