@@ -18,25 +18,20 @@
 //!    `--server-pid`, the server's RSS and CPU from `/proc`.
 #![forbid(unsafe_code)]
 
+mod fleet;
 pub mod graph;
 mod report;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 
 use crate::graph::Graph;
 
@@ -100,9 +95,25 @@ const CITIES: [(&str, f64, f64); 10] = [
 /// Options of `nearby bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Server to load.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    pub url: String,
+    /// Server(s) to load, comma-separated (`http://` only); user `u`
+    /// connects to the `u mod n`-th. Set-up calls go to the first.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:8080")]
+    pub url: Vec<String>,
+    /// Client processes: one process holds at most its open-file limit of
+    /// connections, so more spread over workers (this binary re-run), each
+    /// holding whole cities (needs `--cities` >= this).
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Local addresses to connect from, comma-separated, in turn: each
+    /// source address has its own ~28 000 ephemeral ports per server.
+    #[arg(long, value_delimiter = ',')]
+    pub source_ips: Vec<std::net::IpAddr>,
+    /// Internal: run as worker of a multi-process run, from this plan.
+    #[arg(long, hide = true)]
+    pub worker: Option<PathBuf>,
+    /// Internal: which worker.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub worker_index: usize,
     /// Users to create.
     #[arg(long, default_value_t = 200)]
     pub users: usize,
@@ -213,6 +224,8 @@ pub struct Report {
     pub users: usize,
     /// Online clients.
     pub online: usize,
+    /// Clients connected by each bench process.
+    pub clients_per_process: Vec<usize>,
     /// Friendships.
     pub friendships: usize,
     /// The graph's model.
@@ -268,34 +281,17 @@ pub struct Step {
     pub server_rss_bytes: Option<u64>,
 }
 
-/// Counters shared by every client task.
-struct Shared {
-    /// When each user last sent, µs since `t0` (0 = never).
-    sent_at: Vec<AtomicU64>,
-    /// user id (as the server spells it) → index.
-    index: HashMap<String, u32>,
-    /// Online friends of each user.
-    online_friends: Vec<u32>,
-    t0: Instant,
-    /// Current step, from 1; deliveries are recorded against it (0 = not
-    /// measuring).
-    step: AtomicUsize,
-    /// Current interval between a client's sends, µs.
-    interval_us: AtomicU64,
-    /// Per-step latency, merged from the clients.
-    hists: std::sync::Mutex<Vec<Histogram<u64>>>,
-    measuring: AtomicBool,
-    sending: AtomicBool,
-    updates: AtomicU64,
-    expected: AtomicU64,
-    deliveries: AtomicU64,
-    errors: AtomicU64,
-    disconnects: AtomicU64,
-}
-
 struct Account {
     id: String,
     token: String,
+}
+
+/// `nearby bench`: a run, or (with `--worker`) one worker process of a run.
+pub async fn main(args: BenchArgs) -> Result<(), BenchError> {
+    match &args.worker {
+        Some(plan) => fleet::worker(plan, args.worker_index).await,
+        None => run(args).await.map(drop),
+    }
 }
 
 /// Runs the benchmark and prints a summary; returns the report.
@@ -309,9 +305,13 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         || intervals.iter().any(|i| *i < 100)
         || !(0.0..=1.0).contains(&args.online)
         || !(1..=CITIES.len()).contains(&args.cities)
+        || args.procs == 0
+        || args.procs > args.cities
+        || args.url.is_empty()
     {
         return Err(BenchError::Args(format!(
-            "need --users >= 2, intervals >= 100 ms, 0 <= --online <= 1, 1 <= --cities <= {}",
+            "need --users >= 2, intervals >= 100 ms, 0 <= --online <= 1, \
+             1 <= --procs <= --cities <= {}, and a --url",
             CITIES.len()
         )));
     }
@@ -319,7 +319,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.setup_concurrency)
         .build()?;
-    let base = args.url.trim_end_matches('/').to_owned();
+    let base = args.url[0].trim_end_matches('/').to_owned();
     let sizes = graph::city_sizes(args.users, args.cities);
     let graph = match args.graph {
         GraphModel::SmallWorld => {
@@ -375,96 +375,71 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                 .count() as u32
         })
         .collect();
-    let shared = Arc::new(Shared {
-        sent_at: (0..args.users).map(|_| AtomicU64::new(0)).collect(),
-        index: accounts
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.id.clone(), i as u32))
-            .collect(),
-        online_friends,
-        t0: Instant::now(),
-        step: AtomicUsize::new(0),
-        interval_us: AtomicU64::new(intervals[0] * 1000),
-        hists: std::sync::Mutex::new((0..=intervals.len()).map(|_| new_histogram()).collect()),
-        measuring: AtomicBool::new(false),
-        sending: AtomicBool::new(true),
-        updates: AtomicU64::new(0),
-        expected: AtomicU64::new(0),
-        deliveries: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        disconnects: AtomicU64::new(0),
-    });
-
-    // Connect everyone, each placed at home once, before any load.
-    let ws_url = format!("{}/v1/ws", base.replacen("http", "ws", 1));
     let homes: Vec<(f64, f64)> = (0..args.users)
         .map(|u| {
             let (_, lat, lon) = CITIES[usize::from(city[u])];
             home(&mut rng, (lat, lon), args.city_radius_m)
         })
         .collect();
-    let stop = CancellationToken::new();
-    let go = CancellationToken::new();
-    let mut tasks = Vec::with_capacity(n_online);
-    let rss_before = args.server_pid.and_then(rss_bytes);
-    let connected = futures_util::stream::iter(order[..n_online].iter().copied())
-        .map(|u| {
-            let req = ws_request(&ws_url, &accounts[u as usize].token);
-            async move {
-                let req = req?;
-                // No Nagle: a phone sends one small frame at a time.
-                let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true).await?;
-                Ok::<_, BenchError>((u, ws))
-            }
-        })
-        .buffer_unordered(args.setup_concurrency)
-        .collect::<Vec<_>>()
-        .await;
-    for c in connected {
-        let (u, ws) = c?;
-        let plan = Plan {
-            user: u,
-            home: homes[u as usize],
-            phase: rng.gen::<f64>(),
-            rounds: args.rounds,
-            seed: args.seed.wrapping_add(u64::from(u)),
-        };
-        tasks.push(tokio::spawn(client(
-            ws,
-            plan,
-            shared.clone(),
-            go.clone(),
-            stop.clone(),
-        )));
+    let phases = (0..args.users).map(|_| rng.gen::<f64>()).collect();
+    // Whole cities per process, largest first onto the least loaded, so no
+    // delivery crosses processes.
+    let mut per_city = vec![Vec::new(); args.cities];
+    for u in &order[..n_online] {
+        per_city[usize::from(city[*u as usize])].push(*u);
     }
+    per_city.sort_by_key(|c| std::cmp::Reverse(c.len()));
+    let mut members: Vec<Vec<u32>> = vec![Vec::new(); args.procs];
+    for c in per_city {
+        if let Some(m) = members.iter_mut().min_by_key(|m| m.len()) {
+            m.extend(c);
+        }
+    }
+    let population = fleet::Population {
+        urls: args.url.clone(),
+        accounts: accounts.into_iter().map(|a| (a.id, a.token)).collect(),
+        homes,
+        online_friends,
+        phases,
+        members,
+        source_ips: args.source_ips.clone(),
+        seed: args.seed,
+        rounds: args.rounds,
+        interval_us: intervals[0] * 1000,
+        connect_concurrency: args.setup_concurrency,
+    };
+
+    // Connect everyone, each placed at home once, before any load.
+    let rss_before = args.server_pid.and_then(rss_bytes);
+    let mut fleet = fleet::Fleet::start(population, &std::env::temp_dir()).await?;
     // Every client placed itself on connecting; let those first sightings
     // settle so they are not counted as load.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_bytes_per_connection = rss_before
         .zip(args.server_pid.and_then(rss_bytes))
         .map(|(before, after)| after.saturating_sub(before) / n_online.max(1) as u64);
-    go.cancel();
+    let clients_per_process = fleet.clients();
+    fleet.go().await?;
     let setup_s = setup_started.elapsed().as_secs_f64();
     eprintln!("set-up done in {setup_s:.1} s; {n_online} clients online");
 
     let mut steps = Vec::with_capacity(intervals.len());
     if let Some(rounds) = args.rounds {
         let cpu_before = args.server_pid.and_then(cpu_ticks);
-        shared.step.store(1, Ordering::SeqCst);
-        shared.measuring.store(true, Ordering::SeqCst);
+        fleet.begin(1).await?;
         let started = Instant::now();
         // Each client stops by itself after `rounds` sends.
         let limit = Duration::from_millis(args.interval_ms * (rounds + 2)) + Duration::from_secs(5);
-        while shared.updates.load(Ordering::Relaxed) < rounds * n_online as u64
+        while fleet.counters().await?.updates < rounds * n_online as u64
             && started.elapsed() < limit
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        shared.sending.store(false, Ordering::SeqCst);
+        fleet.stop_sending().await?;
         tokio::time::sleep(Duration::from_secs(args.drain_s)).await;
+        let counters = fleet.counters().await?;
         steps.push(close_step(
-            &shared,
+            counters,
             args.interval_ms,
             n_online,
             started,
@@ -473,49 +448,37 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         ));
     } else {
         for (i, iv) in intervals.iter().enumerate() {
-            shared.interval_us.store(iv * 1000, Ordering::SeqCst);
+            fleet.set_interval(iv * 1000).await?;
             let label = format!("{iv} ms");
             progress(
-                &shared,
+                &mut fleet,
                 Duration::from_secs(args.warmup_s),
                 &format!("warm {label}"),
             )
-            .await;
-            for c in [
-                &shared.updates,
-                &shared.expected,
-                &shared.deliveries,
-                &shared.errors,
-            ] {
-                c.store(0, Ordering::SeqCst);
-            }
+            .await?;
             let cpu_before = args.server_pid.and_then(cpu_ticks);
-            shared.step.store(i + 1, Ordering::SeqCst);
-            shared.measuring.store(true, Ordering::SeqCst);
+            fleet.begin(i + 1).await?;
             let started = Instant::now();
-            progress(&shared, Duration::from_secs(args.duration_s), &label).await;
-            shared.measuring.store(false, Ordering::SeqCst);
-            shared.step.store(0, Ordering::SeqCst);
-            steps.push(close_step(
-                &shared,
+            progress(&mut fleet, Duration::from_secs(args.duration_s), &label).await?;
+            let counters = fleet.counters().await?;
+            let step = close_step(
+                counters,
                 *iv,
                 n_online,
                 started,
                 cpu_before,
                 args.server_pid,
-            ));
+            );
+            fleet.end().await?;
+            steps.push(step);
             if i + 1 == intervals.len() {
                 break;
             }
             // Stop the ramp once a step breaks the bound: give the clients a
             // second (at the current rate) to hand over that step's samples.
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let p99 = shared
-                .hists
-                .lock()
-                .ok()
-                .and_then(|h| h.get(i + 1).map(|h| latency(h).p99_ms));
-            if let Some(p99) = p99.filter(|p| *p > args.p99_bound_ms) {
+            let p99 = latency(&fleet.hist(i + 1).await?).p99_ms;
+            if p99 > args.p99_bound_ms {
                 eprintln!(
                     "p99 {p99:.1} ms > {} ms at {iv} ms: the ramp stops here",
                     args.p99_bound_ms
@@ -523,19 +486,16 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                 break;
             }
         }
-        shared.sending.store(false, Ordering::SeqCst);
+        fleet.stop_sending().await?;
         tokio::time::sleep(Duration::from_secs(args.drain_s)).await;
     }
-    stop.cancel();
-    for t in tasks {
-        let _ = t.await;
-    }
-    // The clients have flushed their histograms: fill in each step's latency.
-    if let Ok(hists) = shared.hists.lock() {
-        for (i, step) in steps.iter_mut().enumerate() {
-            if let Some(h) = hists.get(i + 1) {
-                step.latency = latency(h);
-            }
+    let disconnects = fleet.counters().await?.disconnects;
+    // The clients flush their histograms as they close: fill in each step's
+    // latency.
+    let hists = fleet.finish().await?;
+    for (i, step) in steps.iter_mut().enumerate() {
+        if let Some(h) = hists.get(i + 1) {
+            step.latency = latency(h);
         }
     }
     let last = steps
@@ -550,13 +510,14 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let report = Report {
         users: args.users,
         online: n_online,
+        clients_per_process,
         friendships: graph.edges().count(),
         graph: args.graph,
         cities: args.cities,
         max_friends: graph.adj.iter().map(Vec::len).max().unwrap_or(0),
         idle_bytes_per_connection,
         setup_s,
-        disconnects: shared.disconnects.load(Ordering::SeqCst),
+        disconnects,
         last,
         steps,
         capacity_deliveries_per_s,
@@ -578,7 +539,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
 /// Reads the counters of the step that started at `started` (its latency is
 /// filled in once the clients have flushed).
 fn close_step(
-    shared: &Shared,
+    c: fleet::Counters,
     interval_ms: u64,
     online: usize,
     started: Instant,
@@ -588,37 +549,24 @@ fn close_step(
     let window_s = started.elapsed().as_secs_f64().max(1e-9);
     let cpu_after = pid.and_then(cpu_ticks);
     let ticks_per_s = 100.0; // USER_HZ on Linux
-    let updates = shared.updates.load(Ordering::SeqCst);
-    let deliveries = shared.deliveries.load(Ordering::SeqCst);
+    let (updates, deliveries) = (c.updates, c.deliveries);
     Step {
         interval_ms,
         window_s,
         offered_updates_per_s: online as f64 * 1000.0 / interval_ms as f64,
         updates,
-        expected_deliveries: shared.expected.load(Ordering::SeqCst),
+        expected_deliveries: c.expected,
         deliveries,
         updates_per_s: updates as f64 / window_s,
         deliveries_per_s: deliveries as f64 / window_s,
-        errors: shared.errors.load(Ordering::SeqCst),
-        latency: latency(&new_histogram()),
+        errors: c.errors,
+        latency: latency(&fleet::new_histogram()),
         server_cpu_cores: match (cpu_before, cpu_after) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / ticks_per_s / window_s),
             _ => None,
         },
         server_rss_bytes: pid.and_then(rss_bytes),
     }
-}
-
-fn ws_request(
-    url: &str,
-    token: &str,
-) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, BenchError> {
-    let mut req = url.into_client_request()?;
-    let value = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| BenchError::Setup("token is not a valid header value".into()))?;
-    req.headers_mut().insert("authorization", value);
-    Ok(req)
 }
 
 /// A uniformly random point in the disc around `centre`.
@@ -779,159 +727,14 @@ async fn post(
     Ok((st, v))
 }
 
-struct Plan {
-    user: u32,
-    home: (f64, f64),
-    /// Where in the interval this client sends, as a fraction.
-    phase: f64,
-    rounds: Option<u64>,
-    seed: u64,
-}
-
-fn new_histogram() -> Histogram<u64> {
-    // 1 µs to 60 s at 3 significant digits: constant, valid bounds.
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
-}
-
-#[derive(serde::Deserialize)]
-struct Frame<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: &'a str,
-    #[serde(borrow)]
-    id: Option<&'a str>,
-}
-
-/// One simulated phone: sends on its timer, records what it receives.
-async fn client(
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-    plan: Plan,
-    shared: Arc<Shared>,
-    go: CancellationToken,
-    stop: CancellationToken,
-) {
-    // Latency of the deliveries of step `hist_step`, merged into the shared
-    // per-step histograms when the step changes and at the end.
-    let mut hist = new_histogram();
-    let mut hist_step = 0usize;
-    let flush = |hist: &mut Histogram<u64>, step: usize| {
-        if hist.is_empty() {
-            return;
-        }
-        if let Ok(mut all) = shared.hists.lock() {
-            if let Some(h) = all.get_mut(step) {
-                let _ = h.add(&*hist);
-            }
-        }
-        hist.reset();
-    };
-    let (mut tx, mut rx) = ws.split();
-    let mut rng = StdRng::seed_from_u64(plan.seed);
-    let place = |rng: &mut StdRng| {
-        let (n, e) = (
-            rng.gen_range(-WANDER_M..WANDER_M),
-            rng.gen_range(-WANDER_M..WANDER_M),
-        );
-        let (lat, lon) = offset(plan.home, n, e);
-        Message::text(json!({ "type": "location", "lat": lat, "lon": lon }).to_string())
-    };
-    // Placed at home at once; the friends' first sightings are set-up, not load.
-    if tx.send(place(&mut rng)).await.is_err() {
-        shared.disconnects.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
-    // Until `go`, only read (the friends' first sightings).
-    loop {
-        tokio::select! {
-            _ = go.cancelled() => break,
-            msg = rx.next() => if !matches!(msg, Some(Ok(_))) {
-                shared.disconnects.fetch_add(1, Ordering::Relaxed);
-                return;
-            },
-        }
-    }
-    // The interval is read at every send, so a ramp changes it live.
-    let interval = || Duration::from_micros(shared.interval_us.load(Ordering::Relaxed));
-    let mut next = tokio::time::Instant::now() + interval().mul_f64(plan.phase);
-    let mut sent = 0u64;
-    let me = plan.user as usize;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(next) => {
-                next += interval();
-                let now = tokio::time::Instant::now();
-                if next < now {
-                    next = now + interval(); // fell behind: skip, do not burst
-                }
-                if !shared.sending.load(Ordering::Relaxed) || plan.rounds.is_some_and(|r| sent >= r) {
-                    continue;
-                }
-                let now_us = shared.t0.elapsed().as_micros() as u64;
-                shared.sent_at[me].store(now_us.max(1), Ordering::Relaxed);
-                if tx.send(place(&mut rng)).await.is_err() {
-                    shared.disconnects.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                sent += 1;
-                shared.updates.fetch_add(1, Ordering::Relaxed);
-                shared.expected.fetch_add(u64::from(shared.online_friends[me]), Ordering::Relaxed);
-            }
-            msg = rx.next() => {
-                let text = match msg {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(_)) => continue,
-                    _ => {
-                        if !stop.is_cancelled() {
-                            shared.disconnects.fetch_add(1, Ordering::Relaxed);
-                        }
-                        break;
-                    }
-                };
-                let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
-                    shared.errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                match (frame.kind, frame.id) {
-                    ("friend_location", Some(id)) => {
-                        // A new step (or the end of one) hands the last
-                        // step's samples over at the first delivery after it.
-                        let step = shared.step.load(Ordering::Relaxed);
-                        if step != hist_step {
-                            flush(&mut hist, hist_step);
-                            hist_step = step;
-                        }
-                        if !shared.measuring.load(Ordering::Relaxed) {
-                            continue;
-                        }
-                        shared.deliveries.fetch_add(1, Ordering::Relaxed);
-                        let from = shared.index.get(id).map(|i| shared.sent_at[*i as usize].load(Ordering::Relaxed));
-                        if let Some(at) = from.filter(|a| *a > 0) {
-                            let now_us = shared.t0.elapsed().as_micros() as u64;
-                            let _ = hist.record(now_us.saturating_sub(at).max(1));
-                        }
-                    }
-                    ("error", _) => {
-                        shared.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-    flush(&mut hist, hist_step);
-}
-
-async fn progress(shared: &Shared, total: Duration, what: &str) {
+async fn progress(fleet: &mut fleet::Fleet, total: Duration, what: &str) -> Result<(), BenchError> {
     let started = Instant::now();
-    let mut last = (0u64, 0u64);
+    let c = fleet.counters().await?;
+    let mut last = (c.updates, c.deliveries);
     while started.elapsed() < total {
         tokio::time::sleep(Duration::from_secs(1).min(total)).await;
-        let now = (
-            shared.updates.load(Ordering::Relaxed),
-            shared.deliveries.load(Ordering::Relaxed),
-        );
+        let c = fleet.counters().await?;
+        let now = (c.updates, c.deliveries);
         let done = (started.elapsed().as_secs_f64() / total.as_secs_f64()).min(1.0);
         let bar: String = (0..30)
             .map(|i| if (i as f64) < done * 30.0 { '#' } else { '.' })
@@ -939,11 +742,12 @@ async fn progress(shared: &Shared, total: Duration, what: &str) {
         eprintln!(
             "{what:>9} [{bar}] {:>5.1}s  updates/s {:>8}  deliveries/s {:>9}",
             started.elapsed().as_secs_f64(),
-            now.0 - last.0,
-            now.1 - last.1
+            now.0.saturating_sub(last.0),
+            now.1.saturating_sub(last.1)
         );
         last = now;
     }
+    Ok(())
 }
 
 fn latency(h: &Histogram<u64>) -> Latency {

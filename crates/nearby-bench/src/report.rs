@@ -245,6 +245,7 @@ mod tests {
         let r = Report {
             users: 1000,
             online: 1000,
+            clients_per_process: vec![1000],
             friendships: 10_000,
             graph: crate::GraphModel::PowerLaw,
             cities: 2,

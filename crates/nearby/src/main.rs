@@ -70,7 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .init();
     match cli.cmd {
         Cmd::Serve(args) => serve(args).await,
-        Cmd::Bench(args) => nearby_bench::run(args).await.map(drop).map_err(Into::into),
+        Cmd::Bench(args) => nearby_bench::main(args).await.map_err(Into::into),
         Cmd::Client(args) => nearby_client::cli::run(args).await.map_err(Into::into),
         Cmd::Demo(args) => demo::run(args).await,
     }

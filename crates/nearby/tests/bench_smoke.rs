@@ -98,6 +98,37 @@ async fn bench_smoke_bulk_loaded() {
     assert!(r["expected_deliveries"].as_u64() < Some(sides), "{r}");
 }
 
+/// Two worker processes, a city each, connecting from two loopback
+/// addresses: the counts and latencies of both add up.
+#[tokio::test]
+async fn bench_smoke_in_two_processes() {
+    let server = Server::start(&[]);
+    let db = server.data_dir().join("users.db");
+    let r = bench(
+        &server,
+        &[
+            "--bulk-sqlite",
+            db.to_str().expect("utf-8 path"),
+            "--cities",
+            "2",
+            "--procs",
+            "2",
+            "--source-ips",
+            "127.0.0.1,127.0.0.2",
+        ],
+    );
+    check(&r, None);
+    let per: Vec<u64> = r["clients_per_process"]
+        .as_array()
+        .expect("clients_per_process")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert_eq!(per.len(), 2, "{r}");
+    assert_eq!(per.iter().sum::<u64>(), 40, "{r}");
+    assert!(per.iter().all(|n| *n > 0), "{r}");
+}
+
 #[tokio::test]
 async fn bench_smoke_on_redis_and_postgres() {
     let Some(shared) = common::Shared::get().await else {

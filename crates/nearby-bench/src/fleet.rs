@@ -1,0 +1,714 @@
+//! The simulated phones, in this process or in several.
+//!
+//! One process cannot hold more connections than its open-file limit, so
+//! with `--procs N` the bench re-runs its own binary N times as workers
+//! (`nearby bench --worker PLAN --worker-index I`). Each worker connects the
+//! online users of whole cities, so every delivery's sender and receiver are
+//! in the same process (friends in other cities are out of range) and
+//! latency is still measured on one clock. The coordinator steers them over
+//! their stdin and reads counters and histograms from their stdout, one JSON
+//! line each.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::{offset, BenchError, WANDER_M};
+
+/// Everything a worker needs to play its share of the users.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Population {
+    /// Server base URLs (`http://…`); user `u` connects to `urls[u % len]`.
+    pub urls: Vec<String>,
+    /// `(id, token)` of every user, by index.
+    pub accounts: Vec<(String, String)>,
+    /// Home of every user.
+    pub homes: Vec<(f64, f64)>,
+    /// Online friends in range of every user: deliveries per update.
+    pub online_friends: Vec<u32>,
+    /// Where in the interval each user sends, as a fraction.
+    pub phases: Vec<f64>,
+    /// Online users of each process.
+    pub members: Vec<Vec<u32>>,
+    /// Local addresses to connect from, in turn (empty: the system's
+    /// choice).
+    pub source_ips: Vec<IpAddr>,
+    pub seed: u64,
+    pub rounds: Option<u64>,
+    pub interval_us: u64,
+    pub connect_concurrency: usize,
+}
+
+/// Counts of the current step.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct Counters {
+    pub updates: u64,
+    pub expected: u64,
+    pub deliveries: u64,
+    pub errors: u64,
+    pub disconnects: u64,
+}
+
+impl std::ops::AddAssign for Counters {
+    fn add_assign(&mut self, o: Self) {
+        self.updates += o.updates;
+        self.expected += o.expected;
+        self.deliveries += o.deliveries;
+        self.errors += o.errors;
+        self.disconnects += o.disconnects;
+    }
+}
+
+/// What the coordinator tells a worker.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+enum Cmd {
+    Go,
+    Interval { us: u64 },
+    Begin { step: usize },
+    End,
+    Counters,
+    StopSending,
+    Hist { step: usize },
+    Finish,
+}
+
+/// A histogram as `(value, count)` pairs of its non-empty buckets.
+type Buckets = Vec<(u64, u64)>;
+
+fn buckets(h: &Histogram<u64>) -> Buckets {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
+}
+
+fn histogram(b: &Buckets) -> Histogram<u64> {
+    let mut h = new_histogram();
+    for (v, c) in b {
+        let _ = h.record_n(*v, *c);
+    }
+    h
+}
+
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 60 s at 3 significant digits: constant, valid bounds.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant histogram bounds are valid")
+}
+
+/// Counters shared by every client task of one process.
+struct Shared {
+    /// When each user last sent, µs since `t0` (0 = never).
+    sent_at: Vec<AtomicU64>,
+    /// user id (as the server spells it) → index.
+    index: HashMap<String, u32>,
+    /// Online friends in range of each user.
+    online_friends: Vec<u32>,
+    t0: std::time::Instant,
+    /// Current step, from 1; deliveries are recorded against it (0 = not
+    /// measuring).
+    step: AtomicUsize,
+    /// Current interval between a client's sends, µs.
+    interval_us: AtomicU64,
+    /// Per-step latency, merged from the clients.
+    hists: std::sync::Mutex<Vec<Histogram<u64>>>,
+    measuring: AtomicBool,
+    sending: AtomicBool,
+    updates: AtomicU64,
+    expected: AtomicU64,
+    deliveries: AtomicU64,
+    errors: AtomicU64,
+    disconnects: AtomicU64,
+}
+
+impl Shared {
+    fn counters(&self) -> Counters {
+        Counters {
+            updates: self.updates.load(Ordering::SeqCst),
+            expected: self.expected.load(Ordering::SeqCst),
+            deliveries: self.deliveries.load(Ordering::SeqCst),
+            errors: self.errors.load(Ordering::SeqCst),
+            disconnects: self.disconnects.load(Ordering::SeqCst),
+        }
+    }
+
+    fn begin(&self, step: usize) {
+        for c in [
+            &self.updates,
+            &self.expected,
+            &self.deliveries,
+            &self.errors,
+        ] {
+            c.store(0, Ordering::SeqCst);
+        }
+        let mut hists = self.hists.lock().unwrap_or_else(|p| p.into_inner());
+        while hists.len() <= step {
+            hists.push(new_histogram());
+        }
+        drop(hists);
+        self.step.store(step, Ordering::SeqCst);
+        self.measuring.store(true, Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        self.measuring.store(false, Ordering::SeqCst);
+        self.step.store(0, Ordering::SeqCst);
+    }
+
+    fn hist(&self, step: usize) -> Histogram<u64> {
+        let hists = self.hists.lock().unwrap_or_else(|p| p.into_inner());
+        hists.get(step).cloned().unwrap_or_else(new_histogram)
+    }
+}
+
+/// The clients of one process.
+pub(crate) struct Local {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+    go: CancellationToken,
+    stop: CancellationToken,
+}
+
+impl Local {
+    /// Connects `members`, each placing itself at home once.
+    async fn connect(pop: &Population, members: &[u32]) -> Result<Self, BenchError> {
+        let shared = Arc::new(Shared {
+            sent_at: (0..pop.accounts.len()).map(|_| AtomicU64::new(0)).collect(),
+            index: pop
+                .accounts
+                .iter()
+                .enumerate()
+                .map(|(i, (id, _))| (id.clone(), i as u32))
+                .collect(),
+            online_friends: pop.online_friends.clone(),
+            t0: std::time::Instant::now(),
+            step: AtomicUsize::new(0),
+            interval_us: AtomicU64::new(pop.interval_us),
+            hists: std::sync::Mutex::new(vec![new_histogram()]),
+            measuring: AtomicBool::new(false),
+            sending: AtomicBool::new(true),
+            updates: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
+            deliveries: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+        });
+        let mut addrs = Vec::with_capacity(pop.urls.len());
+        for url in &pop.urls {
+            addrs.push(resolve(url).await?);
+        }
+        let go = CancellationToken::new();
+        let stop = CancellationToken::new();
+        let connected = futures_util::stream::iter(members.iter().copied())
+            .map(|u| {
+                let i = u as usize;
+                let (addr, url) = (addrs[i % addrs.len()], &pop.urls[i % pop.urls.len()]);
+                let source =
+                    (!pop.source_ips.is_empty()).then(|| pop.source_ips[i % pop.source_ips.len()]);
+                let token = &pop.accounts[i].1;
+                async move { Ok::<_, BenchError>((u, open(addr, source, url, token).await?)) }
+            })
+            .buffer_unordered(pop.connect_concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        let mut tasks = Vec::with_capacity(members.len());
+        for c in connected {
+            let (u, ws) = c?;
+            let plan = Plan {
+                user: u,
+                home: pop.homes[u as usize],
+                phase: pop.phases[u as usize],
+                rounds: pop.rounds,
+                seed: pop.seed.wrapping_add(u64::from(u)),
+            };
+            tasks.push(tokio::spawn(client(
+                ws,
+                plan,
+                shared.clone(),
+                go.clone(),
+                stop.clone(),
+            )));
+        }
+        Ok(Self {
+            shared,
+            tasks,
+            go,
+            stop,
+        })
+    }
+
+    async fn finish(self) -> Vec<Histogram<u64>> {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        // The clients have flushed their histograms.
+        let hists = self.shared.hists.lock().unwrap_or_else(|p| p.into_inner());
+        hists.clone()
+    }
+}
+
+/// One worker process.
+pub(crate) struct Worker {
+    clients: usize,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: tokio::io::Lines<BufReader<ChildStdout>>,
+}
+
+impl Worker {
+    async fn send(&mut self, cmd: &Cmd) -> Result<(), BenchError> {
+        let mut line = serde_json::to_vec(cmd).unwrap_or_default();
+        line.push(b'\n');
+        self.stdin.write_all(&line).await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    async fn reply<T: for<'de> Deserialize<'de>>(&mut self) -> Result<T, BenchError> {
+        let line = self
+            .stdout
+            .next_line()
+            .await?
+            .ok_or_else(|| BenchError::Setup("a worker exited".into()))?;
+        serde_json::from_str(&line)
+            .map_err(|e| BenchError::Setup(format!("worker said {line:?}: {e}")))
+    }
+
+    async fn ask<T: for<'de> Deserialize<'de>>(&mut self, cmd: &Cmd) -> Result<T, BenchError> {
+        self.send(cmd).await?;
+        self.reply().await
+    }
+}
+
+/// The simulated phones, local or in worker processes.
+pub(crate) enum Fleet {
+    Local(Local),
+    Remote(Vec<Worker>),
+}
+
+impl Fleet {
+    /// Connects every online user: here, or in `pop.members.len()` workers
+    /// when there are several.
+    pub async fn start(pop: Population, plan_dir: &Path) -> Result<Self, BenchError> {
+        if pop.members.len() <= 1 {
+            let members = pop.members.first().cloned().unwrap_or_default();
+            return Ok(Self::Local(Local::connect(&pop, &members).await?));
+        }
+        let plan = plan_dir.join("nearby-bench-plan.json");
+        std::fs::write(&plan, serde_json::to_vec(&pop).unwrap_or_default())?;
+        let exe = std::env::current_exe()?;
+        let mut workers = Vec::with_capacity(pop.members.len());
+        for i in 0..pop.members.len() {
+            let mut child = tokio::process::Command::new(&exe)
+                .arg("bench")
+                .arg("--worker")
+                .arg(&plan)
+                .args(["--worker-index", &i.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()?;
+            let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                return Err(BenchError::Setup("worker pipes".into()));
+            };
+            workers.push(Worker {
+                clients: 0,
+                child,
+                stdin,
+                stdout: BufReader::new(stdout).lines(),
+            });
+        }
+        // Each says how many it connected once it has.
+        for (i, w) in workers.iter_mut().enumerate() {
+            let n: usize = w.reply().await?;
+            eprintln!("worker {i}: {n} clients connected");
+            w.clients = n;
+        }
+        let _ = std::fs::remove_file(&plan);
+        Ok(Self::Remote(workers))
+    }
+
+    /// Connected clients of each process.
+    pub fn clients(&self) -> Vec<usize> {
+        match self {
+            Self::Local(l) => vec![l.tasks.len()],
+            Self::Remote(ws) => ws.iter().map(|w| w.clients).collect(),
+        }
+    }
+
+    async fn each(&mut self, cmd: Cmd) -> Result<(), BenchError> {
+        if let Self::Remote(ws) = self {
+            for w in ws {
+                w.send(&cmd).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn go(&mut self) -> Result<(), BenchError> {
+        if let Self::Local(l) = self {
+            l.go.cancel();
+        }
+        self.each(Cmd::Go).await
+    }
+
+    pub async fn set_interval(&mut self, us: u64) -> Result<(), BenchError> {
+        if let Self::Local(l) = self {
+            l.shared.interval_us.store(us, Ordering::SeqCst);
+        }
+        self.each(Cmd::Interval { us }).await
+    }
+
+    /// Zeroes the counters and starts recording deliveries against `step`.
+    pub async fn begin(&mut self, step: usize) -> Result<(), BenchError> {
+        if let Self::Local(l) = self {
+            l.shared.begin(step);
+        }
+        self.each(Cmd::Begin { step }).await
+    }
+
+    pub async fn end(&mut self) -> Result<(), BenchError> {
+        if let Self::Local(l) = self {
+            l.shared.end();
+        }
+        self.each(Cmd::End).await
+    }
+
+    pub async fn stop_sending(&mut self) -> Result<(), BenchError> {
+        if let Self::Local(l) = self {
+            l.shared.sending.store(false, Ordering::SeqCst);
+        }
+        self.each(Cmd::StopSending).await
+    }
+
+    pub async fn counters(&mut self) -> Result<Counters, BenchError> {
+        match self {
+            Self::Local(l) => Ok(l.shared.counters()),
+            Self::Remote(ws) => {
+                let mut sum = Counters::default();
+                for w in ws {
+                    sum += w.ask::<Counters>(&Cmd::Counters).await?;
+                }
+                Ok(sum)
+            }
+        }
+    }
+
+    /// The latency samples of `step` handed over so far.
+    pub async fn hist(&mut self, step: usize) -> Result<Histogram<u64>, BenchError> {
+        match self {
+            Self::Local(l) => Ok(l.shared.hist(step)),
+            Self::Remote(ws) => {
+                let mut sum = new_histogram();
+                for w in ws {
+                    let b: Buckets = w.ask(&Cmd::Hist { step }).await?;
+                    let _ = sum.add(histogram(&b));
+                }
+                Ok(sum)
+            }
+        }
+    }
+
+    /// Closes every client; the latency of every step, by step number.
+    pub async fn finish(self) -> Result<Vec<Histogram<u64>>, BenchError> {
+        match self {
+            Self::Local(l) => Ok(l.finish().await),
+            Self::Remote(ws) => {
+                let mut all: Vec<Histogram<u64>> = Vec::new();
+                for mut w in ws {
+                    let steps: Vec<Buckets> = w.ask(&Cmd::Finish).await?;
+                    for (i, b) in steps.iter().enumerate() {
+                        if all.len() <= i {
+                            all.push(new_histogram());
+                        }
+                        let _ = all[i].add(histogram(b));
+                    }
+                    let _ = w.child.wait().await;
+                }
+                Ok(all)
+            }
+        }
+    }
+}
+
+/// `nearby bench --worker PLAN --worker-index I`: plays process I's users
+/// of the plan, steered by JSON lines on stdin.
+pub async fn worker(plan: &Path, index: usize) -> Result<(), BenchError> {
+    let pop: Population = serde_json::from_slice(&std::fs::read(plan)?)
+        .map_err(|e| BenchError::Args(format!("bad plan {}: {e}", plan.display())))?;
+    let members = pop
+        .members
+        .get(index)
+        .ok_or_else(|| BenchError::Args(format!("no worker {index} in the plan")))?;
+    let local = Local::connect(&pop, members).await?;
+    let mut out = tokio::io::stdout();
+    let say = |v: serde_json::Value| {
+        let mut line = v.to_string().into_bytes();
+        line.push(b'\n');
+        line
+    };
+    out.write_all(&say(json!(local.tasks.len()))).await?;
+    out.flush().await?;
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let cmd: Cmd = serde_json::from_str(&line)
+            .map_err(|e| BenchError::Args(format!("bad command {line:?}: {e}")))?;
+        let shared = &local.shared;
+        let reply = match cmd {
+            Cmd::Go => {
+                local.go.cancel();
+                None
+            }
+            Cmd::Interval { us } => {
+                shared.interval_us.store(us, Ordering::SeqCst);
+                None
+            }
+            Cmd::Begin { step } => {
+                shared.begin(step);
+                None
+            }
+            Cmd::End => {
+                shared.end();
+                None
+            }
+            Cmd::StopSending => {
+                shared.sending.store(false, Ordering::SeqCst);
+                None
+            }
+            Cmd::Counters => Some(json!(shared.counters())),
+            Cmd::Hist { step } => Some(json!(buckets(&shared.hist(step)))),
+            Cmd::Finish => break,
+        };
+        if let Some(v) = reply {
+            out.write_all(&say(v)).await?;
+            out.flush().await?;
+        }
+    }
+    let hists = local.finish().await;
+    let all: Vec<Buckets> = hists.iter().map(buckets).collect();
+    out.write_all(&say(json!(all))).await?;
+    out.flush().await?;
+    Ok(())
+}
+
+async fn resolve(url: &str) -> Result<SocketAddr, BenchError> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| BenchError::Args(format!("{url}: the bench speaks plain http:// only")))?;
+    let host = rest.split('/').next().unwrap_or(rest);
+    let host = if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:80")
+    };
+    let first = tokio::net::lookup_host(&host).await?.next();
+    first.ok_or_else(|| BenchError::Args(format!("{host} resolves to nothing")))
+}
+
+type Ws = WebSocketStream<tokio::net::TcpStream>;
+
+/// A WebSocket to `addr` from `source` (any port), with TCP_NODELAY: a phone
+/// sends one small frame at a time.
+async fn open(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    url: &str,
+    token: &str,
+) -> Result<Ws, BenchError> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let ws_url = format!(
+        "{}/v1/ws",
+        url.trim_end_matches('/').replacen("http", "ws", 1)
+    );
+    let mut req = ws_url.into_client_request()?;
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| BenchError::Setup("token is not a valid header value".into()))?;
+    req.headers_mut().insert("authorization", value);
+    let (ws, _) = tokio_tungstenite::client_async(req, stream).await?;
+    Ok(ws)
+}
+
+struct Plan {
+    user: u32,
+    home: (f64, f64),
+    /// Where in the interval this client sends, as a fraction.
+    phase: f64,
+    rounds: Option<u64>,
+    seed: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct Frame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: &'a str,
+    #[serde(borrow)]
+    id: Option<&'a str>,
+}
+
+/// One simulated phone: sends on its timer, records what it receives.
+async fn client(
+    ws: Ws,
+    plan: Plan,
+    shared: Arc<Shared>,
+    go: CancellationToken,
+    stop: CancellationToken,
+) {
+    // Latency of the deliveries of step `hist_step`, merged into the shared
+    // per-step histograms when the step changes and at the end.
+    let mut hist = new_histogram();
+    let mut hist_step = 0usize;
+    let flush = |hist: &mut Histogram<u64>, step: usize| {
+        if hist.is_empty() {
+            return;
+        }
+        if let Ok(mut all) = shared.hists.lock() {
+            if let Some(h) = all.get_mut(step) {
+                let _ = h.add(&*hist);
+            }
+        }
+        hist.reset();
+    };
+    let (mut tx, mut rx) = ws.split();
+    let mut rng = StdRng::seed_from_u64(plan.seed);
+    let place = |rng: &mut StdRng| {
+        let (n, e) = (
+            rng.gen_range(-WANDER_M..WANDER_M),
+            rng.gen_range(-WANDER_M..WANDER_M),
+        );
+        let (lat, lon) = offset(plan.home, n, e);
+        Message::text(json!({ "type": "location", "lat": lat, "lon": lon }).to_string())
+    };
+    // Placed at home at once; the friends' first sightings are set-up, not load.
+    if tx.send(place(&mut rng)).await.is_err() {
+        shared.disconnects.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    // Until `go`, only read (the friends' first sightings).
+    loop {
+        tokio::select! {
+            _ = go.cancelled() => break,
+            msg = rx.next() => if !matches!(msg, Some(Ok(_))) {
+                shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                return;
+            },
+        }
+    }
+    // The interval is read at every send, so a ramp changes it live.
+    let interval = || Duration::from_micros(shared.interval_us.load(Ordering::Relaxed));
+    let mut next = tokio::time::Instant::now() + interval().mul_f64(plan.phase);
+    let mut sent = 0u64;
+    let me = plan.user as usize;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep_until(next) => {
+                next += interval();
+                let now = tokio::time::Instant::now();
+                if next < now {
+                    next = now + interval(); // fell behind: skip, do not burst
+                }
+                if !shared.sending.load(Ordering::Relaxed) || plan.rounds.is_some_and(|r| sent >= r) {
+                    continue;
+                }
+                let now_us = shared.t0.elapsed().as_micros() as u64;
+                shared.sent_at[me].store(now_us.max(1), Ordering::Relaxed);
+                if tx.send(place(&mut rng)).await.is_err() {
+                    shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                sent += 1;
+                shared.updates.fetch_add(1, Ordering::Relaxed);
+                shared.expected.fetch_add(u64::from(shared.online_friends[me]), Ordering::Relaxed);
+            }
+            msg = rx.next() => {
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(_)) => continue,
+                    _ => {
+                        if !stop.is_cancelled() {
+                            shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                        }
+                        break;
+                    }
+                };
+                let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
+                    shared.errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                match (frame.kind, frame.id) {
+                    ("friend_location", Some(id)) => {
+                        // A new step (or the end of one) hands the last
+                        // step's samples over at the first delivery after it.
+                        let step = shared.step.load(Ordering::Relaxed);
+                        if step != hist_step {
+                            flush(&mut hist, hist_step);
+                            hist_step = step;
+                        }
+                        if !shared.measuring.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        shared.deliveries.fetch_add(1, Ordering::Relaxed);
+                        let from = shared.index.get(id).map(|i| shared.sent_at[*i as usize].load(Ordering::Relaxed));
+                        if let Some(at) = from.filter(|a| *a > 0) {
+                            let now_us = shared.t0.elapsed().as_micros() as u64;
+                            let _ = hist.record(now_us.saturating_sub(at).max(1));
+                        }
+                    }
+                    ("error", _) => {
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    flush(&mut hist, hist_step);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histogram_survives_the_trip_to_buckets_and_back() {
+        let mut h = new_histogram();
+        for v in [1u64, 7, 250, 999, 1000, 1001, 48_000, 3_000_000] {
+            h.record_n(v, v % 5 + 1).expect("in range");
+        }
+        let back = histogram(&buckets(&h));
+        assert_eq!(back.len(), h.len());
+        for q in [0.0, 0.5, 0.9, 0.99, 1.0] {
+            assert!(back.equivalent(back.value_at_quantile(q), h.value_at_quantile(q)));
+        }
+        assert_eq!(back.max(), h.max());
+    }
+}
