@@ -84,6 +84,10 @@ pub struct Session {
     cfg: SessionConfig,
     own: Option<Location>,
     friends: HashMap<UserId, Tracked>,
+    /// No later than the moment the next shown friend goes stale (see
+    /// [`Session::next_expiry`]); lowered as friends are shown, made exact
+    /// by [`Session::on_tick`].
+    expiry_hint: Option<i64>,
 }
 
 impl Session {
@@ -102,6 +106,7 @@ impl Session {
             cfg,
             own,
             friends: HashMap::new(),
+            expiry_hint: None,
         };
         let mut snapshot = Vec::new();
         for (id, last) in friends {
@@ -153,10 +158,14 @@ impl Session {
             return Vec::new();
         }
         self.own = Some(loc);
-        let (cfg, own) = (&self.cfg, self.own);
+        let (cfg, own, hint) = (&self.cfg, self.own, &mut self.expiry_hint);
         self.friends
             .iter_mut()
-            .filter_map(|(id, t)| evaluate(cfg, own, *id, t, false, now_ms))
+            .filter_map(|(id, t)| {
+                let ev = evaluate(cfg, own, *id, t, false, now_ms);
+                lower_hint(hint, cfg, t);
+                ev
+            })
             .collect()
     }
 
@@ -206,9 +215,16 @@ impl Session {
         t.shown.map(|_| FriendEvent::Left { id, reason })
     }
 
-    /// When the next shown friend goes stale, Unix milliseconds: the caller
-    /// sleeps until then and calls [`Session::on_tick`].
+    /// When to call [`Session::on_tick`] next, Unix milliseconds: never
+    /// later than the moment the next shown friend goes stale, possibly
+    /// earlier (a tick that finds nothing stale is harmless). O(1), so a
+    /// connection can ask after every message; `None` while nobody is shown.
     pub fn next_expiry(&self) -> Option<i64> {
+        self.expiry_hint
+    }
+
+    /// The exact moment the next shown friend goes stale. O(friends).
+    fn exact_expiry(&self) -> Option<i64> {
         self.friends
             .values()
             .filter(|t| t.shown.is_some())
@@ -219,11 +235,14 @@ impl Session {
     /// Time passed: friends whose location went stale leave as `inactive`.
     pub fn on_tick(&mut self, now_ms: i64) -> Vec<FriendEvent> {
         let (cfg, own) = (&self.cfg, self.own);
-        self.friends
+        let events = self
+            .friends
             .iter_mut()
             .filter(|(_, t)| t.shown.is_some() && !is_fresh(cfg, t.last, now_ms))
             .filter_map(|(id, t)| evaluate(cfg, own, *id, t, false, now_ms))
-            .collect()
+            .collect();
+        self.expiry_hint = self.exact_expiry();
+        events
     }
 
     /// The friends the client shows right now, nearest first.
@@ -249,7 +268,20 @@ impl Session {
     /// if any (see [`evaluate`]).
     fn evaluate(&mut self, id: UserId, friend_moved: bool, now_ms: i64) -> Option<FriendEvent> {
         let t = self.friends.get_mut(&id)?;
-        evaluate(&self.cfg, self.own, id, t, friend_moved, now_ms)
+        let ev = evaluate(&self.cfg, self.own, id, t, friend_moved, now_ms);
+        lower_hint(&mut self.expiry_hint, &self.cfg, t);
+        ev
+    }
+}
+
+/// Keeps `hint` no later than `t`'s expiry if `t` is shown. The true next
+/// expiry only moves earlier when a friend is (re)shown, which always passes
+/// here; it moves later as friends send news, which the hint ignores until
+/// the next tick makes it exact.
+fn lower_hint(hint: &mut Option<i64>, cfg: &SessionConfig, t: &Tracked) {
+    if let (Some(_), Some(l)) = (t.shown, t.last) {
+        let e = l.ts_ms.saturating_add(cfg.ttl_ms);
+        *hint = Some(hint.map_or(e, |h| h.min(e)));
     }
 }
 
@@ -522,6 +554,12 @@ mod tests {
                     }
                 }
                 let expiry = s.next_expiry();
+                // The hint is never later than the truth.
+                match (expiry, s.exact_expiry()) {
+                    (Some(h), Some(e)) => prop_assert!(h <= e, "hint {} after {}", h, e),
+                    (None, Some(e)) => prop_assert!(false, "no hint, expiry {}", e),
+                    _ => {}
+                }
                 if expiry.is_some_and(|e| e <= now) {
                     for ev in s.on_tick(now) {
                         let inactive = matches!(ev, FriendEvent::Left { reason: LeftReason::Inactive, .. });

@@ -75,7 +75,10 @@ pub async fn upgrade(
     }
     let hard = ServerConfig::hard_frame_limit();
     let tracker = st.sessions.clone();
-    ws.read_buffer_size(4 * 1024)
+    // Small buffers: clients send ~100-byte frames every few seconds, and
+    // every idle connection holds its read buffer (larger frames still
+    // arrive, in several reads).
+    ws.read_buffer_size(1024)
         .write_buffer_size(8 * 1024)
         .max_message_size(hard)
         .max_frame_size(hard)
@@ -206,14 +209,21 @@ impl Conn {
         let mut keepalive = tokio::time::interval_at(start + ping_after, ping_after);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = start;
+        // One timer for friends going stale, moved only when the session's
+        // next expiry changes (not re-created per message).
+        let friend_expiry = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(friend_expiry);
+        let mut armed: Option<i64> = None;
         loop {
             let next_expiry = self.session.next_expiry();
-            let friend_expiry = async {
-                match next_expiry {
-                    Some(t) => tokio::time::sleep(until(t)).await,
-                    None => std::future::pending().await,
+            if next_expiry != armed {
+                if let Some(t) = next_expiry {
+                    friend_expiry
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + until(t));
                 }
-            };
+                armed = next_expiry;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     self.out.push(ServerFrame::error("going_away", "the server is shutting down; reconnect"));
@@ -255,7 +265,8 @@ impl Conn {
                         }
                     }
                 }
-                _ = friend_expiry => {
+                _ = &mut friend_expiry, if armed.is_some() => {
+                    armed = None;
                     let events = self.session.on_tick(now_ms());
                     self.out.extend(events.into_iter().map(ServerFrame::from));
                 }
