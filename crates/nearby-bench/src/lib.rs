@@ -419,14 +419,19 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         .zip(args.server_pid.and_then(rss_bytes))
         .map(|(before, after)| after.saturating_sub(before) / n_online.max(1) as u64);
     let clients_per_process = fleet.clients();
+    // With --rounds every send is measured, the first included: start
+    // measuring before the clients may send.
+    let rounds_cpu_before = args.server_pid.and_then(cpu_ticks);
+    if args.rounds.is_some() {
+        fleet.begin(1).await?;
+    }
     fleet.go().await?;
     let setup_s = setup_started.elapsed().as_secs_f64();
     eprintln!("set-up done in {setup_s:.1} s; {n_online} clients online");
 
     let mut steps = Vec::with_capacity(intervals.len());
     if let Some(rounds) = args.rounds {
-        let cpu_before = args.server_pid.and_then(cpu_ticks);
-        fleet.begin(1).await?;
+        let cpu_before = rounds_cpu_before;
         let started = Instant::now();
         // Each client stops by itself after `rounds` sends.
         let limit = Duration::from_millis(args.interval_ms * (rounds + 2)) + Duration::from_secs(5);
@@ -474,8 +479,8 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             if i + 1 == intervals.len() {
                 break;
             }
-            // Stop the ramp once a step breaks the bound: give the clients a
-            // second (at the current rate) to hand over that step's samples.
+            // Stop the ramp once a step breaks the bound (read after a
+            // second, while the next rate warms up).
             tokio::time::sleep(Duration::from_secs(1)).await;
             let p99 = latency(&fleet.hist(i + 1).await?).p99_ms;
             if p99 > args.p99_bound_ms {
