@@ -17,8 +17,6 @@
 //!   distance changed by at least [`SessionConfig::distance_epsilon_m`], which
 //!   keeps a walking user from re-sending every friend's row each update.
 
-use std::collections::HashMap;
-
 use crate::{LeftReason, Location, UserId};
 
 /// The knobs of the nearby rule.
@@ -77,13 +75,73 @@ struct Tracked {
     shown: Option<f64>,
 }
 
+/// The tracked friends, sorted by id in a vector of exactly their number:
+/// a session lives as long as its connection and most of its friends never
+/// change, so lookups by binary search over a tight array cost a third of
+/// the memory of a hash map (64 buckets and control bytes for 40 friends)
+/// and leave no freed buckets behind from growing.
+#[derive(Debug, Clone, Default)]
+struct Friends(Vec<(UserId, Tracked)>);
+
+impl Friends {
+    /// From `(id, tracked)` pairs in any order; for a repeated id the last
+    /// pair wins, as with repeated inserts.
+    fn from_unsorted(mut v: Vec<(UserId, Tracked)>) -> Self {
+        // Stable, so equal ids keep their order and the last is kept below.
+        v.sort_by_key(|(id, _)| *id);
+        v.reverse();
+        v.dedup_by_key(|(id, _)| *id);
+        v.reverse();
+        v.shrink_to_fit();
+        Self(v)
+    }
+
+    fn find(&self, id: UserId) -> Result<usize, usize> {
+        self.0.binary_search_by_key(&id, |(k, _)| *k)
+    }
+
+    fn contains_key(&self, id: UserId) -> bool {
+        self.find(id).is_ok()
+    }
+
+    fn get_mut(&mut self, id: UserId) -> Option<&mut Tracked> {
+        let i = self.find(id).ok()?;
+        Some(&mut self.0[i].1)
+    }
+
+    /// The entry of `id`, inserted as default if missing.
+    fn entry_or_default(&mut self, id: UserId) -> &mut Tracked {
+        let i = match self.find(id) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (id, Tracked::default()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    fn remove(&mut self, id: UserId) -> Option<Tracked> {
+        let i = self.find(id).ok()?;
+        Some(self.0.remove(i).1)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (UserId, &Tracked)> + '_ {
+        self.0.iter().map(|(id, t)| (*id, t))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (UserId, &mut Tracked)> + '_ {
+        self.0.iter_mut().map(|(id, t)| (*id, t))
+    }
+}
+
 /// One user's live view of their friends. See the module docs for the rules.
 #[derive(Debug, Clone)]
 pub struct Session {
     me: UserId,
     cfg: SessionConfig,
     own: Option<Location>,
-    friends: HashMap<UserId, Tracked>,
+    friends: Friends,
     /// No later than the moment the next shown friend goes stale (see
     /// [`Session::next_expiry`]); lowered as friends are shown, made exact
     /// by [`Session::on_tick`].
@@ -101,22 +159,25 @@ impl Session {
         friends: impl IntoIterator<Item = (UserId, Option<Location>)>,
         now_ms: i64,
     ) -> (Self, Vec<Nearby>) {
+        let friends = friends
+            .into_iter()
+            .filter(|(id, _)| *id != me)
+            .map(|(id, last)| (id, Tracked { last, shown: None }))
+            .collect();
         let mut session = Self {
             me,
             cfg,
             own,
-            friends: HashMap::new(),
+            friends: Friends::from_unsorted(friends),
             expiry_hint: None,
         };
+        let (cfg, hint) = (&session.cfg, &mut session.expiry_hint);
         let mut snapshot = Vec::new();
-        for (id, last) in friends {
-            if id == me {
-                continue;
-            }
-            session.friends.insert(id, Tracked { last, shown: None });
-            if let Some(FriendEvent::Location(n)) = session.evaluate(id, true, now_ms) {
+        for (id, t) in session.friends.iter_mut() {
+            if let Some(FriendEvent::Location(n)) = evaluate(cfg, own, id, t, true, now_ms) {
                 snapshot.push(n);
             }
+            lower_hint(hint, cfg, t);
         }
         snapshot.sort_by(|a, b| a.distance_m.total_cmp(&b.distance_m));
         (session, snapshot)
@@ -135,12 +196,12 @@ impl Session {
     /// Whether `id` is a friend who shares with this user (so the session
     /// listens to their channel).
     pub fn tracks(&self, id: UserId) -> bool {
-        self.friends.contains_key(&id)
+        self.friends.contains_key(id)
     }
 
     /// The friends this session listens to.
     pub fn tracked(&self) -> impl Iterator<Item = UserId> + '_ {
-        self.friends.keys().copied()
+        self.friends.iter().map(|(id, _)| id)
     }
 
     /// The friends the client currently shows.
@@ -148,7 +209,7 @@ impl Session {
         self.friends
             .iter()
             .filter(|(_, t)| t.shown.is_some())
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
     }
 
     /// The user moved. Returns the friends who entered or left the radius
@@ -162,7 +223,7 @@ impl Session {
         self.friends
             .iter_mut()
             .filter_map(|(id, t)| {
-                let ev = evaluate(cfg, own, *id, t, false, now_ms);
+                let ev = evaluate(cfg, own, id, t, false, now_ms);
                 lower_hint(hint, cfg, t);
                 ev
             })
@@ -178,7 +239,7 @@ impl Session {
         loc: Location,
         now_ms: i64,
     ) -> Option<FriendEvent> {
-        let t = self.friends.get_mut(&id)?;
+        let t = self.friends.get_mut(id)?;
         // Strictly older only: two updates in the same millisecond are both
         // news, and the bus delivers one publisher's messages in order.
         if t.last.is_some_and(|l| l.ts_ms > loc.ts_ms) {
@@ -199,7 +260,7 @@ impl Session {
         if id == self.me {
             return None;
         }
-        let t = self.friends.entry(id).or_default();
+        let t = self.friends.entry_or_default(id);
         if let Some(l) = last {
             if t.last.is_none_or(|old| old.ts_ms < l.ts_ms) {
                 t.last = Some(l);
@@ -211,7 +272,7 @@ impl Session {
     /// A friend stopped being visible (unshared or unfriended). Returns the
     /// `Left` event if the client was showing them.
     pub fn remove_friend(&mut self, id: UserId, reason: LeftReason) -> Option<FriendEvent> {
-        let t = self.friends.remove(&id)?;
+        let t = self.friends.remove(id)?;
         t.shown.map(|_| FriendEvent::Left { id, reason })
     }
 
@@ -226,7 +287,8 @@ impl Session {
     /// The exact moment the next shown friend goes stale. O(friends).
     fn exact_expiry(&self) -> Option<i64> {
         self.friends
-            .values()
+            .iter()
+            .map(|(_, t)| t)
             .filter(|t| t.shown.is_some())
             .filter_map(|t| t.last.map(|l| l.ts_ms.saturating_add(self.cfg.ttl_ms)))
             .min()
@@ -239,7 +301,7 @@ impl Session {
             .friends
             .iter_mut()
             .filter(|(_, t)| t.shown.is_some() && !is_fresh(cfg, t.last, now_ms))
-            .filter_map(|(id, t)| evaluate(cfg, own, *id, t, false, now_ms))
+            .filter_map(|(id, t)| evaluate(cfg, own, id, t, false, now_ms))
             .collect();
         self.expiry_hint = self.exact_expiry();
         events
@@ -253,7 +315,7 @@ impl Session {
             .filter_map(|(id, t)| {
                 let last = t.last?;
                 Some(Nearby {
-                    id: *id,
+                    id,
                     distance_m: t.shown?,
                     bearing_deg: self.own.map_or(0.0, |o| o.point.bearing_deg(last.point)),
                     updated_at: last.ts_ms,
@@ -267,7 +329,7 @@ impl Session {
     /// Re-decides whether friend `id` is shown and returns the transition,
     /// if any (see [`evaluate`]).
     fn evaluate(&mut self, id: UserId, friend_moved: bool, now_ms: i64) -> Option<FriendEvent> {
-        let t = self.friends.get_mut(&id)?;
+        let t = self.friends.get_mut(id)?;
         let ev = evaluate(&self.cfg, self.own, id, t, friend_moved, now_ms);
         lower_hint(&mut self.expiry_hint, &self.cfg, t);
         ev
@@ -348,6 +410,7 @@ mod tests {
     use super::*;
     use crate::Point;
     use proptest::prelude::*;
+    use std::collections::{BTreeMap, HashMap};
 
     const ME: UserId = UserId(1);
     const BOB: UserId = UserId(2);
@@ -574,6 +637,45 @@ mod tests {
                     prop_assert!(now - n.updated_at < cfg().ttl_ms);
                 }
             }
+        }
+    }
+
+    proptest! {
+        /// The sorted friend table answers like an ordered map under any
+        /// mix of loads, inserts, lookups and removals.
+        #[test]
+        fn friend_table_behaves_like_a_map(
+            initial in proptest::collection::vec((0i64..40, any::<bool>()), 0..30),
+            ops in proptest::collection::vec((0u8..3, 0i64..40), 0..60),
+        ) {
+            let tracked = |shown: bool| Tracked { last: None, shown: shown.then_some(1.0) };
+            let mut model: BTreeMap<UserId, Option<f64>> = BTreeMap::new();
+            for (id, shown) in &initial {
+                model.insert(UserId(*id), tracked(*shown).shown);
+            }
+            let mut table = Friends::from_unsorted(
+                initial.iter().map(|(id, shown)| (UserId(*id), tracked(*shown))).collect(),
+            );
+            for (op, id) in ops {
+                let id = UserId(id);
+                match op {
+                    0 => {
+                        table.entry_or_default(id).shown = Some(2.0);
+                        model.insert(id, Some(2.0));
+                    }
+                    1 => {
+                        let removed = table.remove(id).map(|t| t.shown);
+                        prop_assert_eq!(removed, model.remove(&id));
+                    }
+                    _ => {
+                        prop_assert_eq!(table.contains_key(id), model.contains_key(&id));
+                        prop_assert_eq!(table.get_mut(id).map(|t| t.shown), model.get(&id).copied());
+                    }
+                }
+            }
+            let got: Vec<(UserId, Option<f64>)> = table.iter().map(|(id, t)| (id, t.shown)).collect();
+            let want: Vec<(UserId, Option<f64>)> = model.into_iter().collect();
+            prop_assert_eq!(got, want);
         }
     }
 }

@@ -78,7 +78,7 @@ pub async fn upgrade(
     // Small buffers: clients send ~100-byte frames every few seconds, and
     // every idle connection holds its read buffer (larger frames still
     // arrive, in several reads).
-    ws.read_buffer_size(1024)
+    ws.read_buffer_size(512)
         .write_buffer_size(8 * 1024)
         .max_message_size(hard)
         .max_frame_size(hard)
@@ -118,7 +118,7 @@ async fn run(st: Arc<AppState>, me: AuthUser, mut socket: WebSocket) {
                 session,
                 sub,
                 limited: false,
-                out: vec![frame],
+                out: Outbox::from(frame),
                 token_tag: nearby_ports::token_tag(&me.token_hash),
                 closing: None,
             }
@@ -177,6 +177,45 @@ async fn send_close(
 }
 
 /// One live connection's state besides the socket.
+/// Frames waiting for the next flush, already serialized: a queued
+/// `ServerFrame` is a few hundred bytes, and the queue's capacity stays
+/// with the connection for its life.
+#[derive(Default)]
+struct Outbox {
+    frames: Vec<String>,
+    /// How many of `frames` are `friend_location` deliveries.
+    deliveries: u64,
+}
+
+impl Outbox {
+    fn push(&mut self, frame: ServerFrame) {
+        if matches!(frame, ServerFrame::FriendLocation(_)) {
+            self.deliveries += 1;
+        }
+        self.frames.push(frame.to_json());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+impl From<ServerFrame> for Outbox {
+    fn from(frame: ServerFrame) -> Self {
+        let mut out = Self::default();
+        out.push(frame);
+        out
+    }
+}
+
+impl Extend<ServerFrame> for Outbox {
+    fn extend<I: IntoIterator<Item = ServerFrame>>(&mut self, frames: I) {
+        for frame in frames {
+            self.push(frame);
+        }
+    }
+}
+
 struct Conn {
     st: Arc<AppState>,
     session: Session,
@@ -185,7 +224,7 @@ struct Conn {
     /// A `rate_limited` error was sent for the current run of refused frames.
     limited: bool,
     /// Frames waiting for the next flush.
-    out: Vec<ServerFrame>,
+    out: Outbox,
     /// The tag of the token this connection was opened with.
     token_tag: u64,
     /// Set when the connection must close after the next flush.
@@ -319,16 +358,13 @@ impl Conn {
     /// read for [`WRITE_TIMEOUT`] is treated as gone.
     async fn flush(&mut self, socket: &mut WebSocket) -> Result<(), axum::Error> {
         let out = &mut self.out;
-        let deliveries = out
-            .iter()
-            .filter(|f| matches!(f, ServerFrame::FriendLocation(_)))
-            .count();
+        let deliveries = std::mem::take(&mut out.deliveries);
         if deliveries > 0 {
-            self.st.metrics.deliveries_out.increment(deliveries as u64);
+            self.st.metrics.deliveries_out.increment(deliveries);
         }
         let write = async {
-            for frame in out.drain(..) {
-                socket.feed(Message::Text(frame.to_json().into())).await?;
+            for json in out.frames.drain(..) {
+                socket.feed(Message::Text(json.into())).await?;
             }
             socket.flush().await
         };
