@@ -41,7 +41,48 @@ CREATE INDEX friend_edges_reverse ON friend_edges(friend_id, status, sharing);
     // every edge write, and half of a bulk load's time. No user is ever deleted,
     // so the cascade on friend_id never needs it.
     "DROP INDEX friend_edges_reverse;",
+    // The status as a small integer (see `status_code`): SQLite stores 0 and
+    // 1 in the record header alone, so an edge row shrinks from about 20
+    // bytes to 12, and a bulk load of 40 M rows writes a third less.
+    r#"
+CREATE TABLE friend_edges_v3 (
+    user_id   INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    friend_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    status    INTEGER NOT NULL CHECK (status IN (0, 1, 2)),
+    sharing   INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (user_id, friend_id)
+) WITHOUT ROWID;
+INSERT INTO friend_edges_v3 (user_id, friend_id, status, sharing)
+    SELECT user_id, friend_id,
+           CASE status WHEN 'friends' THEN 0 WHEN 'incoming' THEN 1 ELSE 2 END,
+           sharing
+    FROM friend_edges ORDER BY user_id, friend_id;
+DROP TABLE friend_edges;
+ALTER TABLE friend_edges_v3 RENAME TO friend_edges;
+"#,
 ];
+
+/// `friend_edges.status` of a relation (migration 3).
+fn status_code(status: FriendStatus) -> i64 {
+    match status {
+        FriendStatus::Friends => FRIENDS,
+        FriendStatus::Incoming => 1,
+        FriendStatus::Outgoing => 2,
+    }
+}
+
+/// The relation of a `friend_edges.status` value.
+fn status_of(code: i64) -> StoreResult<FriendStatus> {
+    match code {
+        FRIENDS => Ok(FriendStatus::Friends),
+        1 => Ok(FriendStatus::Incoming),
+        2 => Ok(FriendStatus::Outgoing),
+        other => Err(StoreError::Backend(format!("bad friend status {other}"))),
+    }
+}
+
+/// `status_code(FriendStatus::Friends)`, spelled into the SQL below.
+const FRIENDS: i64 = 0;
 
 /// Users, tokens, friendships and sharing permissions in a SQLite file.
 #[derive(Clone)]
@@ -153,7 +194,7 @@ async fn bulk_load(
             "INSERT OR IGNORE INTO friend_edges (user_id, friend_id, status) ",
         );
         q.push_values(chunk, |mut row, (from, to)| {
-            row.push_bind(from.0).push_bind(to.0).push("'friends'");
+            row.push_bind(from.0).push_bind(to.0).push(FRIENDS);
         });
         q.build().execute(&mut *tx).await.map_err(backend)?;
     }
@@ -172,11 +213,8 @@ async fn edge_status(
         .fetch_optional(&mut **tx)
         .await
         .map_err(backend)?;
-    row.map(|r| {
-        let s: String = r.try_get(0).map_err(backend)?;
-        FriendStatus::parse(&s).ok_or_else(|| StoreError::Backend(format!("bad status {s:?}")))
-    })
-    .transpose()
+    row.map(|r| status_of(r.try_get(0).map_err(backend)?))
+        .transpose()
 }
 
 async fn set_edge(
@@ -191,7 +229,7 @@ async fn set_edge(
     )
     .bind(from.0)
     .bind(to.0)
-    .bind(status.as_str())
+    .bind(status_code(status))
     .execute(&mut **tx)
     .await
     .map_err(backend)?;
@@ -337,7 +375,7 @@ impl UserStore for SqliteUserStore {
     async fn set_sharing(&self, from: UserId, to: UserId, enabled: bool) -> StoreResult<bool> {
         let mut tx = self.db.writer.begin().await.map_err(backend)?;
         let row = sqlx::query(
-            "SELECT sharing FROM friend_edges WHERE user_id = ? AND friend_id = ? AND status = 'friends'",
+            "SELECT sharing FROM friend_edges WHERE user_id = ? AND friend_id = ? AND status = 0",
         )
         .bind(from.0)
         .bind(to.0)
@@ -373,12 +411,10 @@ impl UserStore for SqliteUserStore {
         .map_err(backend)?;
         rows.into_iter()
             .map(|r| {
-                let status: String = r.try_get(2).map_err(backend)?;
                 Ok(FriendEntry {
                     id: UserId(r.try_get(0).map_err(backend)?),
                     username: r.try_get(1).map_err(backend)?,
-                    status: FriendStatus::parse(&status)
-                        .ok_or_else(|| StoreError::Backend(format!("bad status {status:?}")))?,
+                    status: status_of(r.try_get(2).map_err(backend)?)?,
                     sharing: r.try_get(3).map_err(backend)?,
                 })
             })
@@ -391,7 +427,7 @@ impl UserStore for SqliteUserStore {
             // primary key.
             "SELECT e.friend_id FROM friend_edges e
              JOIN friend_edges r ON r.user_id = e.friend_id AND r.friend_id = e.user_id
-             WHERE e.user_id = ? AND e.status = 'friends' AND r.status = 'friends' AND r.sharing = 1",
+             WHERE e.user_id = ? AND e.status = 0 AND r.status = 0 AND r.sharing = 1",
         )
         .bind(viewer.0)
         .fetch_all(&self.db.reader)

@@ -84,3 +84,84 @@ async fn a_large_bulk_insert_is_read_by_primary_key_and_leaves_checks_on() {
     .expect("query");
     assert_eq!(n, 0, "the second migration dropped the reverse index");
 }
+
+/// A `users.db` written before migration 3 (friend status as text) opens
+/// with every relation, its status and its sharing flag intact.
+#[tokio::test]
+async fn a_database_with_text_statuses_migrates_to_status_codes() {
+    use nearby_core::{FriendStatus, UserId};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("users.db");
+    {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true);
+        let old = sqlx::SqlitePool::connect_with(opts).await.expect("create");
+        // The schema as migrations 1 and 2 left it.
+        sqlx::raw_sql(
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT NOT NULL UNIQUE,
+                 password_hash TEXT NOT NULL, created_at INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE tokens (token_hash BLOB PRIMARY KEY,
+                 user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+                 expires_at INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE INDEX tokens_expiry ON tokens(expires_at);
+             CREATE TABLE friend_edges (
+                 user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+                 friend_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+                 status TEXT NOT NULL CHECK (status IN ('friends', 'incoming', 'outgoing')),
+                 sharing INTEGER NOT NULL DEFAULT 1,
+                 PRIMARY KEY (user_id, friend_id)) WITHOUT ROWID;
+             INSERT INTO users (id, username, password_hash) VALUES
+                 (1, 'ann', 'x'), (2, 'bob', 'x'), (3, 'cy', 'x');
+             INSERT INTO friend_edges VALUES
+                 (1, 2, 'friends', 1), (2, 1, 'friends', 0),
+                 (1, 3, 'outgoing', 1), (3, 1, 'incoming', 1);
+             PRAGMA user_version = 2;",
+        )
+        .execute(&old)
+        .await
+        .expect("old schema");
+        old.close().await;
+    }
+    let store = SqliteUserStore::open(&path).await.expect("migrate");
+    let seen = |user: i64| {
+        let store = store.clone();
+        async move {
+            store
+                .friends(UserId(user))
+                .await
+                .expect("friends")
+                .into_iter()
+                .map(|f| (f.id.0, f.status, f.sharing))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        seen(1).await,
+        vec![
+            (2, FriendStatus::Friends, true),
+            (3, FriendStatus::Outgoing, true)
+        ]
+    );
+    assert_eq!(seen(2).await, vec![(1, FriendStatus::Friends, false)]);
+    assert_eq!(seen(3).await, vec![(1, FriendStatus::Incoming, true)]);
+    // Bob does not share with Ann; Ann shares with Bob.
+    assert!(store
+        .visible_friends(UserId(1))
+        .await
+        .expect("v")
+        .is_empty());
+    assert_eq!(
+        store.visible_friends(UserId(2)).await.expect("v"),
+        vec![UserId(1)]
+    );
+    // The migrated table takes new relations: Cy accepts.
+    assert_eq!(
+        store
+            .request_friend(UserId(3), UserId(1))
+            .await
+            .expect("accept"),
+        Some(FriendStatus::Incoming)
+    );
+    assert_eq!(seen(3).await, vec![(1, FriendStatus::Friends, true)]);
+}
