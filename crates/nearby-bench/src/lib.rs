@@ -192,7 +192,8 @@ pub struct BenchArgs {
     /// Concurrent REST calls during set-up.
     #[arg(long, default_value_t = 32)]
     pub setup_concurrency: usize,
-    /// Server process to read RSS and CPU of (same machine).
+    /// Server process to read RSS and CPU of (same machine): the node of
+    /// the first `--url`, whose clients the per-connection figures divide by.
     #[arg(long)]
     pub server_pid: Option<u32>,
     /// Write the result as JSON here.
@@ -226,6 +227,9 @@ pub struct Report {
     pub online: usize,
     /// Clients connected by each bench process.
     pub clients_per_process: Vec<usize>,
+    /// Online clients of the first `--url`'s node (user `u` connects to
+    /// node `u` mod the number of URLs): what `--server-pid` carries.
+    pub clients_on_measured_node: usize,
     /// Friendships.
     pub friendships: usize,
     /// The graph's model.
@@ -359,6 +363,11 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let mut order: Vec<u32> = (0..args.users as u32).collect();
     order.shuffle(&mut rng);
     let n_online = ((args.users as f64) * args.online).round() as usize;
+    let nodes = args.url.len().max(1);
+    let on_measured_node = order[..n_online]
+        .iter()
+        .filter(|u| (**u as usize).is_multiple_of(nodes))
+        .count();
     let mut online = vec![false; args.users];
     for u in &order[..n_online] {
         online[*u as usize] = true;
@@ -417,7 +426,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_bytes_per_connection = rss_before
         .zip(args.server_pid.and_then(rss_bytes))
-        .map(|(before, after)| after.saturating_sub(before) / n_online.max(1) as u64);
+        .map(|(before, after)| after.saturating_sub(before) / on_measured_node.max(1) as u64);
     let clients_per_process = fleet.clients();
     // With --rounds every send is measured, the first included: start
     // measuring before the clients may send.
@@ -515,6 +524,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let report = Report {
         users: args.users,
         online: n_online,
+        clients_on_measured_node: on_measured_node,
         clients_per_process,
         friendships: graph.edges().count(),
         graph: args.graph,
@@ -823,9 +833,9 @@ fn print_summary(report: &Report) {
     }
     if let Some(rss) = r.server_rss_bytes {
         println!(
-            "server RSS {:.1} MiB ({} B per online client), CPU {:.2} cores",
+            "server RSS {:.1} MiB ({} B per client of that node), CPU {:.2} cores",
             rss as f64 / 1048576.0,
-            rss / report.online.max(1) as u64,
+            rss / report.clients_on_measured_node.max(1) as u64,
             r.server_cpu_cores.unwrap_or(0.0)
         );
     }

@@ -246,6 +246,7 @@ mod tests {
             users: 1000,
             online: 1000,
             clients_per_process: vec![1000],
+            clients_on_measured_node: 1000,
             friendships: 10_000,
             graph: crate::GraphModel::PowerLaw,
             cities: 2,
