@@ -43,6 +43,11 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Every WebSocket is a file descriptor, and the usual soft limit (1024
+    // from systemd and most shells) would cap a node, or a bench process, at
+    // about a thousand connections: raise it to the hard limit, which needs
+    // no privilege. Before the runtime, so its threads share the new limit.
+    let nofile = rlimit::increase_nofile_limit(u64::MAX);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -52,7 +57,7 @@ fn main() -> std::process::ExitCode {
     };
     // One line with the whole cause chain, not a backtrace: these are
     // configuration and environment errors a person has to read.
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, nofile)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -61,13 +66,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli, nofile: std::io::Result<u64>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
+    match nofile {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     match cli.cmd {
         Cmd::Serve(args) => serve(args).await,
         Cmd::Bench(args) => nearby_bench::main(args).await.map_err(Into::into),
