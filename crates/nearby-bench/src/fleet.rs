@@ -33,10 +33,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{offset, BenchError, WANDER_M};
 
+/// The node (index into the URLs) user `u` connects to, of `nodes`.
+pub(crate) fn node_of(u: u32, nodes: usize) -> usize {
+    u as usize % nodes.max(1)
+}
+
 /// Everything a worker needs to play its share of the users.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Population {
-    /// Server base URLs (`http://…`); user `u` connects to `urls[u % len]`.
+    /// Server base URLs (`http://…`); user `u` connects to `urls[node_of(u, len)]`.
     pub urls: Vec<String>,
     /// `(id, token)` of every user, by index.
     pub accounts: Vec<(String, String)>,
@@ -244,7 +249,8 @@ impl Local {
         let connected = futures_util::stream::iter(members.iter().copied())
             .map(|u| {
                 let i = u as usize;
-                let (addr, url) = (addrs[i % addrs.len()], &pop.urls[i % pop.urls.len()]);
+                let node = node_of(u, pop.urls.len());
+                let (addr, url) = (addrs[node], &pop.urls[node]);
                 let source =
                     (!pop.source_ips.is_empty()).then(|| pop.source_ips[i % pop.source_ips.len()]);
                 let token = &pop.accounts[i].1;

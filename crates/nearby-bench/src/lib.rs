@@ -363,10 +363,9 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let mut order: Vec<u32> = (0..args.users as u32).collect();
     order.shuffle(&mut rng);
     let n_online = ((args.users as f64) * args.online).round() as usize;
-    let nodes = args.url.len().max(1);
     let on_measured_node = order[..n_online]
         .iter()
-        .filter(|u| (**u as usize).is_multiple_of(nodes))
+        .filter(|u| fleet::node_of(**u, args.url.len()) == 0)
         .count();
     let mut online = vec![false; args.users];
     for u in &order[..n_online] {

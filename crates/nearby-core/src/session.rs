@@ -174,10 +174,11 @@ impl Session {
         let (cfg, hint) = (&session.cfg, &mut session.expiry_hint);
         let mut snapshot = Vec::new();
         for (id, t) in session.friends.iter_mut() {
-            if let Some(FriendEvent::Location(n)) = evaluate(cfg, own, id, t, true, now_ms) {
+            if let Some(FriendEvent::Location(n)) =
+                evaluate_hinted(cfg, own, hint, id, t, true, now_ms)
+            {
                 snapshot.push(n);
             }
-            lower_hint(hint, cfg, t);
         }
         snapshot.sort_by(|a, b| a.distance_m.total_cmp(&b.distance_m));
         (session, snapshot)
@@ -222,11 +223,7 @@ impl Session {
         let (cfg, own, hint) = (&self.cfg, self.own, &mut self.expiry_hint);
         self.friends
             .iter_mut()
-            .filter_map(|(id, t)| {
-                let ev = evaluate(cfg, own, id, t, false, now_ms);
-                lower_hint(hint, cfg, t);
-                ev
-            })
+            .filter_map(|(id, t)| evaluate_hinted(cfg, own, hint, id, t, false, now_ms))
             .collect()
     }
 
@@ -330,10 +327,32 @@ impl Session {
     /// if any (see [`evaluate`]).
     fn evaluate(&mut self, id: UserId, friend_moved: bool, now_ms: i64) -> Option<FriendEvent> {
         let t = self.friends.get_mut(id)?;
-        let ev = evaluate(&self.cfg, self.own, id, t, friend_moved, now_ms);
-        lower_hint(&mut self.expiry_hint, &self.cfg, t);
-        ev
+        evaluate_hinted(
+            &self.cfg,
+            self.own,
+            &mut self.expiry_hint,
+            id,
+            t,
+            friend_moved,
+            now_ms,
+        )
     }
+}
+
+/// [`evaluate`], then [`lower_hint`]: every re-decision that may show a
+/// friend keeps the expiry hint sound.
+fn evaluate_hinted(
+    cfg: &SessionConfig,
+    own: Option<Location>,
+    hint: &mut Option<i64>,
+    id: UserId,
+    t: &mut Tracked,
+    friend_moved: bool,
+    now_ms: i64,
+) -> Option<FriendEvent> {
+    let ev = evaluate(cfg, own, id, t, friend_moved, now_ms);
+    lower_hint(hint, cfg, t);
+    ev
 }
 
 /// Keeps `hint` no later than `t`'s expiry if `t` is shown. The true next

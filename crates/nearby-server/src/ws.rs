@@ -176,7 +176,6 @@ async fn send_close(
     Ok(())
 }
 
-/// One live connection's state besides the socket.
 /// Frames waiting for the next flush, already serialized: a queued
 /// `ServerFrame` is a few hundred bytes, and the queue's capacity stays
 /// with the connection for its life.
@@ -216,6 +215,7 @@ impl Extend<ServerFrame> for Outbox {
     }
 }
 
+/// One live connection's state besides the socket.
 struct Conn {
     st: Arc<AppState>,
     session: Session,

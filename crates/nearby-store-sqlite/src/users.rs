@@ -62,6 +62,10 @@ ALTER TABLE friend_edges_v3 RENAME TO friend_edges;
 "#,
 ];
 
+/// `friend_edges.status` of a mutual friendship (migration 3), spelled as
+/// `0` in the SQL below.
+const FRIENDS: i64 = 0;
+
 /// `friend_edges.status` of a relation (migration 3).
 fn status_code(status: FriendStatus) -> i64 {
     match status {
@@ -80,9 +84,6 @@ fn status_of(code: i64) -> StoreResult<FriendStatus> {
         other => Err(StoreError::Backend(format!("bad friend status {other}"))),
     }
 }
-
-/// `status_code(FriendStatus::Friends)`, spelled into the SQL below.
-const FRIENDS: i64 = 0;
 
 /// Users, tokens, friendships and sharing permissions in a SQLite file.
 #[derive(Clone)]
