@@ -13,6 +13,30 @@ pub enum AccountError {
     BadPassword,
 }
 
+/// The one spelling a username is stored and looked up under: Unicode NFKC
+/// (so full-width `ａｌｉｃｅ` is `alice`), then lower case, then checked
+/// with [`validate_username`]. `alice`, `Alice` and `ALICE` are one account;
+/// the ASCII-only alphabet leaves no room for look-alike letters from other
+/// scripts (Cyrillic `а` is refused, not folded).
+pub fn canonical_username(raw: &str) -> Result<String, AccountError> {
+    use unicode_normalization::UnicodeNormalization;
+    // Bounded before normalizing: a megabyte of input costs nothing.
+    if raw.len() > 4 * 32 {
+        return Err(AccountError::BadUsername);
+    }
+    let name: String = raw.nfkc().flat_map(char::to_lowercase).collect();
+    validate_username(&name)?;
+    Ok(name)
+}
+
+/// A password as it is hashed: Unicode NFKC (NIST SP 800-63B 5.1.1.2), so
+/// the same characters typed on keyboards that compose them differently
+/// (precomposed `é` or `e` + combining accent) are the same password.
+pub fn normalize_password(raw: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    raw.nfkc().collect()
+}
+
 /// Validates a username: 3–32 ASCII letters, digits, `_`, `-`, `.`.
 pub fn validate_username(name: &str) -> Result<(), AccountError> {
     let ok_len = (3..=32).contains(&name.len());
@@ -53,6 +77,31 @@ mod tests {
             validate_username(&"x".repeat(33)),
             Err(AccountError::BadUsername)
         );
+    }
+
+    #[test]
+    fn usernames_fold_case_and_width_but_not_scripts() {
+        assert_eq!(canonical_username("ALICE").as_deref(), Ok("alice"));
+        assert_eq!(canonical_username("Alice_01").as_deref(), Ok("alice_01"));
+        assert_eq!(canonical_username("ａｌｉｃｅ").as_deref(), Ok("alice"));
+        // Cyrillic а (U+0430) looks like Latin a: refused, never folded.
+        assert_eq!(
+            canonical_username("\u{430}lice"),
+            Err(AccountError::BadUsername)
+        );
+        assert_eq!(
+            canonical_username(&"A".repeat(1000)),
+            Err(AccountError::BadUsername)
+        );
+    }
+
+    #[test]
+    fn passwords_compare_after_nfkc() {
+        let nfc = "caf\u{e9} au lait";
+        let nfd = "cafe\u{301} au lait";
+        assert_ne!(nfc, nfd);
+        assert_eq!(normalize_password(nfc), normalize_password(nfd));
+        assert_eq!(normalize_password("plain ascii"), "plain ascii");
     }
 
     #[test]

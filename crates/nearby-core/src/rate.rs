@@ -29,11 +29,38 @@ impl TokenBucket {
         }
     }
 
-    /// Takes one token if there is one.
-    pub fn try_take(&mut self, now_ms: i64) -> bool {
+    fn refill(&mut self, now_ms: i64) {
         let elapsed = now_ms.saturating_sub(self.last_ms).max(0) as f64;
         self.last_ms = self.last_ms.max(now_ms);
         self.tokens = (self.tokens + elapsed * self.rate_per_ms).min(self.burst);
+    }
+
+    /// Milliseconds until a token is available (0: one is available now).
+    /// Takes nothing.
+    pub fn wait_ms(&mut self, now_ms: i64) -> i64 {
+        self.refill(now_ms);
+        if self.tokens >= 1.0 {
+            0
+        } else {
+            ((1.0 - self.tokens) / self.rate_per_ms).ceil() as i64
+        }
+    }
+
+    /// Puts back a token taken for something that turned out not to count
+    /// (up to the burst).
+    pub fn refund(&mut self) {
+        self.tokens = (self.tokens + 1.0).min(self.burst);
+    }
+
+    /// Whether the bucket is full at `now_ms` (nothing to remember).
+    pub fn is_full(&mut self, now_ms: i64) -> bool {
+        self.refill(now_ms);
+        self.tokens >= self.burst
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now_ms: i64) -> bool {
+        self.refill(now_ms);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -47,6 +74,20 @@ impl TokenBucket {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn waits_are_exact_and_refunds_are_capped() {
+        let mut b = TokenBucket::new(2.0, 1, 0);
+        assert_eq!(b.wait_ms(0), 0);
+        assert!(b.try_take(0));
+        assert_eq!(b.wait_ms(0), 500);
+        assert_eq!(b.wait_ms(400), 100);
+        assert!(!b.is_full(400));
+        b.refund();
+        b.refund();
+        assert!(b.is_full(400), "refunds never exceed the burst");
+        assert!(b.try_take(400) && !b.try_take(400));
+    }
 
     #[test]
     fn bursts_then_refills_at_rate() {

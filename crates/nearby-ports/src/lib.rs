@@ -13,7 +13,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,8 +32,34 @@ pub enum StoreError {
     #[error("not found: {0}")]
     NotFound(String),
     /// The backend failed or is unreachable; the operation may be retried.
-    #[error("backend error: {0}")]
-    Backend(String),
+    #[error("backend unavailable: {source}")]
+    Unavailable {
+        /// What failed, as the backend's client reported it.
+        #[source]
+        source: BoxError,
+    },
+    /// The store holds data this code cannot read (a bug, or a schema from
+    /// another version); retrying will not help.
+    #[error("invalid data in the store: {0}")]
+    Invalid(String),
+}
+
+/// A boxed error from a backend's client library.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+impl StoreError {
+    /// A backend failure, keeping its cause.
+    pub fn unavailable(source: impl Into<BoxError>) -> Self {
+        Self::Unavailable {
+            source: source.into(),
+        }
+    }
+
+    /// Whether the same call may succeed later (the backend was down or
+    /// overloaded), as opposed to a refusal or bad data.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
 }
 
 /// Result of an adapter call.
@@ -115,23 +143,92 @@ pub fn token_tag(token_hash: &[u8; 32]) -> u64 {
     u64::from_le_bytes(first)
 }
 
+impl BusMessage {
+    /// Whether this message changes what a session may see (friendship,
+    /// sharing, tokens). Control messages travel on their own queue and are
+    /// never dropped to make room for location updates.
+    pub fn is_control(&self) -> bool {
+        !matches!(self, Self::Location { .. })
+    }
+}
+
+/// Control messages (and re-read requests) one session may have pending
+/// before it is closed instead: a session that cannot keep up with its
+/// control traffic reconnects and re-reads the truth from the user store.
+pub const CONTROL_QUEUE: usize = 64;
+
+/// What a session's control queue carries.
+#[derive(Debug)]
+enum Control {
+    Message(BusMessage),
+    Resync,
+}
+
 /// A session's end of the bus: messages for every channel it subscribed to
-/// arrive on one bounded queue. Delivery never blocks the publisher: when the
-/// queue is full (a stalled client) the message is dropped and counted.
+/// arrive on its [`Mailbox`]. Delivery never blocks the publisher.
+///
+/// Location updates and control messages have separate bounded queues.
+/// When the location queue is full (a stalled client) the update is dropped
+/// and counted: a friend's next move replaces it. A control message is never
+/// dropped that way: if even the control queue is full, the subscriber is
+/// marked *overflowed* and its session closes, so that the client
+/// reconnects and the new session reads its friends from the user store.
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     id: u64,
-    tx: mpsc::Sender<BusMessage>,
+    locations: mpsc::Sender<BusMessage>,
+    control: mpsc::Sender<Control>,
+    flags: Arc<Flags>,
+}
+
+#[derive(Debug, Default)]
+struct Flags {
+    overflowed: AtomicBool,
+    resync_pending: AtomicBool,
+}
+
+/// What a session takes from its [`Mailbox`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mail {
+    /// A message from a subscribed channel.
+    Message(BusMessage),
+    /// The bus may have lost messages (a broker reconnect, or the node fell
+    /// behind): re-read friends, sharing and the token from the user store.
+    Resync,
+    /// A control message could not be queued: close the session.
+    Overflowed,
+}
+
+/// The receiving end of a [`Subscriber`]: control messages first, then
+/// location updates.
+#[derive(Debug)]
+pub struct Mailbox {
+    locations: mpsc::Receiver<BusMessage>,
+    control: mpsc::Receiver<Control>,
+    flags: Arc<Flags>,
 }
 
 impl Subscriber {
-    /// A new subscriber with a queue of `capacity` messages, and the
-    /// receiving end for the session.
-    pub fn new(capacity: usize) -> (Self, mpsc::Receiver<BusMessage>) {
+    /// A new subscriber with a queue of `capacity` location updates (and
+    /// [`CONTROL_QUEUE`] control messages), and its mailbox.
+    pub fn new(capacity: usize) -> (Self, Mailbox) {
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (ltx, lrx) = mpsc::channel(capacity.max(1));
+        let (ctx, crx) = mpsc::channel(CONTROL_QUEUE);
+        let flags = Arc::new(Flags::default());
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
-        (Self { id, tx }, rx)
+        let sub = Self {
+            id,
+            locations: ltx,
+            control: ctx,
+            flags: flags.clone(),
+        };
+        let mailbox = Mailbox {
+            locations: lrx,
+            control: crx,
+            flags,
+        };
+        (sub, mailbox)
     }
 
     /// Unique within the process; the key a bus keeps subscriptions under.
@@ -140,9 +237,141 @@ impl Subscriber {
     }
 
     /// Hands `msg` to the session without waiting. Returns false if it was
-    /// dropped (queue full or session gone).
+    /// not queued: a location update dropped (queue full or session gone),
+    /// or a control message that overflowed (the session will close).
     pub fn deliver(&self, msg: BusMessage) -> bool {
-        self.tx.try_send(msg).is_ok()
+        if msg.is_control() {
+            self.send_control(Control::Message(msg))
+        } else {
+            self.locations.try_send(msg).is_ok()
+        }
+    }
+
+    /// Asks the session to re-read its friends and token from the user
+    /// store (the bus may have lost messages). Requests coalesce: at most
+    /// one is pending per session. Returns false if it overflowed.
+    pub fn resync(&self) -> bool {
+        if self.flags.resync_pending.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        self.send_control(Control::Resync)
+    }
+
+    fn send_control(&self, c: Control) -> bool {
+        match self.control.try_send(c) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.flags.overflowed.store(true, Ordering::Release);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+impl Mailbox {
+    fn open(&self, c: Control) -> Mail {
+        match c {
+            Control::Message(m) => Mail::Message(m),
+            Control::Resync => {
+                // Cleared before the session reads the store: a request made
+                // during the read queues another.
+                self.flags.resync_pending.store(false, Ordering::Release);
+                Mail::Resync
+            }
+        }
+    }
+
+    fn overflowed(&self) -> bool {
+        self.flags.overflowed.load(Ordering::Acquire)
+    }
+
+    /// The next mail: an overflow first, then control messages in order,
+    /// then location updates. `None` once every subscriber handle is gone.
+    pub async fn recv(&mut self) -> Option<Mail> {
+        std::future::poll_fn(|cx| {
+            if self.overflowed() {
+                return Poll::Ready(Some(Mail::Overflowed));
+            }
+            if let Poll::Ready(Some(c)) = self.control.poll_recv(cx) {
+                return Poll::Ready(Some(self.open(c)));
+            }
+            self.locations.poll_recv(cx).map(|m| m.map(Mail::Message))
+        })
+        .await
+    }
+
+    /// The next mail if one is ready, without waiting (same order as
+    /// [`Mailbox::recv`]).
+    pub fn try_recv(&mut self) -> Option<Mail> {
+        if self.overflowed() {
+            return Some(Mail::Overflowed);
+        }
+        if let Ok(c) = self.control.try_recv() {
+            return Some(self.open(c));
+        }
+        self.locations.try_recv().ok().map(Mail::Message)
+    }
+}
+
+#[cfg(test)]
+mod mailbox_tests {
+    use super::*;
+
+    fn loc(user: i64) -> BusMessage {
+        BusMessage::Location {
+            user: UserId(user),
+            loc: Location::new(1.0, 2.0, user).expect("valid"),
+        }
+    }
+
+    const HIDDEN: BusMessage = BusMessage::FriendHidden {
+        friend: UserId(7),
+        reason: LeftReason::Unfriended,
+    };
+
+    #[test]
+    fn control_is_never_dropped_for_locations_and_comes_first() {
+        let (sub, mut mb) = Subscriber::new(2);
+        assert!(sub.deliver(loc(1)));
+        assert!(sub.deliver(loc(2)));
+        assert!(!sub.deliver(loc(3)), "the location queue is full");
+        assert!(sub.deliver(HIDDEN), "control has its own queue");
+        assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
+        assert_eq!(mb.try_recv(), Some(Mail::Message(loc(1))));
+        assert_eq!(mb.try_recv(), Some(Mail::Message(loc(2))));
+        assert_eq!(mb.try_recv(), None);
+    }
+
+    #[test]
+    fn a_full_control_queue_overflows_the_session() {
+        let (sub, mut mb) = Subscriber::new(1);
+        for _ in 0..CONTROL_QUEUE {
+            assert!(sub.deliver(HIDDEN));
+        }
+        assert!(!sub.deliver(HIDDEN));
+        assert_eq!(mb.try_recv(), Some(Mail::Overflowed));
+        assert_eq!(mb.try_recv(), Some(Mail::Overflowed), "it stays overflowed");
+    }
+
+    #[test]
+    fn resync_requests_coalesce_until_taken() {
+        let (sub, mut mb) = Subscriber::new(1);
+        assert!(sub.resync());
+        assert!(sub.resync());
+        assert_eq!(mb.try_recv(), Some(Mail::Resync));
+        assert_eq!(mb.try_recv(), None, "two requests, one re-read");
+        assert!(sub.resync());
+        assert_eq!(mb.try_recv(), Some(Mail::Resync));
+    }
+
+    #[tokio::test]
+    async fn recv_waits_for_either_queue() {
+        let (sub, mut mb) = Subscriber::new(4);
+        let waiter = tokio::spawn(async move { mb.recv().await });
+        tokio::task::yield_now().await;
+        assert!(sub.deliver(loc(5)));
+        assert_eq!(waiter.await.ok().flatten(), Some(Mail::Message(loc(5))));
     }
 }
 

@@ -37,12 +37,22 @@ pub struct SessionCreated {
 pub struct FriendView {
     /// The other user.
     pub id: UserId,
-    /// Their name.
-    pub username: String,
+    /// Their name; `null` for the caller's own requests until they are
+    /// accepted, so that asking ids at random reveals no names.
+    pub username: Option<String>,
     /// Relation, from the caller's side.
     pub status: FriendStatus,
     /// Whether the caller shares their location with this user.
     pub sharing: bool,
+}
+
+impl FriendView {
+    /// The name to show: the username, or `#id` while it is withheld.
+    pub fn display_name(&self) -> String {
+        self.username
+            .clone()
+            .unwrap_or_else(|| format!("#{}", self.id))
+    }
 }
 
 /// `GET /v1/friends` response.

@@ -117,8 +117,9 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// An authenticated caller: from `Authorization: Bearer TOKEN`, or from the
-/// `token` query parameter (browsers cannot set headers on a WebSocket).
+/// An authenticated caller: from `Authorization: Bearer TOKEN`, or, on the
+/// WebSocket upgrade only, from the `token` query parameter (browsers
+/// cannot set headers on a WebSocket).
 #[derive(Debug, Clone, Copy)]
 pub struct AuthUser {
     /// Who.
@@ -143,6 +144,11 @@ fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
                 "Authorization must be `Bearer TOKEN`",
             )),
         };
+    }
+    // A token in the URL ends up in proxy access logs: accepted only where
+    // a browser has no other way, the WebSocket upgrade.
+    if parts.uri.path() != "/v1/ws" {
+        return Ok(None);
     }
     Ok(parts
         .uri
@@ -235,61 +241,119 @@ mod tests {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Which queue a hashing job waits in. Logins are served first: a flood of
+/// sign-ups (each a full argon2 hash) must not delay people logging in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Password checks at login.
+    Login,
+    /// New passwords at sign-up.
+    SignUp,
+}
+
+#[derive(Default)]
+struct Lanes {
+    login: std::collections::VecDeque<Job>,
+    signup: std::collections::VecDeque<Job>,
+    closed: bool,
+}
+
 /// A few dedicated threads for password hashing.
 ///
 /// Argon2 takes ~19 MiB per hash. On tokio's blocking pool every burst of
 /// logins lands on different threads, and glibc keeps each thread's arena
 /// (a 50-login burst left the server at ~1 GB RSS). A fixed set of threads
-/// bounds both the CPU and the memory hashing can take; jobs beyond
-/// [`HASH_QUEUE`] waiting are refused.
+/// bounds both the CPU and the memory hashing can take. Jobs wait in two
+/// bounded queues, logins before sign-ups; beyond [`HASH_QUEUE`] logins or
+/// [`SIGNUP_QUEUE`] sign-ups waiting, jobs are refused.
 pub struct Hasher {
-    tx: std::sync::mpsc::SyncSender<Job>,
+    shared: Arc<(std::sync::Mutex<Lanes>, std::sync::Condvar)>,
 }
 
-/// Hashing jobs that may wait for a thread.
+/// Login checks that may wait for a thread.
 pub const HASH_QUEUE: usize = 4096;
+
+/// Sign-ups that may wait for a thread.
+pub const SIGNUP_QUEUE: usize = 64;
 
 /// The pool refused or lost a job.
 #[derive(Debug, thiserror::Error)]
 #[error("password hashing is overloaded; retry later")]
 pub struct HasherBusy;
 
+fn lanes(m: &std::sync::Mutex<Lanes>) -> std::sync::MutexGuard<'_, Lanes> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Hasher {
     /// Starts `threads` hashing threads.
     pub fn new(threads: usize) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(HASH_QUEUE);
-        let rx = std::sync::Arc::new(std::sync::Mutex::new(rx));
+        let shared = Arc::new((
+            std::sync::Mutex::new(Lanes::default()),
+            std::sync::Condvar::new(),
+        ));
         for i in 0..threads.max(1) {
-            let rx = rx.clone();
+            let shared = shared.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("nearby-hash-{i}"))
-                .spawn(move || loop {
-                    let job = match rx.lock() {
-                        Ok(guard) => guard.recv(),
-                        Err(poisoned) => poisoned.into_inner().recv(),
-                    };
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return, // the pool was dropped
+                .spawn(move || {
+                    let (lock, ready) = &*shared;
+                    loop {
+                        let job = {
+                            let mut q = lanes(lock);
+                            loop {
+                                if let Some(job) =
+                                    q.login.pop_front().or_else(|| q.signup.pop_front())
+                                {
+                                    break job;
+                                }
+                                if q.closed {
+                                    return;
+                                }
+                                q = ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                            }
+                        };
+                        job();
                     }
                 });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a hashing thread");
             }
         }
-        Self { tx }
+        Self { shared }
     }
 
-    /// Runs `f` on a hashing thread and waits for its result.
+    /// Runs `f` on a hashing thread, in `lane`, and waits for its result.
     pub async fn run<T: Send + 'static>(
         &self,
+        lane: Lane,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, HasherBusy> {
         let (done, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = done.send(f());
         });
-        self.tx.try_send(job).map_err(|_| HasherBusy)?;
+        {
+            let (lock, ready) = &*self.shared;
+            let mut q = lanes(lock);
+            let (queue, cap) = match lane {
+                Lane::Login => (&mut q.login, HASH_QUEUE),
+                Lane::SignUp => (&mut q.signup, SIGNUP_QUEUE),
+            };
+            if queue.len() >= cap {
+                return Err(HasherBusy);
+            }
+            queue.push_back(job);
+            ready.notify_one();
+        }
         result.await.map_err(|_| HasherBusy)
+    }
+}
+
+impl Drop for Hasher {
+    fn drop(&mut self) {
+        let (lock, ready) = &*self.shared;
+        lanes(lock).closed = true;
+        ready.notify_all();
     }
 }

@@ -36,6 +36,50 @@ pub struct ServerConfig {
     pub history_queue: usize,
     /// History entries per write (default 1000).
     pub history_batch: usize,
+    /// Every session re-reads its friends, sharing and token from the user
+    /// store this often (default 60 s): the longest a revocation whose bus
+    /// message was lost can go unnoticed.
+    pub revalidate: Duration,
+    /// Connections served normally; 0 (default) derives it from the
+    /// open-file limit (see [`crate::listen::Limits::resolve`]).
+    pub max_connections: usize,
+    /// Connections from one IP address (default 4096; 0: no cap).
+    pub max_connections_per_ip: usize,
+    /// Connections past `max_connections` still served one quick request
+    /// each, no WebSocket (default 128).
+    pub connection_reserve: usize,
+    /// Request headers must arrive within this (default 10 s).
+    pub header_timeout: Duration,
+    /// A REST request must be received and answered within this (default 30 s).
+    pub request_timeout: Duration,
+    /// Take the client's address from the last `X-Forwarded-For` entry
+    /// (only behind a proxy that sets it; default off).
+    pub trust_forwarded_for: bool,
+    /// WebSockets one user may hold on one node (default 16).
+    pub max_sockets_per_user: usize,
+    /// Location updates per second one user may send over all their
+    /// WebSockets on one node (default 10, burst 20).
+    pub user_updates_per_sec: f64,
+    /// Burst above `user_updates_per_sec` (default 20).
+    pub user_update_burst: u32,
+    /// Failed logins for one account from one address before each further
+    /// attempt must wait (1 s, doubling to 15 min; default 5).
+    pub login_free_failures: u32,
+    /// Failed logins one address may make per minute, over all accounts
+    /// (default 10, burst 30).
+    pub login_ip_failures_per_min: u32,
+    /// Failed logins per hour per account from addresses that never logged
+    /// into it (default 100); addresses that did are not held back.
+    pub login_account_failures_per_hour: u32,
+    /// Sign-ups per hour from one address (default 20, burst 5).
+    pub signups_per_ip_per_hour: u32,
+    /// `SO_SNDBUF` of accepted sockets, bytes (default 0: the kernel's
+    /// autotuning, which lets a client that stops reading hold megabytes).
+    pub socket_send_buffer: usize,
+    /// Apply the per-address limits (connections, sign-ups, failed logins
+    /// per address) to loopback clients too (default off: the node's own
+    /// host runs the bench, the demo and health probes).
+    pub limit_loopback: bool,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +96,22 @@ impl Default for ServerConfig {
             session_queue: 256,
             history_queue: 100_000,
             history_batch: 1000,
+            revalidate: Duration::from_secs(60),
+            max_connections: 0,
+            max_connections_per_ip: 4096,
+            connection_reserve: 128,
+            header_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            trust_forwarded_for: false,
+            max_sockets_per_user: 16,
+            user_updates_per_sec: 10.0,
+            user_update_burst: 20,
+            login_free_failures: 5,
+            login_ip_failures_per_min: 10,
+            login_account_failures_per_hour: 100,
+            signups_per_ip_per_hour: 20,
+            socket_send_buffer: 0,
+            limit_loopback: false,
         }
     }
 }
@@ -148,6 +208,56 @@ impl ServerConfig {
             "between 1 and 10000000",
         )?;
         check(
+            (SECOND..=DAY).contains(&self.revalidate),
+            "revalidate_secs",
+            self.revalidate.as_secs(),
+            "between 1 and 86400 (a day)",
+        )?;
+        check(
+            (SECOND..=Duration::from_secs(3600)).contains(&self.header_timeout),
+            "header_timeout_secs",
+            self.header_timeout.as_secs(),
+            "between 1 and 3600",
+        )?;
+        check(
+            (SECOND..=Duration::from_secs(3600)).contains(&self.request_timeout),
+            "request_timeout_secs",
+            self.request_timeout.as_secs(),
+            "between 1 and 3600",
+        )?;
+        check(
+            self.connection_reserve <= 100_000,
+            "connection_reserve",
+            self.connection_reserve,
+            "at most 100000",
+        )?;
+        check(
+            (1..=100_000).contains(&self.max_sockets_per_user),
+            "max_sockets_per_user",
+            self.max_sockets_per_user,
+            "between 1 and 100000",
+        )?;
+        check(
+            self.user_updates_per_sec.is_finite() && self.user_updates_per_sec > 0.0,
+            "user_updates_per_sec",
+            self.user_updates_per_sec,
+            "more than 0",
+        )?;
+        check(
+            self.user_update_burst >= 1,
+            "user_update_burst",
+            self.user_update_burst,
+            "at least 1",
+        )?;
+        check(
+            self.login_ip_failures_per_min >= 1
+                && self.login_account_failures_per_hour >= 1
+                && self.signups_per_ip_per_hour >= 1,
+            "login_ip_failures_per_min, login_account_failures_per_hour, signups_per_ip_per_hour",
+            "0",
+            "at least 1",
+        )?;
+        check(
             (1..=100_000).contains(&self.history_batch),
             "history_batch",
             self.history_batch,
@@ -160,6 +270,11 @@ impl ServerConfig {
     /// layer refuses to buffer them and the connection closes with 1009.
     pub const fn hard_frame_limit() -> usize {
         64 * 1024
+    }
+
+    /// Whether per-address limits apply to `ip`.
+    pub fn limits_address(&self, ip: std::net::IpAddr) -> bool {
+        self.limit_loopback || !ip.is_loopback()
     }
 
     /// The domain's view of these settings.

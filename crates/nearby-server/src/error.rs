@@ -1,6 +1,8 @@
 //! The one error type of the REST handlers: an HTTP status and a JSON body
 //! `{"code","message"}`.
 
+use std::time::Duration;
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -17,6 +19,8 @@ pub struct ApiError {
     pub code: &'static str,
     /// Human-readable detail.
     pub message: String,
+    /// Seconds to send as `Retry-After` (429, 503).
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -26,12 +30,27 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    /// 429 `code`, retry after `wait` (rounded up to whole seconds).
+    pub fn too_many(code: &'static str, message: impl Into<String>, wait: Duration) -> Self {
+        let secs = wait.as_millis().div_ceil(1000).max(1);
+        Self {
+            retry_after_secs: Some(u64::try_from(secs).unwrap_or(u64::MAX)),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, code, message)
         }
     }
 
     /// 400 with `code`.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 400 `bad_query`.
+    pub fn bad_query(message: impl Into<String>) -> Self {
+        Self::bad_request("bad_query", message)
     }
 
     /// 401.
@@ -68,14 +87,15 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m),
             StoreError::NotFound(m) => Self::new(StatusCode::NOT_FOUND, "not_found", m),
-            StoreError::Backend(m) => {
-                tracing::warn!(error = %m, "backend error");
+            StoreError::Unavailable { source } => {
+                tracing::warn!(error = %source, "backend unavailable");
                 Self::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
                     "a backend is unavailable; retry later",
                 )
             }
+            e @ StoreError::Invalid(_) => Self::internal(e),
         }
     }
 }
@@ -86,7 +106,12 @@ impl IntoResponse for ApiError {
             code: self.code.to_owned(),
             message: self.message,
         };
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        resp
     }
 }
 

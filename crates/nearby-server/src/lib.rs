@@ -18,10 +18,12 @@
 //! the binary chooses the backends.
 #![forbid(unsafe_code)]
 
+pub mod abuse;
 pub mod auth;
 pub mod config;
 pub mod error;
 pub mod history;
+pub mod listen;
 pub mod metrics;
 pub mod rest;
 pub mod state;
@@ -31,11 +33,15 @@ pub mod ws;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
+
+use crate::error::ApiError;
 
 pub use config::ServerConfig;
 pub use state::{AppState, Backends};
@@ -43,6 +49,50 @@ pub use state::{AppState, Backends};
 /// Largest REST request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
+/// Longest request target (path and query) accepted, bytes.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Most request header bytes (names and values) accepted.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Most request headers accepted.
+pub const MAX_HEADERS: usize = 64;
+
+/// Refuses oversized request heads with a JSON body (414, 431), and gives
+/// every request `request_timeout` to be answered, body read included
+/// (408 otherwise), so a slow body cannot hold a connection.
+async fn guard(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if req.uri().to_string().len() > MAX_URI_BYTES {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request target is limited to {MAX_URI_BYTES} bytes"),
+        )
+        .into_response();
+    }
+    let headers = req.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("at most {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes of them"),
+        )
+        .into_response();
+    }
+    match tokio::time::timeout(st.cfg.request_timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request was not received and answered in time",
+        )
+        .into_response(),
+    }
+}
 /// The whole HTTP surface.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -67,32 +117,38 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(web::index))
         .route("/assets/{*path}", get(web::asset))
         .fallback(rest::not_found)
+        .method_not_allowed_fallback(rest::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
 
 /// Serves until the state's shutdown signal fires, then closes every live
 /// session (clients are told to reconnect), waits for them up to
-/// `grace`, and flushes the history queue.
+/// `grace`, and flushes the history queue. Connections are admitted and
+/// timed by [`listen`].
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let shutdown = state.shutdown.clone();
-    // Frames are already coalesced per wake-up (see `ws`); Nagle's algorithm
-    // would only hold the next small write until the peer's delayed ACK,
-    // which put a ~40 ms floor under the latency tail.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
-    // axum's graceful shutdown does not wait for upgraded WebSockets: they
-    // are tracked separately and see the same signal.
+    let limits = state.admission.limits();
+    tracing::info!(
+        max_connections = limits.max,
+        per_ip = limits.per_ip,
+        reserve = limits.reserve,
+        "connection limits"
+    );
+    listen::accept_loop(
+        listener,
+        router(state.clone()),
+        state.admission.clone(),
+        &state.cfg,
+        state.shutdown.clone(),
+        grace,
+    )
+    .await;
+    // Upgraded WebSockets are tracked separately and see the same signal.
     state.sessions.close();
     if tokio::time::timeout(grace, state.sessions.wait())
         .await

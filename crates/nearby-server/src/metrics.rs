@@ -16,6 +16,9 @@
 //! | `nearby_bus_delivered_total` / `_dropped_total` | counter | bus messages handed to / dropped for local sessions |
 //! | `nearby_bus_channels` | gauge | channels with a local subscriber |
 //! | `nearby_redis_reconnects_total` | counter | broker connections re-established |
+//! | `nearby_session_resyncs_total` | counter | sessions that re-read the user store because the bus may have lost messages |
+//! | `nearby_announce_failures_total` | counter | friend/sharing/logout changes stored but not published (sessions catch up on resync or revalidation) |
+//! | `nearby_connections_refused_total` | counter | connections refused at accept (`listen`) |
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -72,6 +75,10 @@ pub struct Metrics {
     pub history_write: Histogram,
     /// Accepted-to-received time of a friend's update.
     pub bus_lag: Histogram,
+    /// Store re-reads asked by the bus.
+    pub resyncs: Counter,
+    /// Control messages that could not be published.
+    pub announce_failures: Counter,
 }
 
 impl Metrics {
@@ -88,6 +95,8 @@ impl Metrics {
             publish: stage("publish"),
             history_write: stage("history_write"),
             bus_lag: histogram!("nearby_bus_lag_seconds"),
+            resyncs: counter!("nearby_session_resyncs_total"),
+            announce_failures: counter!("nearby_announce_failures_total"),
         }
     }
 }

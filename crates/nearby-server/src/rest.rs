@@ -20,8 +20,9 @@ use nearby_proto::ws::ServerFrame;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::auth::{self, AuthUser};
+use crate::auth::{self, AuthUser, Lane};
 use crate::error::{ApiError, ApiResult};
+use crate::listen::ClientIp;
 use crate::state::{now_ms, AppState};
 
 type St = State<Arc<AppState>>;
@@ -73,11 +74,19 @@ pub async fn readyz(State(st): St) -> Response {
     }
     let b = &st.backends;
     let limit = std::time::Duration::from_secs(1);
+    // Which backend failed is said; why is logged, not shown: the details
+    // name hosts and databases, and this endpoint needs no token.
     let check = |name: &'static str, f| async move {
         match tokio::time::timeout(limit, f).await {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("{name}: {e}")),
-            Err(_) => Some(format!("{name}: no answer within {limit:?}")),
+            Ok(Err(e)) => {
+                tracing::warn!(backend = name, error = %e, "readiness check failed");
+                Some(name)
+            }
+            Err(_) => {
+                tracing::warn!(backend = name, "readiness check timed out");
+                Some(name)
+            }
         }
     };
     let (users, history, cache, bus) = tokio::join!(
@@ -86,14 +95,14 @@ pub async fn readyz(State(st): St) -> Response {
         check("cache", b.cache.ping()),
         check("bus", b.bus.ping()),
     );
-    let failed: Vec<String> = [users, history, cache, bus].into_iter().flatten().collect();
+    let failed: Vec<&str> = [users, history, cache, bus].into_iter().flatten().collect();
     if failed.is_empty() {
         Json(serde_json::json!({ "status": "ready" })).into_response()
     } else {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
-            failed.join("; "),
+            format!("not ready: {}", failed.join(", ")),
         )
         .into_response()
     }
@@ -104,6 +113,15 @@ pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
+/// A known route with a method it does not take.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
 fn busy(e: auth::HasherBusy) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -112,22 +130,35 @@ fn busy(e: auth::HasherBusy) -> ApiError {
     )
 }
 
-/// `POST /v1/users`: sign up.
-pub async fn sign_up(State(st): St, JsonBody(c): JsonBody<Credentials>) -> ApiResult<Response> {
-    account::validate_username(&c.username)
+/// `POST /v1/users`: sign up. The name is stored in its canonical form
+/// (see [`account::canonical_username`]), the password hashed after NFKC.
+pub async fn sign_up(
+    State(st): St,
+    ip: ClientIp,
+    JsonBody(c): JsonBody<Credentials>,
+) -> ApiResult<Response> {
+    let username = account::canonical_username(&c.username)
         .map_err(|e| ApiError::bad_request("invalid_username", e.to_string()))?;
-    account::validate_password(&c.password)
+    let password = account::normalize_password(&c.password);
+    account::validate_password(&password)
         .map_err(|e| ApiError::bad_request("invalid_password", e.to_string()))?;
+    st.guards.signup(ip.0, now_ms()).map_err(|wait| {
+        ApiError::too_many(
+            "too_many_signups",
+            "too many sign-ups from your address; try again later",
+            wait,
+        )
+    })?;
     let hash = st
         .hasher
-        .run(move || auth::hash_password(&c.password))
+        .run(Lane::SignUp, move || auth::hash_password(&password))
         .await
         .map_err(busy)?
         .map_err(ApiError::internal)?;
     let id = st
         .backends
         .users
-        .create_user(&c.username, &hash)
+        .create_user(&username, &hash)
         .await
         .map_err(|e| match e {
             nearby_ports::StoreError::Conflict(m) => {
@@ -135,14 +166,7 @@ pub async fn sign_up(State(st): St, JsonBody(c): JsonBody<Credentials>) -> ApiRe
             }
             other => other.into(),
         })?;
-    Ok((
-        StatusCode::CREATED,
-        Json(UserView {
-            id,
-            username: c.username,
-        }),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, Json(UserView { id, username })).into_response())
 }
 
 /// `GET /v1/users/by-name/{username}`: find a user to befriend. Exact match
@@ -153,10 +177,9 @@ pub async fn user_by_name(
     _me: AuthUser,
     Path(username): Path<String>,
 ) -> ApiResult<Json<UserView>> {
-    let found = if account::validate_username(&username).is_ok() {
-        st.backends.users.user_by_name(&username).await?
-    } else {
-        None
+    let found = match account::canonical_username(&username) {
+        Ok(name) => st.backends.users.user_by_name(&name).await?,
+        Err(_) => None,
     };
     let user = found.ok_or_else(|| {
         ApiError::new(
@@ -181,40 +204,60 @@ fn decoy_hash() -> &'static str {
     DECOY.get_or_init(|| auth::hash_password("decoy password, never valid").unwrap_or_default())
 }
 
-/// `POST /v1/sessions`: log in, get a bearer token.
+fn bad_credentials() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "bad_credentials",
+        "wrong username or password",
+    )
+}
+
+/// `POST /v1/sessions`: log in, get a bearer token. Throttled per account
+/// and address, per address and per account (see [`crate::abuse`]); a
+/// throttled attempt is a 429 with `Retry-After` and its password is not
+/// checked.
 pub async fn log_in(
     State(st): St,
+    ip: ClientIp,
     JsonBody(c): JsonBody<Credentials>,
 ) -> ApiResult<Json<SessionCreated>> {
     // Lengths are checked before hashing so a megabyte password costs nothing.
-    if account::validate_password(&c.password).is_err()
-        || account::validate_username(&c.username).is_err()
-    {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "bad_credentials",
-            "wrong username or password",
-        ));
-    }
-    let user = st.backends.users.user_by_name(&c.username).await?;
+    let password = account::normalize_password(&c.password);
+    let (Ok(username), Ok(())) = (
+        account::canonical_username(&c.username),
+        account::validate_password(&password),
+    ) else {
+        return Err(bad_credentials());
+    };
+    let attempt = st
+        .guards
+        .login_begin(&username, ip.0, now_ms())
+        .map_err(|wait| {
+            ApiError::too_many(
+                "too_many_attempts",
+                "too many failed logins; wait before trying again",
+                wait,
+            )
+        })?;
+    let user = st.backends.users.user_by_name(&username).await?;
     let phc = user.as_ref().map(|u| u.password_hash.clone());
+    let raw = c.password;
     let ok = st
         .hasher
-        .run(move || {
-            auth::verify_password(&c.password, phc.as_deref().unwrap_or_else(|| decoy_hash()))
+        .run(Lane::Login, move || {
+            let phc = phc.as_deref().unwrap_or_else(|| decoy_hash());
+            // Hashes made before passwords were normalized were of the
+            // password as typed.
+            auth::verify_password(&password, phc)
+                || (raw != password && auth::verify_password(&raw, phc))
         })
         .await
         .map_err(busy)?;
     let user = match user {
         Some(u) if ok => u,
-        _ => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "bad_credentials",
-                "wrong username or password",
-            ))
-        }
+        _ => return Err(bad_credentials()),
     };
+    st.guards.login_succeeded(attempt, now_ms());
     let (token, hash) = auth::new_token();
     let ttl_ms = i64::try_from(st.cfg.token_ttl.as_millis()).unwrap_or(i64::MAX);
     let expires_at = now_ms().saturating_add(ttl_ms);
@@ -237,9 +280,11 @@ pub async fn log_out(State(st): St, me: AuthUser) -> ApiResult<StatusCode> {
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v1/friends`.
+/// `GET /v1/friends`. The user's own pending requests come last, by id,
+/// without the other's name: neither the name nor its place in the order
+/// reveals anything until the request is accepted.
 pub async fn list_friends(State(st): St, me: AuthUser) -> ApiResult<Json<FriendList>> {
-    let friends = st
+    let mut friends: Vec<FriendView> = st
         .backends
         .users
         .friends(me.id)
@@ -247,11 +292,14 @@ pub async fn list_friends(State(st): St, me: AuthUser) -> ApiResult<Json<FriendL
         .into_iter()
         .map(|f| FriendView {
             id: f.id,
-            username: f.username,
+            // A request made by id reveals nothing until it is accepted.
+            username: (f.status != FriendStatus::Outgoing).then_some(f.username),
             status: f.status,
             sharing: f.sharing,
         })
         .collect();
+    // Stable: the others keep the store's order by username.
+    friends.sort_by_key(|f| (f.status == FriendStatus::Outgoing).then_some(f.id));
     Ok(Json(FriendList { friends }))
 }
 
@@ -263,11 +311,15 @@ fn other_user(raw: &str, me: AuthUser) -> ApiResult<UserId> {
     Ok(id)
 }
 
-/// Publishes control messages; a failure is logged, not returned: the store
-/// already holds the change, and sessions pick it up on their next start.
+/// Publishes control messages; a failure is logged and counted, not
+/// returned: the store already holds the change, which is the truth.
+/// Sessions read it again when the bus comes back (every session re-reads
+/// its friends and token after a broker reconnect) and, whatever happened
+/// to the message, within one revalidation period.
 async fn announce(st: &AppState, msgs: &[(UserId, BusMessage)]) {
     for (to, msg) in msgs {
         if let Err(e) = st.backends.bus.publish(Channel::Inbox(*to), *msg).await {
+            st.metrics.announce_failures.increment(1);
             tracing::warn!(error = %e, user = %to, "could not announce a friend change");
         }
     }
@@ -443,12 +495,34 @@ pub struct HistoryQuery {
     pub from: Option<i64>,
     /// End, exclusive, Unix ms (default: now).
     pub to: Option<i64>,
-    /// At most this many points (default and maximum 10 000).
-    pub limit: Option<u32>,
+    /// At most this many points (default and maximum 10 000); any whole
+    /// number is accepted and clamped into 1–10 000.
+    pub limit: Option<String>,
 }
 
 /// Most points one history request returns.
 pub const HISTORY_LIMIT: u32 = 10_000;
+
+/// `limit` as documented: any whole number, clamped into 1–[`HISTORY_LIMIT`]
+/// however large or negative; anything else is a `bad_query`.
+fn clamp_limit(raw: Option<&str>) -> ApiResult<u32> {
+    let Some(raw) = raw else {
+        return Ok(HISTORY_LIMIT);
+    };
+    let (negative, digits) = match raw.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, raw.strip_prefix('+').unwrap_or(raw)),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::bad_query("`limit` must be a whole number"));
+    }
+    if negative {
+        return Ok(1);
+    }
+    // Too many digits for u64 is simply large.
+    let n = digits.parse::<u64>().unwrap_or(u64::MAX);
+    Ok(u32::try_from(n.clamp(1, u64::from(HISTORY_LIMIT))).unwrap_or(HISTORY_LIMIT))
+}
 
 /// `GET /v1/me/history?from=MS&to=MS`: my own stored locations.
 pub async fn history(
@@ -456,14 +530,16 @@ pub async fn history(
     me: AuthUser,
     q: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> ApiResult<Json<History>> {
-    let Query(q) = q.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
+    let Query(q) = q.map_err(|_| {
+        ApiError::bad_query("`from` and `to` must be whole numbers (Unix milliseconds)")
+    })?;
     let now = now_ms();
     let to = q.to.unwrap_or(now + 1);
     let from = q.from.unwrap_or(now - 24 * 3600 * 1000);
     if from > to {
-        return Err(ApiError::bad_request("bad_query", "`from` is after `to`"));
+        return Err(ApiError::bad_query("`from` is after `to`"));
     }
-    let limit = q.limit.unwrap_or(HISTORY_LIMIT).clamp(1, HISTORY_LIMIT);
+    let limit = clamp_limit(q.limit.as_deref())?;
     let points = st
         .backends
         .history
@@ -477,4 +553,25 @@ pub async fn history(
         })
         .collect();
     Ok(Json(History { points }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_clamp_whatever_their_size() {
+        assert_eq!(clamp_limit(None).ok(), Some(HISTORY_LIMIT));
+        assert_eq!(clamp_limit(Some("5")).ok(), Some(5));
+        assert_eq!(clamp_limit(Some("0")).ok(), Some(1));
+        assert_eq!(clamp_limit(Some("-1")).ok(), Some(1));
+        assert_eq!(clamp_limit(Some("+20")).ok(), Some(20));
+        assert_eq!(
+            clamp_limit(Some("99999999999999999999")).ok(),
+            Some(HISTORY_LIMIT)
+        );
+        for bad in ["", "-", "1.5", "ten", "1e3"] {
+            assert!(clamp_limit(Some(bad)).is_err(), "{bad:?}");
+        }
+    }
 }

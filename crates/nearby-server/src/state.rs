@@ -45,6 +45,10 @@ pub struct AppState {
     pub hasher: crate::auth::Hasher,
     /// Hot-path instruments.
     pub metrics: Arc<Metrics>,
+    /// Login, sign-up and per-user limits.
+    pub guards: Arc<crate::abuse::Guards>,
+    /// Open connections against their limits.
+    pub admission: Arc<crate::listen::Admission>,
 }
 
 impl AppState {
@@ -59,7 +63,12 @@ impl AppState {
             cfg.history_batch,
             metrics.clone(),
         );
+        let admission = crate::listen::Admission::new(crate::listen::Limits::resolve(&cfg));
+        let guards = crate::abuse::Guards::new(&cfg);
+        tokio::spawn(crate::abuse::sweeper(guards.clone()));
         Ok(Arc::new(Self {
+            admission,
+            guards,
             cfg,
             backends,
             history,

@@ -21,14 +21,16 @@ use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
 use nearby_core::rate::TokenBucket;
 use nearby_core::session::Session;
-use nearby_core::{Location, Point};
-use nearby_ports::{BusMessage, Channel, HistoryEntry, Subscriber};
+use nearby_core::{FriendStatus, LeftReason, Location, Point, UserId};
+use nearby_ports::{BusMessage, Channel, HistoryEntry, Mail, Mailbox, StoreResult, Subscriber};
 use nearby_proto::ws::{parse_client_frame, ClientFrame, ServerFrame};
-use tokio::sync::mpsc;
+use rand::Rng;
 
+use crate::abuse::SocketSlot;
 use crate::auth::AuthUser;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
+use crate::listen::Peer;
 use crate::rest::start_session;
 use crate::state::{now_ms, AppState};
 
@@ -45,11 +47,18 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Close codes (RFC 6455 and the IANA registry).
 mod close {
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
     pub const RESTART: u16 = 1012;
+    pub const TRY_AGAIN: u16 = 1013;
 }
+
+/// After a failed re-read of the user store, the next attempt comes this
+/// soon (instead of a whole revalidation period later).
+const REVALIDATE_RETRY: Duration = Duration::from_secs(2);
 
 /// `GET /v1/ws`: authenticates, then upgrades. A missing or bad token is a
 /// 401 before any upgrade; a request that is not a WebSocket handshake is a
@@ -57,8 +66,10 @@ mod close {
 pub async fn upgrade(
     State(st): State<Arc<AppState>>,
     me: AuthUser,
+    peer: Option<axum::Extension<Peer>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    use axum::http::StatusCode;
     let ws = match ws {
         Ok(ws) => ws,
         Err(rej) => {
@@ -67,12 +78,32 @@ pub async fn upgrade(
     };
     if st.shutdown.is_cancelled() {
         return ApiError::new(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::SERVICE_UNAVAILABLE,
             "draining",
             "this node is shutting down",
         )
         .into_response();
     }
+    if peer.is_some_and(|p| p.reserved) {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_full",
+            "this node holds all the WebSockets it may; retry later or elsewhere",
+        );
+        e.retry_after_secs = Some(5);
+        return e.into_response();
+    }
+    let Some(slot) = st.guards.open_socket(me.id, now_ms()) else {
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_sockets",
+            format!(
+                "at most {} WebSockets per user on one node; close one first",
+                st.cfg.max_sockets_per_user
+            ),
+        )
+        .into_response();
+    };
     let hard = ServerConfig::hard_frame_limit();
     let tracker = st.sessions.clone();
     // Small buffers: clients send ~100-byte frames every few seconds, and
@@ -82,31 +113,45 @@ pub async fn upgrade(
         .write_buffer_size(8 * 1024)
         .max_message_size(hard)
         .max_frame_size(hard)
-        .on_upgrade(move |socket| tracker.track_future(run(st, me, socket)))
+        .on_upgrade(move |socket| tracker.track_future(run(st, me, slot, socket)))
 }
 
 fn until(deadline_ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(deadline_ms.saturating_sub(now_ms())).unwrap_or(0))
 }
 
-async fn run(st: Arc<AppState>, me: AuthUser, mut socket: WebSocket) {
-    let (sub, mut inbox) = Subscriber::new(st.cfg.session_queue);
+/// Whether the token `me` was authenticated with is still valid now.
+async fn token_valid(st: &AppState, me: &AuthUser) -> StoreResult<bool> {
+    let found = st
+        .backends
+        .users
+        .token_user(&me.token_hash, now_ms())
+        .await?;
+    Ok(found.is_some_and(|(id, _)| id == me.id))
+}
+
+async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebSocket) {
+    let (sub, mut mailbox) = Subscriber::new(st.cfg.session_queue);
     let user = me.id;
     tracing::debug!(%user, "session open");
     let opened = std::time::Instant::now();
-    // The inbox first: a friendship change made while the session starts is
-    // queued, not lost.
-    let started = match st
-        .backends
-        .bus
-        .subscribe(&sub, &[Channel::Inbox(user)])
-        .await
-    {
-        Ok(()) => start_session(&st, user, Some(&sub)).await,
+    // The user's own channels first: a friendship change or a logout made
+    // while the session starts is queued, not lost, and so are the moves
+    // the user's other devices report.
+    let own = [Channel::Inbox(user), Channel::Location(user)];
+    let started = match st.backends.bus.subscribe(&sub, &own).await {
+        // The token is checked again now that the inbox is subscribed: a
+        // logout that raced the upgrade either deleted the token before
+        // this read, or publishes its revocation after the subscription.
+        Ok(()) => match token_valid(&st, &me).await {
+            Ok(true) => start_session(&st, user, Some(&sub)).await.map(Some),
+            Ok(false) => Ok(None),
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     let mut conn = match started {
-        Ok((session, snapshot)) => {
+        Ok(Some((session, snapshot))) => {
             crate::metrics::observe(&st.metrics.session_start, opened);
             st.metrics.connections.increment(1.0);
             let frame = ServerFrame::Snapshot {
@@ -119,9 +164,18 @@ async fn run(st: Arc<AppState>, me: AuthUser, mut socket: WebSocket) {
                 sub,
                 limited: false,
                 out: Outbox::from(frame),
-                token_tag: nearby_ports::token_tag(&me.token_hash),
+                token_hash: me.token_hash,
                 closing: None,
+                revalidate_failed: false,
+                slot,
             }
+        }
+        Ok(None) => {
+            let frame = ServerFrame::error("token_revoked", "you logged out with this token");
+            let _ = socket.send(Message::Text(frame.to_json().into())).await;
+            let _ = send_close(&mut socket, close::POLICY, "token revoked").await;
+            let _ = st.backends.bus.unsubscribe(&sub, &own).await;
+            return;
         }
         Err(e) => {
             tracing::warn!(%user, error = %e, "session start failed");
@@ -131,24 +185,32 @@ async fn run(st: Arc<AppState>, me: AuthUser, mut socket: WebSocket) {
             );
             let _ = socket.send(Message::Text(frame.to_json().into())).await;
             let _ = send_close(&mut socket, close::INTERNAL, "backend unavailable").await;
-            let _ = st
-                .backends
-                .bus
-                .unsubscribe(&sub, &[Channel::Inbox(user)])
-                .await;
+            let _ = st.backends.bus.unsubscribe(&sub, &own).await;
             return;
         }
     };
     if conn.flush(&mut socket).await.is_ok() {
-        conn.serve(&mut socket, &mut inbox, me.expires_at).await;
+        conn.serve(&mut socket, &mut mailbox, me.expires_at).await;
     }
     let mut channels: Vec<Channel> = conn.session.tracked().map(Channel::Location).collect();
-    channels.push(Channel::Inbox(user));
+    channels.extend(own);
     if let Err(e) = st.backends.bus.unsubscribe(&conn.sub, &channels).await {
         tracing::warn!(%user, error = %e, "unsubscribe failed");
     }
     st.metrics.connections.decrement(1.0);
     tracing::debug!(%user, "session closed");
+}
+
+/// The close code for a read error that is the client's protocol
+/// violation; `None` for I/O errors (the connection is gone anyway).
+fn violation_close(e: axum::Error) -> Option<(u16, &'static str)> {
+    use tungstenite::Error as WsError;
+    match e.into_inner().downcast_ref::<WsError>()? {
+        WsError::Capacity(_) => Some((close::TOO_BIG, "frame too large")),
+        WsError::Protocol(_) => Some((close::PROTOCOL, "protocol violation")),
+        WsError::Utf8(_) => Some((close::INVALID_DATA, "text frame is not UTF-8")),
+        _ => None,
+    }
 }
 
 /// Starts the closing handshake and waits (briefly) for the client's reply,
@@ -225,17 +287,22 @@ struct Conn {
     limited: bool,
     /// Frames waiting for the next flush.
     out: Outbox,
-    /// The tag of the token this connection was opened with.
-    token_tag: u64,
+    /// The hash of the token this connection was opened with.
+    token_hash: [u8; 32],
     /// Set when the connection must close after the next flush.
     closing: Option<(u16, &'static str)>,
+    /// The last re-read of the user store failed: retry soon.
+    revalidate_failed: bool,
+    /// This socket's place among its user's sockets on this node, and
+    /// their shared update bucket.
+    slot: SocketSlot,
 }
 
 impl Conn {
     async fn serve(
         &mut self,
         socket: &mut WebSocket,
-        inbox: &mut mpsc::Receiver<BusMessage>,
+        mailbox: &mut Mailbox,
         token_expires_at: i64,
     ) {
         let token_expiry = tokio::time::sleep(until(token_expires_at));
@@ -253,6 +320,14 @@ impl Conn {
         let friend_expiry = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(friend_expiry);
         let mut armed: Option<i64> = None;
+        // The friend set and the token are re-read from the user store every
+        // period (first at a random point of it, so that sessions opened
+        // together do not re-read together): the bound on how long a
+        // revocation whose bus message was lost can go unnoticed.
+        let period = self.st.cfg.revalidate;
+        let first = period.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+        let mut revalidate = tokio::time::interval_at(start + first, period);
+        revalidate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_expiry = self.session.next_expiry();
             if next_expiry != armed {
@@ -295,15 +370,19 @@ impl Conn {
                         return;
                     }
                 }
-                Some(msg) = inbox.recv() => {
-                    self.on_bus(msg).await;
+                Some(mail) = mailbox.recv() => {
+                    self.on_mail(mail).await;
                     for _ in 1..BUS_DRAIN {
-                        match inbox.try_recv() {
-                            Ok(msg) => self.on_bus(msg).await,
-                            Err(_) => break,
+                        if self.closing.is_some() {
+                            break;
+                        }
+                        match mailbox.try_recv() {
+                            Some(mail) => self.on_mail(mail).await,
+                            None => break,
                         }
                     }
                 }
+                _ = revalidate.tick() => self.revalidate().await,
                 _ = &mut friend_expiry, if armed.is_some() => {
                     armed = None;
                     let events = self.session.on_tick(now_ms());
@@ -317,6 +396,9 @@ impl Conn {
                 let _ = send_close(socket, code, reason).await;
                 return;
             }
+            if std::mem::take(&mut self.revalidate_failed) {
+                revalidate.reset_after(REVALIDATE_RETRY);
+            }
         }
     }
 
@@ -329,12 +411,13 @@ impl Conn {
         match frame {
             None | Some(Ok(Message::Close(_))) => false,
             Some(Err(e)) => {
-                // tungstenite refuses frames over the hard limit without
-                // buffering them; say so in the close code.
-                if e.to_string().contains("too long") {
-                    let _ = send_close(socket, close::TOO_BIG, "frame too large").await;
-                }
                 tracing::debug!(error = %e, "websocket read failed");
+                // A frame the WebSocket layer refused (over the hard size
+                // limit, malformed, or text that is not UTF-8) gets the
+                // close code that names the violation.
+                if let Some((code, reason)) = violation_close(e) {
+                    let _ = send_close(socket, code, reason).await;
+                }
                 false
             }
             Some(Ok(Message::Text(text))) => {
@@ -428,6 +511,17 @@ impl Conn {
             }
         };
         let now = now_ms();
+        if !self.slot.take_update(now) {
+            let cfg = &self.st.cfg;
+            self.out.push(ServerFrame::error(
+                "rate_limited",
+                format!(
+                    "at most {} updates per second over all your connections (burst {}); update dropped",
+                    cfg.user_updates_per_sec, cfg.user_update_burst
+                ),
+            ));
+            return;
+        }
         let user = self.session.user();
         let loc = Location { point, ts_ms: now };
         let events = self.session.on_own_location(loc, now);
@@ -455,52 +549,167 @@ impl Conn {
         }
     }
 
+    async fn on_mail(&mut self, mail: Mail) {
+        match mail {
+            Mail::Message(msg) => self.on_bus(msg).await,
+            Mail::Resync => {
+                self.st.metrics.resyncs.increment(1);
+                self.revalidate().await;
+            }
+            Mail::Overflowed => {
+                if self.closing.is_none() {
+                    self.out.push(ServerFrame::error(
+                        "resync",
+                        "too many changes at once; reconnect to reload your friends",
+                    ));
+                    self.closing = Some((close::TRY_AGAIN, "resync"));
+                }
+            }
+        }
+    }
+
+    /// Closes the session: its token is no longer valid.
+    fn revoke(&mut self) {
+        if self.closing.is_none() {
+            self.out.push(ServerFrame::error(
+                "token_revoked",
+                "you logged out with this token",
+            ));
+            self.closing = Some((close::POLICY, "token revoked"));
+        }
+    }
+
+    /// Re-reads the token and the visible friends from the user store and
+    /// brings the session in line: friends no longer visible leave (and
+    /// their channels are dropped), newly visible ones are subscribed and
+    /// shown. On a store failure nothing changes and a retry is scheduled.
+    async fn revalidate(&mut self) {
+        let users = &self.st.backends.users;
+        let me = self.session.user();
+        let read = async {
+            let token = users.token_user(&self.token_hash, now_ms()).await?;
+            let valid = token.is_some_and(|(id, _)| id == me);
+            let visible = if valid {
+                users.visible_friends(me).await?
+            } else {
+                Vec::new()
+            };
+            StoreResult::Ok((valid, visible))
+        };
+        match read.await {
+            Ok((false, _)) => self.revoke(),
+            Ok((true, visible)) => self.apply_visible(visible).await,
+            Err(e) => {
+                tracing::warn!(user = %me, error = %e, "re-reading the user store failed; retrying soon");
+                self.revalidate_failed = true;
+            }
+        }
+    }
+
+    /// Makes the tracked friends exactly `visible` (as read from the store).
+    async fn apply_visible(&mut self, mut visible: Vec<UserId>) {
+        visible.sort_unstable();
+        let me = self.session.user();
+        let gone: Vec<UserId> = self
+            .session
+            .tracked()
+            .filter(|f| visible.binary_search(f).is_err())
+            .collect();
+        let new: Vec<UserId> = visible
+            .into_iter()
+            .filter(|f| *f != me && !self.session.tracks(*f))
+            .collect();
+        let b = &self.st.backends;
+        if !gone.is_empty() {
+            // Still a friend means they stopped sharing; otherwise the
+            // friendship is gone. Either way they leave.
+            let still_friends: Vec<UserId> = match b.users.friends(me).await {
+                Ok(list) => list
+                    .into_iter()
+                    .filter(|f| f.status == FriendStatus::Friends)
+                    .map(|f| f.id)
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            for f in &gone {
+                let reason = if still_friends.contains(f) {
+                    LeftReason::Unshared
+                } else {
+                    LeftReason::Unfriended
+                };
+                let event = self.session.remove_friend(*f, reason);
+                self.out.extend(event.map(ServerFrame::from));
+            }
+            let channels: Vec<Channel> = gone.iter().copied().map(Channel::Location).collect();
+            if let Err(e) = b.bus.unsubscribe(&self.sub, &channels).await {
+                tracing::warn!(user = %me, error = %e, "unsubscribe failed");
+            }
+        }
+        if new.is_empty() {
+            return;
+        }
+        let channels: Vec<Channel> = new.iter().copied().map(Channel::Location).collect();
+        if let Err(e) = b.bus.subscribe(&self.sub, &channels).await {
+            // Not tracked, so not treated as subscribed: the next
+            // re-read tries again.
+            tracing::warn!(user = %me, error = %e, "subscribe failed");
+            let _ = b.bus.unsubscribe(&self.sub, &channels).await;
+            self.revalidate_failed = true;
+            return;
+        }
+        let locs = b.cache.get_many(&new).await.unwrap_or_else(|e| {
+            tracing::warn!(user = %me, error = %e, "location cache read failed");
+            vec![None; new.len()]
+        });
+        let now = now_ms();
+        for (f, last) in new.into_iter().zip(locs) {
+            let event = self.session.add_friend(f, last, now);
+            self.out.extend(event.map(ServerFrame::from));
+        }
+    }
+
     async fn on_bus(&mut self, msg: BusMessage) {
         let now = now_ms();
         let event = match msg {
+            BusMessage::Location { user, loc } if user == self.session.user() => {
+                // The user's own channel: a move reported by another of
+                // their devices (this connection's own echo is no news).
+                if self
+                    .session
+                    .own_location()
+                    .is_none_or(|o| o.ts_ms < loc.ts_ms)
+                {
+                    let events = self.session.on_own_location(loc, now);
+                    self.out.extend(events.into_iter().map(ServerFrame::from));
+                }
+                None
+            }
             BusMessage::Location { user, loc } => {
                 let lag_ms = now.saturating_sub(loc.ts_ms).max(0);
                 self.st.metrics.bus_lag.record(lag_ms as f64 / 1000.0);
                 self.session.on_friend_location(user, loc, now)
             }
-            BusMessage::FriendVisible { friend } => {
-                let b = &self.st.backends;
-                if !self.session.tracks(friend) {
-                    if let Err(e) = b
-                        .bus
-                        .subscribe(&self.sub, &[Channel::Location(friend)])
-                        .await
-                    {
-                        tracing::warn!(%friend, error = %e, "subscribe failed");
-                    }
-                }
-                let last = b.cache.get(friend).await.unwrap_or_else(|e| {
-                    tracing::warn!(%friend, error = %e, "location cache read failed");
-                    None
-                });
-                self.session.add_friend(friend, last, now)
+            // Whatever grants visibility is confirmed from the user store
+            // (a stale grant queued behind a revocation must not undo it);
+            // whatever revokes it applies at once.
+            BusMessage::FriendVisible { .. } => {
+                self.revalidate().await;
+                None
             }
             BusMessage::FriendHidden { friend, reason } => {
-                if self.session.tracks(friend) {
-                    if let Err(e) = self
-                        .st
-                        .backends
-                        .bus
-                        .unsubscribe(&self.sub, &[Channel::Location(friend)])
-                        .await
-                    {
+                let tracked = self.session.tracks(friend);
+                let event = self.session.remove_friend(friend, reason);
+                if tracked {
+                    let channel = [Channel::Location(friend)];
+                    if let Err(e) = self.st.backends.bus.unsubscribe(&self.sub, &channel).await {
                         tracing::warn!(%friend, error = %e, "unsubscribe failed");
                     }
                 }
-                self.session.remove_friend(friend, reason)
+                event
             }
             BusMessage::TokenRevoked { tag } => {
-                if tag == self.token_tag && self.closing.is_none() {
-                    self.out.push(ServerFrame::error(
-                        "token_revoked",
-                        "you logged out with this token",
-                    ));
-                    self.closing = Some((close::POLICY, "token revoked"));
+                if tag == nearby_ports::token_tag(&self.token_hash) {
+                    self.revoke();
                 }
                 None
             }

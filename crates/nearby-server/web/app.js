@@ -190,7 +190,10 @@ function endSession(reason) {
 async function refreshFriends() {
   if (!state.session) return;
   const res = await api('GET', '/v1/friends');
-  state.friends = new Map(res.friends.map((f) => [f.id, f]));
+  // The server withholds the name of someone you asked until they accept;
+  // this page remembers the names it looked up itself.
+  state.friends = new Map(res.friends.map((f) =>
+    [f.id, { ...f, username: f.username ?? lookedUp.get(f.id) ?? `user #${f.id}` }]));
   renderFriends();
   renderNearby();
 }
@@ -215,12 +218,16 @@ function refreshFriendsSoon() {
 
 const nameOf = (id) => state.friends.get(id)?.username ?? `user #${id}`;
 
+// id -> username of the users this page looked up by name.
+const lookedUp = new Map();
+
 async function requestFriend(event) {
   event.preventDefault();
   const name = $('#friend-name').value.trim();
   if (!name) throw new Error('Type the exact username of the person to add.');
   const user = await api('GET', `/v1/users/by-name/${encodeURIComponent(name)}`);
   if (user.id === state.session.user_id) throw new Error('That is you: type a friend\'s username.');
+  lookedUp.set(user.id, user.username);
   const res = await api('PUT', `/v1/friends/${encodeURIComponent(user.id)}`);
   $('#friend-name').value = '';
   notify(res.status === 'friends' ? `You and ${user.username} are now friends.` : `Friend request sent to ${user.username}.`, 'info');

@@ -79,6 +79,24 @@ impl LocalHub {
         map.keys().copied().filter(|c| keep(*c)).collect()
     }
 
+    /// Asks every local subscriber to re-read its friends and token from
+    /// the user store (see [`Subscriber::resync`]): called when the broker
+    /// may have lost messages, after they can be received again. Returns how
+    /// many subscribers were asked.
+    pub fn resync_all(&self) -> usize {
+        let subs: HashMap<u64, Subscriber> = {
+            let map = self.channels.read().unwrap_or_else(|e| e.into_inner());
+            map.values()
+                .flatten()
+                .map(|s| (s.id(), s.clone()))
+                .collect()
+        };
+        for s in subs.values() {
+            s.resync();
+        }
+        subs.len()
+    }
+
     /// Counts a message that never reached the hub (lost upstream).
     pub fn count_lost(&self, n: u64) {
         self.dropped.fetch_add(n, Ordering::Relaxed);
@@ -160,7 +178,15 @@ impl PubSub for MemoryBus {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nearby_core::UserId;
+    use nearby_core::{Location, UserId};
+    use nearby_ports::Mail;
+
+    fn loc(user: i64) -> BusMessage {
+        BusMessage::Location {
+            user: UserId(user),
+            loc: Location::new(1.0, 2.0, 0).expect("valid"),
+        }
+    }
 
     fn msg(friend: i64) -> BusMessage {
         BusMessage::FriendVisible {
@@ -191,13 +217,27 @@ mod tests {
         let (fast, mut fast_rx) = Subscriber::new(8);
         hub.add(ch, &slow);
         hub.add(ch, &fast);
-        assert_eq!(hub.fan_out(ch, msg(1)), 2);
-        assert_eq!(hub.fan_out(ch, msg(2)), 1);
+        assert_eq!(hub.fan_out(ch, loc(1)), 2);
+        assert_eq!(hub.fan_out(ch, loc(2)), 1);
         assert_eq!((hub.delivered(), hub.dropped()), (3, 1));
-        assert_eq!(slow_rx.try_recv().ok(), Some(msg(1)));
-        assert!(slow_rx.try_recv().is_err());
-        assert_eq!(fast_rx.try_recv().ok(), Some(msg(1)));
-        assert_eq!(fast_rx.try_recv().ok(), Some(msg(2)));
+        assert_eq!(slow_rx.try_recv(), Some(Mail::Message(loc(1))));
+        assert!(slow_rx.try_recv().is_none());
+        assert_eq!(fast_rx.try_recv(), Some(Mail::Message(loc(1))));
+        assert_eq!(fast_rx.try_recv(), Some(Mail::Message(loc(2))));
         assert_eq!(hub.fan_out(Channel::Inbox(UserId(9)), msg(3)), 0);
+    }
+
+    #[test]
+    fn resync_reaches_each_subscriber_once() {
+        let hub = LocalHub::default();
+        let (a, mut ra) = Subscriber::new(4);
+        let (b, mut rb) = Subscriber::new(4);
+        hub.add(Channel::Inbox(UserId(1)), &a);
+        hub.add(Channel::Location(UserId(2)), &a);
+        hub.add(Channel::Location(UserId(2)), &b);
+        assert_eq!(hub.resync_all(), 2);
+        assert_eq!(ra.try_recv(), Some(Mail::Resync));
+        assert_eq!(ra.try_recv(), None);
+        assert_eq!(rb.try_recv(), Some(Mail::Resync));
     }
 }

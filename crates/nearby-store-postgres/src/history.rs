@@ -129,7 +129,7 @@ impl HistoryStore for PgHistoryStore {
         .map_err(backend)?;
         rows.into_iter()
             .map(|(ts, lat, lon)| {
-                Location::new(lat, lon, ts).map_err(|e| StoreError::Backend(e.to_string()))
+                Location::new(lat, lon, ts).map_err(|e| StoreError::Invalid(e.to_string()))
             })
             .collect()
     }

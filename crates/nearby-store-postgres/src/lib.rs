@@ -31,7 +31,8 @@ pub use users::PgUserStore;
 /// Key of the advisory lock that serialises migrations across nodes.
 const MIGRATION_LOCK: i64 = 0x6e65_6172_6279; // "nearby"
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE users (
     id            BIGSERIAL PRIMARY KEY,
     username      TEXT NOT NULL UNIQUE,
@@ -63,7 +64,13 @@ CREATE TABLE location_history (
 ) PARTITION BY RANGE (ts);
 CREATE INDEX location_history_user_ts ON location_history(user_id, ts);
 CREATE TABLE location_history_default PARTITION OF location_history DEFAULT;
-"#];
+"#,
+    // Usernames in their canonical (lower-case) form; pairs that differ only by
+    // case are left for an operator.
+    "UPDATE users SET username = lower(username)
+ WHERE username <> lower(username)
+   AND id IN (SELECT min(id) FROM users GROUP BY lower(username) HAVING count(*) = 1);",
+];
 
 /// Connects to `url` (`postgres://…`), runs pending migrations, and returns
 /// both stores on one pool of at most `max_connections`.
@@ -73,7 +80,7 @@ pub async fn connect(
 ) -> Result<(PgUserStore, PgHistoryStore), StoreError> {
     let opts: PgConnectOptions = url
         .parse()
-        .map_err(|e| StoreError::Backend(format!("bad database url: {e}")))?;
+        .map_err(|e| StoreError::unavailable(format!("bad database url: {e}")))?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections.max(2))
         .acquire_timeout(Duration::from_secs(3))
@@ -119,7 +126,7 @@ async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 }
 
 fn backend(e: sqlx::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    StoreError::unavailable(e)
 }
 
 async fn ping(pool: &PgPool) -> Result<(), StoreError> {

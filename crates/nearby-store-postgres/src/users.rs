@@ -55,7 +55,7 @@ impl PgUserStore {
             .iter()
             .map(|u| {
                 by_name.get(&u.username).copied().ok_or_else(|| {
-                    StoreError::Backend(format!("no id returned for {:?}", u.username))
+                    StoreError::Invalid(format!("no id returned for {:?}", u.username))
                 })
             })
             .collect::<StoreResult<_>>()?;
@@ -126,7 +126,7 @@ async fn edge_status(
         .map_err(backend)?;
     row.map(|r| {
         let s: String = r.try_get(0).map_err(backend)?;
-        FriendStatus::parse(&s).ok_or_else(|| StoreError::Backend(format!("bad status {s:?}")))
+        FriendStatus::parse(&s).ok_or_else(|| StoreError::Invalid(format!("bad status {s:?}")))
     })
     .transpose()
 }
@@ -329,7 +329,7 @@ impl UserStore for PgUserStore {
                     id: UserId(r.try_get(0).map_err(backend)?),
                     username: r.try_get(1).map_err(backend)?,
                     status: FriendStatus::parse(&status)
-                        .ok_or_else(|| StoreError::Backend(format!("bad status {status:?}")))?,
+                        .ok_or_else(|| StoreError::Invalid(format!("bad status {status:?}")))?,
                     sharing: r.try_get(3).map_err(backend)?,
                 })
             })

@@ -75,8 +75,8 @@ impl RedisConfig {
     }
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+fn backend(e: impl Into<nearby_ports::BoxError>) -> StoreError {
+    StoreError::unavailable(e)
 }
 
 fn builder(cfg: &RedisConfig) -> StoreResult<Builder> {
@@ -119,7 +119,7 @@ pub async fn connect(cfg: &RedisConfig) -> StoreResult<(Arc<RedisCache>, Arc<Red
         b.with_performance_config(|p| p.broadcast_channel_capacity = SUBSCRIBER_BACKLOG);
         let client = b.build().map_err(backend)?;
         client.init().await.map_err(backend)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(SHARD_QUEUE);
         count_reconnects(&client, reconnects.clone(), Some(tx.clone()));
         tokio::spawn(read_messages(client.clone(), hub.clone(), prefix.clone()));
         let shard = ShardTask {
@@ -152,7 +152,7 @@ pub async fn connect(cfg: &RedisConfig) -> StoreResult<(Arc<RedisCache>, Arc<Red
 fn count_reconnects(
     client: &Client,
     reconnects: Arc<AtomicU64>,
-    shard: Option<mpsc::UnboundedSender<ShardRequest>>,
+    shard: Option<mpsc::Sender<ShardRequest>>,
 ) {
     let mut events = client.reconnect_rx();
     let id = client.id().to_owned();
@@ -161,7 +161,7 @@ fn count_reconnects(
             reconnects.fetch_add(1, Ordering::Relaxed);
             tracing::info!(client = %id, "redis connection re-established");
             if let Some(shard) = &shard {
-                if shard.send(ShardRequest::Resync).is_err() {
+                if shard.send(ShardRequest::Resync).await.is_err() {
                     break;
                 }
             }
@@ -175,7 +175,7 @@ fn connected(client: &Client) -> StoreResult<&Client> {
     if client.is_connected() {
         Ok(client)
     } else {
-        Err(StoreError::Backend("redis is disconnected".into()))
+        Err(StoreError::unavailable("redis is disconnected"))
     }
 }
 
@@ -238,7 +238,7 @@ impl LocationCache for RedisCache {
 /// Per-user channels over Redis pub/sub, multiplexed over a few connections.
 pub struct RedisBus {
     pool: Pool,
-    shards: Vec<mpsc::UnboundedSender<ShardRequest>>,
+    shards: Vec<mpsc::Sender<ShardRequest>>,
     hub: Arc<LocalHub>,
     prefix: Arc<str>,
     reconnects: Arc<AtomicU64>,
@@ -279,13 +279,14 @@ impl RedisBus {
                     channels: chans,
                     done,
                 })
+                .await
                 .map_err(|_| backend("redis shard task stopped"))?;
             waits.extend(rx);
         }
         for rx in waits {
             rx.await
                 .map_err(|_| backend("redis shard task stopped"))?
-                .map_err(StoreError::Backend)?;
+                .map_err(StoreError::unavailable)?;
         }
         Ok(())
     }
@@ -364,6 +365,10 @@ struct ShardTask {
     upstream: HashSet<Channel>,
 }
 
+/// Requests waiting for one shard task; a full queue makes subscribing
+/// sessions wait (back-pressure) instead of growing without bound.
+const SHARD_QUEUE: usize = 4096;
+
 /// Messages a subscriber connection may hold for its shard task.
 const SUBSCRIBER_BACKLOG: usize = 8192;
 
@@ -371,7 +376,7 @@ const SUBSCRIBER_BACKLOG: usize = 8192;
 const CHANNELS_PER_COMMAND: usize = 1024;
 
 impl ShardTask {
-    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<ShardRequest>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<ShardRequest>) {
         while let Some(first) = rx.recv().await {
             // Everything queued meanwhile is handled in the same pass.
             let mut dirty: HashSet<Channel> = HashSet::new();
@@ -394,6 +399,17 @@ impl ShardTask {
                 dirty.extend(self.hub.channels_where(|c| shard_of(c, n) == idx));
             }
             let result = self.apply(dirty).await;
+            if resync && result.is_ok() {
+                // Messages published while the connection was down are
+                // lost, control messages among them: now that they can be
+                // received again, every session re-reads the user store.
+                let asked = self.hub.resync_all();
+                tracing::info!(
+                    shard = self.idx,
+                    sessions = asked,
+                    "resubscribed; sessions re-read the user store"
+                );
+            }
             for w in waiters {
                 let _ = w.send(result.clone());
             }
@@ -466,6 +482,8 @@ async fn read_messages(client: Client, hub: Arc<LocalHub>, prefix: Arc<str>) {
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!(lost = n, "fell behind the redis subscriber connection");
                 hub.count_lost(n);
+                // Some of the lost messages may have been control messages.
+                hub.resync_all();
             }
             Err(RecvError::Closed) => break,
         }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use nearby_conformance::services::{self, RedisProcess};
 use nearby_core::{Location, Point, UserId};
-use nearby_ports::{BusMessage, Channel, LocationCache, PubSub, Subscriber};
+use nearby_ports::{BusMessage, Channel, LocationCache, Mail, Mailbox, PubSub, Subscriber};
 use nearby_store_redis::{connect, RedisBus, RedisCache, RedisConfig};
 use std::sync::Arc;
 
@@ -30,11 +30,29 @@ fn msg(user: i64, lat: f64) -> BusMessage {
     }
 }
 
-async fn recv(
-    r: &mut tokio::sync::mpsc::Receiver<BusMessage>,
+/// The next message (re-read requests are counted in `resyncs`, not
+/// returned), or `None` after `within`.
+async fn recv_counting(
+    r: &mut Mailbox,
     within: Duration,
+    resyncs: &mut usize,
 ) -> Option<BusMessage> {
-    tokio::time::timeout(within, r.recv()).await.ok().flatten()
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, r.recv())
+            .await
+            .ok()
+            .flatten()?
+        {
+            Mail::Message(m) => return Some(m),
+            Mail::Resync => *resyncs += 1,
+            Mail::Overflowed => panic!("a test subscriber overflowed"),
+        }
+    }
+}
+
+async fn recv(r: &mut Mailbox, within: Duration) -> Option<BusMessage> {
+    recv_counting(r, within, &mut 0).await
 }
 
 #[tokio::test]
@@ -83,7 +101,7 @@ async fn two_nodes_share_channels_and_subscribe_once_per_node() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     for (_, rx) in rxs.iter_mut() {
-        assert!(rx.try_recv().is_err(), "delivered twice");
+        assert!(rx.try_recv().is_none(), "delivered twice");
     }
 
     // The last local session leaving unsubscribes the node from Redis.
@@ -138,6 +156,7 @@ async fn sessions_keep_receiving_after_redis_restarts() {
     // The session never re-subscribed: the bus did it for every channel.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let mut seen = std::collections::HashSet::new();
+    let mut resyncs = 0;
     while seen.len() < channels.len() {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -150,13 +169,16 @@ async fn sessions_keep_receiving_after_redis_restarts() {
                 let _ = bus.publish(*ch, msg(i as i64 + 1, 3.0)).await;
             }
         }
-        while let Some(m) = recv(&mut rx, Duration::from_millis(200)).await {
+        while let Some(m) = recv_counting(&mut rx, Duration::from_millis(200), &mut resyncs).await {
             if let BusMessage::Location { user, .. } = m {
                 seen.insert(user.0 as usize - 1);
             }
         }
     }
     assert!(bus.stats().reconnects >= 1, "{:?}", bus.stats());
+    // Messages may have been lost while Redis was down: the subscriber was
+    // asked to re-read the store once it could receive again.
+    assert!(resyncs >= 1, "no resync after the reconnect");
     cache
         .put(
             UserId(1),

@@ -79,5 +79,5 @@ async fn migrate(pool: &SqlitePool, migrations: &[&str]) -> Result<(), StoreErro
 }
 
 fn backend(e: sqlx::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    StoreError::unavailable(e)
 }

@@ -60,6 +60,13 @@ INSERT INTO friend_edges_v3 (user_id, friend_id, status, sharing)
 DROP TABLE friend_edges;
 ALTER TABLE friend_edges_v3 RENAME TO friend_edges;
 "#,
+    // Usernames are stored in their canonical form (lower case; see
+    // `nearby_core::account::canonical_username`). Names from before are
+    // lowered unless two of them differ only by case: those are left for an
+    // operator (the lower-case one, if any, keeps the name).
+    "UPDATE users SET username = lower(username)
+ WHERE username <> lower(username)
+   AND id IN (SELECT min(id) FROM users GROUP BY lower(username) HAVING count(*) = 1);",
 ];
 
 /// `friend_edges.status` of a mutual friendship (migration 3), spelled as
@@ -81,7 +88,7 @@ fn status_of(code: i64) -> StoreResult<FriendStatus> {
         FRIENDS => Ok(FriendStatus::Friends),
         1 => Ok(FriendStatus::Incoming),
         2 => Ok(FriendStatus::Outgoing),
-        other => Err(StoreError::Backend(format!("bad friend status {other}"))),
+        other => Err(StoreError::Invalid(format!("bad friend status {other}"))),
     }
 }
 
@@ -162,7 +169,7 @@ async fn bulk_load(
         }
         for u in chunk {
             let id = by_name.get(&u.username).copied().ok_or_else(|| {
-                StoreError::Backend(format!("no id returned for {:?}", u.username))
+                StoreError::Invalid(format!("no id returned for {:?}", u.username))
             })?;
             ids.push(id);
         }

@@ -59,6 +59,54 @@ pub struct ServeArgs {
     /// History entries per write [default: 1000].
     #[arg(long, env = "NEARBY_HISTORY_BATCH")]
     pub history_batch: Option<usize>,
+    /// Seconds between re-reads of each session's friends and token from the user store [default: 60].
+    #[arg(long, env = "NEARBY_REVALIDATE_SECS")]
+    pub revalidate_secs: Option<u64>,
+    /// Connections served normally [default: 0, derived from the open-file limit].
+    #[arg(long, env = "NEARBY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Connections from one IP address [default: 4096; 0: no cap].
+    #[arg(long, env = "NEARBY_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Connections past --max-connections still served one quick request each, no WebSocket [default: 128].
+    #[arg(long, env = "NEARBY_CONNECTION_RESERVE")]
+    pub connection_reserve: Option<usize>,
+    /// Seconds a client has to send its request headers [default: 10].
+    #[arg(long, env = "NEARBY_HEADER_TIMEOUT_SECS")]
+    pub header_timeout_secs: Option<u64>,
+    /// Seconds a REST request may take, body included [default: 30].
+    #[arg(long, env = "NEARBY_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<u64>,
+    /// Client address from the last X-Forwarded-For entry (only behind a proxy that sets it) [default: false].
+    #[arg(long, env = "NEARBY_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: Option<bool>,
+    /// WebSockets one user may hold on one node [default: 16].
+    #[arg(long, env = "NEARBY_MAX_SOCKETS_PER_USER")]
+    pub max_sockets_per_user: Option<usize>,
+    /// Location updates per second one user may send over all their WebSockets on a node [default: 10].
+    #[arg(long, env = "NEARBY_USER_UPDATES_PER_SEC")]
+    pub user_updates_per_sec: Option<f64>,
+    /// Burst above --user-updates-per-sec [default: 20].
+    #[arg(long, env = "NEARBY_USER_UPDATE_BURST")]
+    pub user_update_burst: Option<u32>,
+    /// Failed logins per account and address before each attempt waits (1 s doubling to 15 min) [default: 5].
+    #[arg(long, env = "NEARBY_LOGIN_FREE_FAILURES")]
+    pub login_free_failures: Option<u32>,
+    /// Failed logins per minute from one address, all accounts (burst 3x) [default: 10].
+    #[arg(long, env = "NEARBY_LOGIN_IP_FAILURES_PER_MIN")]
+    pub login_ip_failures_per_min: Option<u32>,
+    /// Failed logins per hour per account from addresses that never logged into it [default: 100].
+    #[arg(long, env = "NEARBY_LOGIN_ACCOUNT_FAILURES_PER_HOUR")]
+    pub login_account_failures_per_hour: Option<u32>,
+    /// Sign-ups per hour from one address (burst a quarter of it) [default: 20].
+    #[arg(long, env = "NEARBY_SIGNUPS_PER_IP_PER_HOUR")]
+    pub signups_per_ip_per_hour: Option<u32>,
+    /// SO_SNDBUF of accepted sockets in bytes; caps kernel memory per client that stops reading [default: 0, kernel autotuning].
+    #[arg(long, env = "NEARBY_SOCKET_SEND_BUFFER")]
+    pub socket_send_buffer: Option<usize>,
+    /// Apply per-address limits to loopback clients too [default: false].
+    #[arg(long, env = "NEARBY_LIMIT_LOOPBACK")]
+    pub limit_loopback: Option<bool>,
     /// Seconds to wait for sessions and history on shutdown [default: 10].
     #[arg(long, env = "NEARBY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
@@ -113,6 +161,22 @@ impl ServeArgs {
             session_queue,
             history_queue,
             history_batch,
+            revalidate_secs,
+            max_connections,
+            max_connections_per_ip,
+            connection_reserve,
+            header_timeout_secs,
+            request_timeout_secs,
+            trust_forwarded_for,
+            max_sockets_per_user,
+            user_updates_per_sec,
+            user_update_burst,
+            login_free_failures,
+            login_ip_failures_per_min,
+            login_account_failures_per_hour,
+            signups_per_ip_per_hour,
+            socket_send_buffer,
+            limit_loopback,
             shutdown_grace_secs,
             redis_url,
             redis_prefix,
@@ -147,6 +211,40 @@ impl ServeArgs {
             session_queue: merged.session_queue.unwrap_or(d.session_queue),
             history_queue: merged.history_queue.unwrap_or(d.history_queue),
             history_batch: merged.history_batch.unwrap_or(d.history_batch),
+            revalidate: merged
+                .revalidate_secs
+                .map_or(d.revalidate, Duration::from_secs),
+            max_connections: merged.max_connections.unwrap_or(d.max_connections),
+            max_connections_per_ip: merged
+                .max_connections_per_ip
+                .unwrap_or(d.max_connections_per_ip),
+            connection_reserve: merged.connection_reserve.unwrap_or(d.connection_reserve),
+            header_timeout: merged
+                .header_timeout_secs
+                .map_or(d.header_timeout, Duration::from_secs),
+            request_timeout: merged
+                .request_timeout_secs
+                .map_or(d.request_timeout, Duration::from_secs),
+            trust_forwarded_for: merged.trust_forwarded_for.unwrap_or(d.trust_forwarded_for),
+            max_sockets_per_user: merged
+                .max_sockets_per_user
+                .unwrap_or(d.max_sockets_per_user),
+            user_updates_per_sec: merged
+                .user_updates_per_sec
+                .unwrap_or(d.user_updates_per_sec),
+            user_update_burst: merged.user_update_burst.unwrap_or(d.user_update_burst),
+            login_free_failures: merged.login_free_failures.unwrap_or(d.login_free_failures),
+            login_ip_failures_per_min: merged
+                .login_ip_failures_per_min
+                .unwrap_or(d.login_ip_failures_per_min),
+            login_account_failures_per_hour: merged
+                .login_account_failures_per_hour
+                .unwrap_or(d.login_account_failures_per_hour),
+            signups_per_ip_per_hour: merged
+                .signups_per_ip_per_hour
+                .unwrap_or(d.signups_per_ip_per_hour),
+            socket_send_buffer: merged.socket_send_buffer.unwrap_or(d.socket_send_buffer),
+            limit_loopback: merged.limit_loopback.unwrap_or(d.limit_loopback),
         };
         server.validate()?;
         let redis = match merged.redis_url {

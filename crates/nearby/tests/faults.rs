@@ -6,44 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_location, north_of, Server, Ws};
+use common::{assert_location, north_of, until_seen, Server, SEOUL};
 use nearby_conformance::services::{self, PostgresCluster, RedisProcess, TempDatabase};
 use reqwest::Method;
 use serde_json::Value;
-
-const SEOUL: (f64, f64) = (37.5665, 126.9780);
-
-/// Sends `mover`'s position `metres` north of Seoul, alternating between two
-/// spots, until `watcher` gets a `friend_location` for `id` (other frames
-/// are skipped). Panics after `within`.
-async fn until_seen(mover: &mut Ws, watcher: &mut Ws, id: &str, within: Duration) -> Value {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut step = 0u32;
-    loop {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no friend_location for {id} within {within:?}"
-        );
-        let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 600.0 + 100.0 * f64::from(step % 2));
-        step += 1;
-        mover.send_location(lat, lon).await;
-        // Whatever the mover is told (e.g. `unavailable` while Redis is
-        // down) is read so its socket never backs up.
-        while mover.next_message(Duration::from_millis(1)).await.is_some() {}
-        let wait = tokio::time::Instant::now() + Duration::from_millis(400);
-        while let Some(m) = watcher
-            .next_message(wait - tokio::time::Instant::now())
-            .await
-        {
-            if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
-                let f: Value = serde_json::from_str(t.as_str()).expect("json");
-                if f["type"] == "friend_location" && f["id"] == id {
-                    return f;
-                }
-            }
-        }
-    }
-}
 
 async fn metric(server: &Server, name: &str) -> f64 {
     let (_, body) = server.get("/metrics", None).await;

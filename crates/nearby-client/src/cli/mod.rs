@@ -353,7 +353,9 @@ async fn friends(client: &Client, out: &Out, cmd: FriendsCmd) -> Result<(), Clie
             // From the list, not by name: a PUT to someone who has not asked
             // would send them a request instead of accepting one.
             let list = client.friends().await?;
-            let row = list.iter().find(|f| f.username == name);
+            let row = list
+                .iter()
+                .find(|f| f.username.as_deref() == Some(name.as_str()));
             match row.map(|f| (f.id, f.status)) {
                 Some((id, FriendStatus::Incoming)) => {
                     let status = client.request_friend(id).await?;

@@ -16,7 +16,7 @@ pub(crate) struct Names {
 impl Names {
     pub(crate) fn from_friends(friends: &[FriendView]) -> Self {
         Self {
-            by_id: friends.iter().map(|f| (f.id, f.username.clone())).collect(),
+            by_id: friends.iter().map(|f| (f.id, f.display_name())).collect(),
         }
     }
 
@@ -100,7 +100,11 @@ pub(crate) fn friends_table(friends: &[FriendView]) -> Vec<String> {
     if friends.is_empty() {
         return vec!["no friends yet: add one with `nearby client friends add NAME`".to_owned()];
     }
-    let width = friends.iter().map(|f| f.username.len()).max().unwrap_or(0);
+    let width = friends
+        .iter()
+        .map(|f| f.display_name().len())
+        .max()
+        .unwrap_or(0);
     friends
         .iter()
         .map(|f| {
@@ -116,7 +120,7 @@ pub(crate) fn friends_table(friends: &[FriendView]) -> Vec<String> {
                 FriendStatus::Incoming => ("incoming", "asked you: `friends accept` them"),
                 FriendStatus::Outgoing => ("outgoing", "you asked; waiting for them"),
             };
-            format!("{:<width$}  {status:<8}  {sharing}", f.username)
+            format!("{:<width$}  {status:<8}  {sharing}", f.display_name())
         })
         .collect()
 }
@@ -129,7 +133,7 @@ mod tests {
     fn names() -> Names {
         Names::from_friends(&[FriendView {
             id: UserId(2),
-            username: "bob".into(),
+            username: Some("bob".into()),
             status: FriendStatus::Friends,
             sharing: true,
         }])
@@ -181,7 +185,7 @@ mod tests {
     fn the_friend_table_is_aligned() {
         let f = |name: &str, status, sharing| FriendView {
             id: UserId(3),
-            username: name.into(),
+            username: Some(name.into()),
             status,
             sharing,
         };
