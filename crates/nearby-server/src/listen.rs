@@ -284,6 +284,42 @@ fn refusal(reason: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// Refusals that first read the request head (briefly), so that the client
+/// reads the 503 as the answer to its request; past this many at once the
+/// 503 is written without reading.
+const POLITE_REFUSALS: usize = 32;
+
+/// How long a polite refusal waits for the request head.
+const REFUSAL_READ: Duration = Duration::from_millis(500);
+
+fn refuse(tcp: TcpStream, reason: &'static str, polite: &Arc<tokio::sync::Semaphore>) {
+    let Ok(permit) = polite.clone().try_acquire_owned() else {
+        let _ = tcp.try_write(&refusal(reason));
+        return;
+    };
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _permit = permit;
+        let mut tcp = tcp;
+        let mut head = Vec::with_capacity(1024);
+        let _ = tokio::time::timeout(REFUSAL_READ, async {
+            let mut buf = [0u8; 1024];
+            while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        let _ = tokio::time::timeout(REFUSAL_READ, async {
+            let _ = tcp.write_all(&refusal(reason)).await;
+            let _ = tcp.shutdown().await;
+        })
+        .await;
+    });
+}
+
 /// Accepts connections until `shutdown` fires, then lets the HTTP
 /// connections finish their request in flight (up to `grace`). Upgraded
 /// WebSockets are not waited for here.
@@ -296,6 +332,7 @@ pub async fn accept_loop(
     grace: Duration,
 ) {
     let conns = TaskTracker::new();
+    let refusing = Arc::new(tokio::sync::Semaphore::new(POLITE_REFUSALS));
     let header_timeout = cfg.header_timeout;
     let send_buffer = cfg.socket_send_buffer;
     loop {
@@ -317,8 +354,8 @@ pub async fn accept_loop(
             Admit::Normal(t) => (t, false),
             Admit::Reserve(t) => (t, true),
             Admit::Refuse(reason) => {
-                let _ = tcp.try_write(&refusal(reason));
                 metrics::counter!("nearby_connections_refused_total").increment(1);
+                refuse(tcp, reason, &refusing);
                 continue;
             }
         };

@@ -78,7 +78,21 @@ impl Server {
 
     /// Like [`Server::start`], on an existing data directory (a restart).
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nearby"))
+        Self::spawn(Command::new(env!("CARGO_BIN_EXE_nearby")), dir, extra)
+    }
+
+    /// Like [`Server::start`], with the open-file limit (soft and hard) set
+    /// to `nofile` by `prlimit`.
+    pub fn start_with_nofile(nofile: u32, extra: &[&str]) -> Self {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_nearby"));
+        Self::spawn(cmd, tempfile::tempdir().expect("tempdir"), extra)
+    }
+
+    fn spawn(mut cmd: Command, dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        let mut child = cmd
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
             .args(extra)
