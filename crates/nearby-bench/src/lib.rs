@@ -17,6 +17,7 @@
 //!    send to each friend's receipt, in an HDR histogram (µs). With
 //!    `--server-pid`, the server's RSS and CPU from `/proc`.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod fleet;
 pub mod graph;

@@ -6,6 +6,7 @@
 //! Suites use user ids and names derived from `ns` so that they can run
 //! against a shared, non-empty database.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod services;
 

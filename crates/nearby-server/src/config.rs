@@ -46,7 +46,7 @@ pub struct ServerConfig {
     /// Connections from one IP address (default 4096; 0: no cap).
     pub max_connections_per_ip: usize,
     /// Connections past `max_connections` still served one quick request
-    /// each, no WebSocket (default 128).
+    /// each, no WebSocket (default 64).
     pub connection_reserve: usize,
     /// Request headers must arrive within this (default 10 s).
     pub header_timeout: Duration,
@@ -99,7 +99,7 @@ impl Default for ServerConfig {
             revalidate: Duration::from_secs(60),
             max_connections: 0,
             max_connections_per_ip: 4096,
-            connection_reserve: 128,
+            connection_reserve: 64,
             header_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             trust_forwarded_for: false,

@@ -17,6 +17,7 @@
 //! **Architecture invariant:** this crate knows the ports, never an adapter;
 //! the binary chooses the backends.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod abuse;
 pub mod auth;

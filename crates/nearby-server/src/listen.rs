@@ -49,7 +49,7 @@ pub const RESERVE_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Descriptors the node keeps for itself (its database and Redis
 /// connections, files, the listener) when `max_connections` is derived
 /// from the open-file limit.
-pub const OWN_DESCRIPTORS: u64 = 64;
+pub const OWN_DESCRIPTORS: u64 = 32;
 
 /// Connection limits, resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

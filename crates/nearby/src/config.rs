@@ -68,7 +68,7 @@ pub struct ServeArgs {
     /// Connections from one IP address [default: 4096; 0: no cap].
     #[arg(long, env = "NEARBY_MAX_CONNECTIONS_PER_IP")]
     pub max_connections_per_ip: Option<usize>,
-    /// Connections past --max-connections still served one quick request each, no WebSocket [default: 128].
+    /// Connections past --max-connections still served one quick request each, no WebSocket [default: 64].
     #[arg(long, env = "NEARBY_CONNECTION_RESERVE")]
     pub connection_reserve: Option<usize>,
     /// Seconds a client has to send its request headers [default: 10].

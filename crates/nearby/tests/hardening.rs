@@ -96,8 +96,8 @@ async fn closed_within(tcp: &mut tokio::net::TcpStream, within: Duration) -> boo
 #[tokio::test]
 async fn slow_headers_are_cut_off_and_health_answers_with_descriptors_short() {
     use tokio::io::AsyncWriteExt;
-    // 256 descriptors: the node derives 64 normal connections and keeps
-    // its reserve of 128 and its own descriptors apart.
+    // 256 descriptors: the node derives 160 normal connections and keeps
+    // its reserve of 64 and 32 descriptors of its own apart.
     let server = Server::start_with_nofile(
         256,
         &[
