@@ -152,9 +152,9 @@ impl BusMessage {
     }
 }
 
-/// Control messages (and re-read requests) one session may have pending
-/// before it is closed instead: a session that cannot keep up with its
-/// control traffic reconnects and re-reads the truth from the user store.
+/// Control messages one session may have pending. Past that, the session
+/// is asked to re-read its friends and token from the user store instead:
+/// the store holds every change the dropped messages announced.
 pub const CONTROL_QUEUE: usize = 64;
 
 /// What a session's control queue carries.
@@ -170,9 +170,12 @@ enum Control {
 /// Location updates and control messages have separate bounded queues.
 /// When the location queue is full (a stalled client) the update is dropped
 /// and counted: a friend's next move replaces it. A control message is never
-/// dropped that way: if even the control queue is full, the subscriber is
-/// marked *overflowed* and its session closes, so that the client
-/// reconnects and the new session reads its friends from the user store.
+/// dropped for location updates; if even the control queue is full, the
+/// session is asked to re-read everything from the user store (which holds
+/// what the message announced) before it forwards anything else. A grant
+/// (`FriendVisible`) is always delivered as such a re-read request: a grant
+/// is confirmed from the store anyway, and requests coalesce, so a flood of
+/// grants takes one slot.
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     id: u64,
@@ -192,11 +195,10 @@ struct Flags {
 pub enum Mail {
     /// A message from a subscribed channel.
     Message(BusMessage),
-    /// The bus may have lost messages (a broker reconnect, or the node fell
-    /// behind): re-read friends, sharing and the token from the user store.
+    /// Re-read friends, sharing and the token from the user store: a grant
+    /// arrived, the bus may have lost messages (a broker reconnect, the node
+    /// fell behind), or a control message could not be queued.
     Resync,
-    /// A control message could not be queued: close the session.
-    Overflowed,
 }
 
 /// The receiving end of a [`Subscriber`]: control messages first, then
@@ -238,12 +240,13 @@ impl Subscriber {
 
     /// Hands `msg` to the session without waiting. Returns false if it was
     /// not queued: a location update dropped (queue full or session gone),
-    /// or a control message that overflowed (the session will close).
+    /// or a control message that overflowed (the session will re-read the
+    /// store instead).
     pub fn deliver(&self, msg: BusMessage) -> bool {
-        if msg.is_control() {
-            self.send_control(Control::Message(msg))
-        } else {
-            self.locations.try_send(msg).is_ok()
+        match msg {
+            BusMessage::Location { .. } => self.locations.try_send(msg).is_ok(),
+            BusMessage::FriendVisible { .. } => self.resync(),
+            _ => self.send_control(Control::Message(msg)),
         }
     }
 
@@ -282,16 +285,20 @@ impl Mailbox {
         }
     }
 
-    fn overflowed(&self) -> bool {
-        self.flags.overflowed.load(Ordering::Acquire)
+    /// An overflow is a re-read request, taken before anything else: the
+    /// flag is cleared before the session reads the store, so an overflow
+    /// during the read asks again.
+    fn take_overflow(&self) -> bool {
+        self.flags.overflowed.swap(false, Ordering::AcqRel)
     }
 
-    /// The next mail: an overflow first, then control messages in order,
-    /// then location updates. `None` once every subscriber handle is gone.
+    /// The next mail: a re-read after an overflow first, then control
+    /// messages in order, then location updates. `None` once every
+    /// subscriber handle is gone.
     pub async fn recv(&mut self) -> Option<Mail> {
         std::future::poll_fn(|cx| {
-            if self.overflowed() {
-                return Poll::Ready(Some(Mail::Overflowed));
+            if self.take_overflow() {
+                return Poll::Ready(Some(Mail::Resync));
             }
             if let Poll::Ready(Some(c)) = self.control.poll_recv(cx) {
                 return Poll::Ready(Some(self.open(c)));
@@ -304,8 +311,8 @@ impl Mailbox {
     /// The next mail if one is ready, without waiting (same order as
     /// [`Mailbox::recv`]).
     pub fn try_recv(&mut self) -> Option<Mail> {
-        if self.overflowed() {
-            return Some(Mail::Overflowed);
+        if self.take_overflow() {
+            return Some(Mail::Resync);
         }
         if let Ok(c) = self.control.try_recv() {
             return Some(self.open(c));
@@ -344,14 +351,27 @@ mod mailbox_tests {
     }
 
     #[test]
-    fn a_full_control_queue_overflows_the_session() {
+    fn a_full_control_queue_asks_for_a_re_read_first() {
         let (sub, mut mb) = Subscriber::new(1);
         for _ in 0..CONTROL_QUEUE {
             assert!(sub.deliver(HIDDEN));
         }
         assert!(!sub.deliver(HIDDEN));
-        assert_eq!(mb.try_recv(), Some(Mail::Overflowed));
-        assert_eq!(mb.try_recv(), Some(Mail::Overflowed), "it stays overflowed");
+        assert_eq!(mb.try_recv(), Some(Mail::Resync), "before the queued ones");
+        assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
+    }
+
+    #[test]
+    fn grants_are_coalesced_re_read_requests() {
+        let (sub, mut mb) = Subscriber::new(1);
+        let grant = BusMessage::FriendVisible { friend: UserId(3) };
+        for _ in 0..1000 {
+            assert!(sub.deliver(grant));
+        }
+        assert!(sub.deliver(HIDDEN));
+        assert_eq!(mb.try_recv(), Some(Mail::Resync));
+        assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
+        assert_eq!(mb.try_recv(), None);
     }
 
     #[test]

@@ -38,6 +38,18 @@ const KNOWN_FOR_MS: i64 = 30 * 24 * 3600 * 1000;
 /// Addresses remembered per account.
 const KNOWN_PER_ACCOUNT: usize = 8;
 
+/// The key per-address limits count under: IPv4 (IPv4-mapped IPv6
+/// included) as is, IPv6 by its /64, the block one subscriber gets.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -133,6 +145,7 @@ impl Guards {
     /// says how long to wait. The attempt counts as a failure until
     /// [`Guards::login_succeeded`] says otherwise.
     pub fn login_begin(&self, account: &str, ip: IpAddr, now_ms: i64) -> Result<Attempt, Duration> {
+        let ip = address_key(ip);
         let mut book = lock(&self.login);
         let key = (account.to_owned(), ip);
         if let Some(b) = book.pairs.get(&key) {
@@ -152,34 +165,33 @@ impl Guards {
         });
         let per_ip = self.cfg.limits_address(ip);
         let ip_wait = if per_ip {
-            book.ips
-                .entry(ip)
-                .or_insert_with(|| self.ip_bucket(now_ms))
-                .wait_ms(now_ms)
+            book.ips.get_mut(&ip).map_or(0, |b| b.wait_ms(now_ms))
         } else {
             0
         };
+        // Looked up, not inserted: a refused attempt must not grow the book.
         let account_wait = if known {
             0
         } else {
             book.accounts
-                .entry(account.to_owned())
-                .or_insert_with(|| self.account_bucket(now_ms))
-                .wait_ms(now_ms)
+                .get_mut(account)
+                .map_or(0, |b| b.wait_ms(now_ms))
         };
         let wait = ip_wait.max(account_wait);
         if wait > 0 {
             return Err(Duration::from_millis(wait as u64));
         }
         if per_ip {
-            if let Some(b) = book.ips.get_mut(&ip) {
-                b.try_take(now_ms);
-            }
+            book.ips
+                .entry(ip)
+                .or_insert_with(|| self.ip_bucket(now_ms))
+                .try_take(now_ms);
         }
         if !known {
-            if let Some(b) = book.accounts.get_mut(account) {
-                b.try_take(now_ms);
-            }
+            book.accounts
+                .entry(account.to_owned())
+                .or_insert_with(|| self.account_bucket(now_ms))
+                .try_take(now_ms);
         }
         let b = book.pairs.entry(key).or_default();
         b.failures = b.failures.saturating_add(1);
@@ -189,6 +201,24 @@ impl Guards {
             ip,
             took_account_token: !known,
         })
+    }
+
+    /// The attempt could not be decided (hashing overloaded): it counts
+    /// for nothing.
+    pub fn login_abandoned(&self, attempt: Attempt) {
+        let mut book = lock(&self.login);
+        let key = (attempt.account.clone(), attempt.ip);
+        if let Some(b) = book.pairs.get_mut(&key) {
+            b.failures = b.failures.saturating_sub(1);
+        }
+        if let Some(b) = book.ips.get_mut(&attempt.ip) {
+            b.refund();
+        }
+        if attempt.took_account_token {
+            if let Some(b) = book.accounts.get_mut(&attempt.account) {
+                b.refund();
+            }
+        }
     }
 
     /// The attempt's password was right: it was not a failure after all,
@@ -214,6 +244,7 @@ impl Guards {
 
     /// A sign-up from `ip`, or how long to wait.
     pub fn signup(&self, ip: IpAddr, now_ms: i64) -> Result<(), Duration> {
+        let ip = address_key(ip);
         if !self.cfg.limits_address(ip) {
             return Ok(());
         }
@@ -371,6 +402,33 @@ mod tests {
         let local = IpAddr::from([127, 0, 0, 1]);
         assert!((0..10).all(|_| g.signup(local, 0).is_ok()));
         assert!(g.signup(A, 0).is_ok() && g.signup(A, 0).is_err());
+    }
+
+    #[test]
+    fn addresses_are_keyed_by_ipv4_or_ipv6_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap_or(A);
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap_or(A);
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap_or(A);
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(other));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap_or(B);
+        assert_eq!(address_key(mapped), A);
+        let g = guards();
+        assert!(g.signup(a, 0).is_ok() && g.signup(b, 0).is_ok());
+        assert!(g.signup(a, 0).is_err(), "one /64, one budget");
+    }
+
+    #[test]
+    fn refused_attempts_do_not_grow_the_books() {
+        let g = guards();
+        for name in ["a1", "a2", "a3"] {
+            assert!(g.login_begin(name, A, 0).is_ok());
+        }
+        for i in 0..100 {
+            assert!(g.login_begin(&format!("spray{i}"), A, 0).is_err());
+        }
+        let book = lock(&g.login);
+        assert_eq!((book.accounts.len(), book.pairs.len()), (3, 3));
     }
 
     #[test]

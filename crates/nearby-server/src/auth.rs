@@ -270,8 +270,9 @@ pub struct Hasher {
     shared: Arc<(std::sync::Mutex<Lanes>, std::sync::Condvar)>,
 }
 
-/// Login checks that may wait for a thread.
-pub const HASH_QUEUE: usize = 4096;
+/// Login checks that may wait for a thread: about what two threads hash
+/// within the 30 s request timeout.
+pub const HASH_QUEUE: usize = 1024;
 
 /// Sign-ups that may wait for a thread.
 pub const SIGNUP_QUEUE: usize = 64;
@@ -331,7 +332,10 @@ impl Hasher {
     ) -> Result<T, HasherBusy> {
         let (done, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
-            let _ = done.send(f());
+            // The request gave up (timed out, client gone): skip the hash.
+            if !done.is_closed() {
+                let _ = done.send(f());
+            }
         });
         {
             let (lock, ready) = &*self.shared;

@@ -78,7 +78,13 @@ impl Limits {
         };
         Self {
             max,
-            per_ip: cfg.max_connections_per_ip,
+            // Behind a proxy every connection comes from the proxy: a
+            // per-address cap on the TCP peer would cap the node.
+            per_ip: if cfg.trust_forwarded_for {
+                0
+            } else {
+                cfg.max_connections_per_ip
+            },
             reserve: cfg.connection_reserve,
             limit_loopback: cfg.limit_loopback,
         }
@@ -150,6 +156,7 @@ impl Admission {
 
     /// Decides for a new connection from `ip`.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Admit {
+        let ip = crate::abuse::address_key(ip);
         let l = self.limits;
         let mut map = self.by_ip.lock().unwrap_or_else(|e| e.into_inner());
         let from_ip = map.get(&ip).copied().unwrap_or(0);
@@ -410,6 +417,9 @@ pub async fn accept_loop(
             let _ = conn.await;
         });
     }
+    // Closed at once: new connections are refused by the kernel instead of
+    // waiting in the backlog while the node drains.
+    drop(listener);
     conns.close();
     if tokio::time::timeout(grace, conns.wait()).await.is_err() {
         tracing::warn!("HTTP connections still open after the grace period");

@@ -242,7 +242,7 @@ pub async fn log_in(
     let user = st.backends.users.user_by_name(&username).await?;
     let phc = user.as_ref().map(|u| u.password_hash.clone());
     let raw = c.password;
-    let ok = st
+    let verified = st
         .hasher
         .run(Lane::Login, move || {
             let phc = phc.as_deref().unwrap_or_else(|| decoy_hash());
@@ -251,8 +251,14 @@ pub async fn log_in(
             auth::verify_password(&password, phc)
                 || (raw != password && auth::verify_password(&raw, phc))
         })
-        .await
-        .map_err(busy)?;
+        .await;
+    let ok = match verified {
+        Ok(ok) => ok,
+        Err(e) => {
+            st.guards.login_abandoned(attempt);
+            return Err(busy(e));
+        }
+    };
     let user = match user {
         Some(u) if ok => u,
         _ => return Err(bad_credentials()),

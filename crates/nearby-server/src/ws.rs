@@ -53,12 +53,12 @@ mod close {
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
     pub const RESTART: u16 = 1012;
-    pub const TRY_AGAIN: u16 = 1013;
 }
 
-/// After a failed re-read of the user store, the next attempt comes this
-/// soon (instead of a whole revalidation period later).
-const REVALIDATE_RETRY: Duration = Duration::from_secs(2);
+/// After a failed re-read of the user store, the next attempt comes after
+/// a random delay in this range (instead of a whole revalidation period
+/// later; random, so that sessions failing together do not retry together).
+const REVALIDATE_RETRY_MS: std::ops::Range<u64> = 1000..3000;
 
 /// `GET /v1/ws`: authenticates, then upgrades. A missing or bad token is a
 /// 401 before any upgrade; a request that is not a WebSocket handshake is a
@@ -397,7 +397,8 @@ impl Conn {
                 return;
             }
             if std::mem::take(&mut self.revalidate_failed) {
-                revalidate.reset_after(REVALIDATE_RETRY);
+                let ms = rand::thread_rng().gen_range(REVALIDATE_RETRY_MS);
+                revalidate.reset_after(Duration::from_millis(ms));
             }
         }
     }
@@ -556,15 +557,6 @@ impl Conn {
                 self.st.metrics.resyncs.increment(1);
                 self.revalidate().await;
             }
-            Mail::Overflowed => {
-                if self.closing.is_none() {
-                    self.out.push(ServerFrame::error(
-                        "resync",
-                        "too many changes at once; reconnect to reload your friends",
-                    ));
-                    self.closing = Some((close::TRY_AGAIN, "resync"));
-                }
-            }
         }
     }
 
@@ -661,10 +653,31 @@ impl Conn {
             tracing::warn!(user = %me, error = %e, "location cache read failed");
             vec![None; new.len()]
         });
+        // Visibility again, after the location read: a revocation made
+        // between the first read and now must not let a location reported
+        // after it through. (One made later is queued on the inbox, which
+        // was subscribed all along, and applies next.)
+        let still = match b.users.visible_friends(me).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(user = %me, error = %e, "re-reading visible friends failed");
+                let _ = b.bus.unsubscribe(&self.sub, &channels).await;
+                self.revalidate_failed = true;
+                return;
+            }
+        };
         let now = now_ms();
+        let mut dropped = Vec::new();
         for (f, last) in new.into_iter().zip(locs) {
+            if !still.contains(&f) {
+                dropped.push(Channel::Location(f));
+                continue;
+            }
             let event = self.session.add_friend(f, last, now);
             self.out.extend(event.map(ServerFrame::from));
+        }
+        if !dropped.is_empty() {
+            let _ = b.bus.unsubscribe(&self.sub, &dropped).await;
         }
     }
 

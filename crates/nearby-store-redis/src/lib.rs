@@ -129,6 +129,7 @@ pub async fn connect(cfg: &RedisConfig) -> StoreResult<(Arc<RedisCache>, Arc<Red
             idx,
             n,
             upstream: HashSet::new(),
+            requests: tx.clone(),
         };
         tokio::spawn(shard.run(rx));
         shards.push(tx);
@@ -363,7 +364,15 @@ struct ShardTask {
     n: usize,
     /// What Redis has confirmed on this connection.
     upstream: HashSet<Channel>,
+    /// This task's own queue, to retry a failed resync.
+    requests: mpsc::Sender<ShardRequest>,
 }
+
+/// Wait before retrying a failed resubscription after a reconnect.
+const RESYNC_RETRY: Duration = Duration::from_millis(500);
+
+/// Least time between two lag-triggered re-read requests.
+const LAG_RESYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// Requests waiting for one shard task; a full queue makes subscribing
 /// sessions wait (back-pressure) instead of growing without bound.
@@ -399,16 +408,30 @@ impl ShardTask {
                 dirty.extend(self.hub.channels_where(|c| shard_of(c, n) == idx));
             }
             let result = self.apply(dirty).await;
-            if resync && result.is_ok() {
-                // Messages published while the connection was down are
-                // lost, control messages among them: now that they can be
-                // received again, every session re-reads the user store.
-                let asked = self.hub.resync_all();
-                tracing::info!(
-                    shard = self.idx,
-                    sessions = asked,
-                    "resubscribed; sessions re-read the user store"
-                );
+            if resync {
+                match &result {
+                    Ok(()) => {
+                        // Messages published while the connection was down
+                        // are lost, control messages among them: now that
+                        // they can be received again, every session re-reads
+                        // the user store.
+                        let asked = self.hub.resync_all();
+                        tracing::info!(
+                            shard = self.idx,
+                            sessions = asked,
+                            "resubscribed; sessions re-read the user store"
+                        );
+                    }
+                    Err(_) => {
+                        // Resubscribing failed: the whole resync again
+                        // shortly (the re-reads wait until it succeeds).
+                        let again = self.requests.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(RESYNC_RETRY).await;
+                            let _ = again.send(ShardRequest::Resync).await;
+                        });
+                    }
+                }
             }
             for w in waiters {
                 let _ = w.send(result.clone());
@@ -466,6 +489,7 @@ impl ShardTask {
 async fn read_messages(client: Client, hub: Arc<LocalHub>, prefix: Arc<str>) {
     use tokio::sync::broadcast::error::RecvError;
     let mut rx = client.message_rx();
+    let mut last_resync: Option<tokio::time::Instant> = None;
     loop {
         match rx.recv().await {
             Ok(m) => {
@@ -483,7 +507,12 @@ async fn read_messages(client: Client, hub: Arc<LocalHub>, prefix: Arc<str>) {
                 tracing::warn!(lost = n, "fell behind the redis subscriber connection");
                 hub.count_lost(n);
                 // Some of the lost messages may have been control messages.
-                hub.resync_all();
+                // A lag is a sign of load: the re-read is asked at most
+                // once per second (requests coalesce per session anyway).
+                if last_resync.is_none_or(|t| t.elapsed() >= LAG_RESYNC_EVERY) {
+                    last_resync = Some(tokio::time::Instant::now());
+                    hub.resync_all();
+                }
             }
             Err(RecvError::Closed) => break,
         }

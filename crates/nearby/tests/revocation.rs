@@ -300,3 +300,49 @@ async fn a_logout_racing_the_handshake_never_leaves_a_socket_open() {
     assert_eq!(opened + refused, USERS * ROUNDS);
     eprintln!("handshake race: {opened} sockets opened and closed, {refused} refused");
 }
+
+#[tokio::test]
+async fn a_friend_toggling_sharing_cannot_disconnect_you() {
+    let server = Server::start(&[]);
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    alice.befriend(&bob).await;
+    bob.befriend(&alice).await;
+    let (mut a, _) = alice.connect(&server).await;
+    let (mut b, _) = bob.connect(&server).await;
+    a.send_location(SEOUL.0, SEOUL.1).await;
+    until_seen(&mut b, &mut a, &bob.id, Duration::from_secs(5)).await;
+    // 300 toggles, 30 at a time, far more than a session's control queue.
+    let path = format!("/v1/friends/{}/sharing", alice.id);
+    for round in 0..10 {
+        let mut calls = Vec::new();
+        for i in 0..30 {
+            let (bob, path) = (bob.clone(), path.clone());
+            calls.push(tokio::spawn(async move {
+                let enabled = (round * 30 + i) % 2 == 0;
+                bob.req(Method::PUT, &path, Some(json!({ "enabled": enabled })))
+                    .await
+                    .0
+            }));
+        }
+        for c in calls {
+            assert_eq!(c.await.expect("toggle"), StatusCode::OK);
+        }
+    }
+    bob.share(&alice, false).await;
+    // Alice's socket is still open and ends up not seeing Bob.
+    let (frames, code) = drain(&mut a, Duration::from_secs(2)).await;
+    assert_eq!(code, None, "closed: {frames:?}");
+    for i in 0..5 {
+        let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 100.0 * f64::from(i + 1));
+        b.send_location(lat, lon).await;
+    }
+    let (frames, code) = drain(&mut a, Duration::from_secs(1)).await;
+    assert_eq!(code, None);
+    assert!(
+        !frames.iter().any(|f| is_location_of(f, &bob.id)),
+        "{frames:?}"
+    );
+    let (st, near) = alice.req(Method::GET, "/v1/nearby", None).await;
+    assert_eq!((st, near["friends"].clone()), (StatusCode::OK, json!([])));
+}
