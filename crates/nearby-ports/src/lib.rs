@@ -8,17 +8,20 @@
 //! | [`UserStore`] | users, tokens, friendships, sharing | `nearby-store-sqlite` | PostgreSQL |
 //! | [`HistoryStore`] | append-only location history | `nearby-store-sqlite` | PostgreSQL |
 //!
-//! **Architecture invariant:** traits and plain data only. The one runtime
-//! type used is tokio's `mpsc::Sender`, the hand-off from a bus to a session.
+//! **Architecture invariant:** traits and plain data only. The only runtime
+//! types used are tokio's `mpsc` channel and an `AtomicWaker`, the hand-off
+//! from a bus to a session.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::task::AtomicWaker;
 use nearby_core::{FriendStatus, LeftReason, Location, UserId};
 use tokio::sync::mpsc;
 
@@ -180,14 +183,24 @@ enum Control {
 pub struct Subscriber {
     id: u64,
     locations: mpsc::Sender<BusMessage>,
-    control: mpsc::Sender<Control>,
-    flags: Arc<Flags>,
+    shared: Arc<Shared>,
 }
 
+/// The control side, shared by a subscriber and its mailbox. The queue is a
+/// `VecDeque` allocated on first use: control notices are rare, and an idle
+/// connection should not carry a preallocated channel block for them.
 #[derive(Debug, Default)]
-struct Flags {
+struct Shared {
     overflowed: AtomicBool,
     resync_pending: AtomicBool,
+    control: Mutex<VecDeque<Control>>,
+    waker: AtomicWaker,
+}
+
+impl Shared {
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Control>> {
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What a session takes from its [`Mailbox`].
@@ -206,8 +219,7 @@ pub enum Mail {
 #[derive(Debug)]
 pub struct Mailbox {
     locations: mpsc::Receiver<BusMessage>,
-    control: mpsc::Receiver<Control>,
-    flags: Arc<Flags>,
+    shared: Arc<Shared>,
 }
 
 impl Subscriber {
@@ -216,19 +228,16 @@ impl Subscriber {
     pub fn new(capacity: usize) -> (Self, Mailbox) {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let (ltx, lrx) = mpsc::channel(capacity.max(1));
-        let (ctx, crx) = mpsc::channel(CONTROL_QUEUE);
-        let flags = Arc::new(Flags::default());
+        let shared = Arc::new(Shared::default());
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
         let sub = Self {
             id,
             locations: ltx,
-            control: ctx,
-            flags: flags.clone(),
+            shared: shared.clone(),
         };
         let mailbox = Mailbox {
             locations: lrx,
-            control: crx,
-            flags,
+            shared,
         };
         (sub, mailbox)
     }
@@ -254,21 +263,28 @@ impl Subscriber {
     /// store (the bus may have lost messages). Requests coalesce: at most
     /// one is pending per session. Returns false if it overflowed.
     pub fn resync(&self) -> bool {
-        if self.flags.resync_pending.swap(true, Ordering::AcqRel) {
+        if self.shared.resync_pending.swap(true, Ordering::AcqRel) {
             return true;
         }
         self.send_control(Control::Resync)
     }
 
     fn send_control(&self, c: Control) -> bool {
-        match self.control.try_send(c) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.flags.overflowed.store(true, Ordering::Release);
+        if self.locations.is_closed() {
+            return false; // the session is gone
+        }
+        let queued = {
+            let mut q = self.shared.queue();
+            if q.len() < CONTROL_QUEUE {
+                q.push_back(c);
+                true
+            } else {
+                self.shared.overflowed.store(true, Ordering::Release);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
+        };
+        self.shared.waker.wake();
+        queued
     }
 }
 
@@ -279,17 +295,21 @@ impl Mailbox {
             Control::Resync => {
                 // Cleared before the session reads the store: a request made
                 // during the read queues another.
-                self.flags.resync_pending.store(false, Ordering::Release);
+                self.shared.resync_pending.store(false, Ordering::Release);
                 Mail::Resync
             }
         }
     }
 
-    /// An overflow is a re-read request, taken before anything else: the
-    /// flag is cleared before the session reads the store, so an overflow
-    /// during the read asks again.
-    fn take_overflow(&self) -> bool {
-        self.flags.overflowed.swap(false, Ordering::AcqRel)
+    /// An overflow first (as a re-read request: the flag is cleared before
+    /// the session reads the store, so an overflow during the read asks
+    /// again), then the oldest control message.
+    fn next_control(&self) -> Option<Mail> {
+        if self.shared.overflowed.swap(false, Ordering::AcqRel) {
+            return Some(Mail::Resync);
+        }
+        let c = self.shared.queue().pop_front()?;
+        Some(self.open(c))
     }
 
     /// The next mail: a re-read after an overflow first, then control
@@ -297,11 +317,10 @@ impl Mailbox {
     /// subscriber handle is gone.
     pub async fn recv(&mut self) -> Option<Mail> {
         std::future::poll_fn(|cx| {
-            if self.take_overflow() {
-                return Poll::Ready(Some(Mail::Resync));
-            }
-            if let Poll::Ready(Some(c)) = self.control.poll_recv(cx) {
-                return Poll::Ready(Some(self.open(c)));
+            // Registered before looking, so a message queued meanwhile wakes us.
+            self.shared.waker.register(cx.waker());
+            if let Some(m) = self.next_control() {
+                return Poll::Ready(Some(m));
             }
             self.locations.poll_recv(cx).map(|m| m.map(Mail::Message))
         })
@@ -311,11 +330,8 @@ impl Mailbox {
     /// The next mail if one is ready, without waiting (same order as
     /// [`Mailbox::recv`]).
     pub fn try_recv(&mut self) -> Option<Mail> {
-        if self.take_overflow() {
-            return Some(Mail::Resync);
-        }
-        if let Ok(c) = self.control.try_recv() {
-            return Some(self.open(c));
+        if let Some(m) = self.next_control() {
+            return Some(m);
         }
         self.locations.try_recv().ok().map(Mail::Message)
     }
@@ -388,10 +404,15 @@ mod mailbox_tests {
     #[tokio::test]
     async fn recv_waits_for_either_queue() {
         let (sub, mut mb) = Subscriber::new(4);
-        let waiter = tokio::spawn(async move { mb.recv().await });
+        let waiter = tokio::spawn(async move { (mb.recv().await, mb) });
         tokio::task::yield_now().await;
         assert!(sub.deliver(loc(5)));
-        assert_eq!(waiter.await.ok().flatten(), Some(Mail::Message(loc(5))));
+        let (got, mut mb) = waiter.await.expect("join");
+        assert_eq!(got, Some(Mail::Message(loc(5))));
+        let waiter = tokio::spawn(async move { mb.recv().await });
+        tokio::task::yield_now().await;
+        assert!(sub.deliver(HIDDEN), "a control message wakes the session too");
+        assert_eq!(waiter.await.ok().flatten(), Some(Mail::Message(HIDDEN)));
     }
 }
 
