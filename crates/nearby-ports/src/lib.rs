@@ -14,8 +14,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -411,7 +411,10 @@ mod mailbox_tests {
         assert_eq!(got, Some(Mail::Message(loc(5))));
         let waiter = tokio::spawn(async move { mb.recv().await });
         tokio::task::yield_now().await;
-        assert!(sub.deliver(HIDDEN), "a control message wakes the session too");
+        assert!(
+            sub.deliver(HIDDEN),
+            "a control message wakes the session too"
+        );
         assert_eq!(waiter.await.ok().flatten(), Some(Mail::Message(HIDDEN)));
     }
 }
