@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -38,6 +39,24 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Self(v)),
             Err(rej) => Err(json_rejection(rej)),
+        }
+    }
+}
+
+/// One path parameter, whose rejection (percent-encoding that does not
+/// decode to UTF-8) is a JSON `400 bad_path`, not axum's plain text.
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(Self(v)),
+            Err(_) => Err(ApiError::bad_request(
+                "bad_path",
+                "the path does not decode to UTF-8 text",
+            )),
         }
     }
 }
@@ -175,7 +194,7 @@ pub async fn sign_up(
 pub async fn user_by_name(
     State(st): St,
     _me: AuthUser,
-    Path(username): Path<String>,
+    PathParam(username): PathParam,
 ) -> ApiResult<Json<UserView>> {
     let found = match account::canonical_username(&username) {
         Ok(name) => st.backends.users.user_by_name(&name).await?,
@@ -335,7 +354,7 @@ async fn announce(st: &AppState, msgs: &[(UserId, BusMessage)]) {
 pub async fn request_friend(
     State(st): St,
     me: AuthUser,
-    Path(raw): Path<String>,
+    PathParam(raw): PathParam,
 ) -> ApiResult<Json<serde_json::Value>> {
     let other = other_user(&raw, me)?;
     let before = st
@@ -367,7 +386,7 @@ pub async fn request_friend(
 pub async fn remove_friend(
     State(st): St,
     me: AuthUser,
-    Path(raw): Path<String>,
+    PathParam(raw): PathParam,
 ) -> ApiResult<StatusCode> {
     let other = other_user(&raw, me)?;
     match st.backends.users.remove_friend(me.id, other).await? {
@@ -409,7 +428,7 @@ pub async fn remove_friend(
 pub async fn set_sharing(
     State(st): St,
     me: AuthUser,
-    Path(raw): Path<String>,
+    PathParam(raw): PathParam,
     JsonBody(body): JsonBody<SharingUpdate>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let other = other_user(&raw, me)?;

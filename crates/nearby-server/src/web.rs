@@ -3,7 +3,6 @@
 //! at each request (rust-embed's default), so the page can be edited without
 //! rebuilding.
 
-use axum::extract::Path;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
@@ -19,7 +18,7 @@ pub async fn index() -> Response {
 }
 
 /// `GET /assets/{path}`: scripts, styles, images.
-pub async fn asset(Path(path): Path<String>) -> Response {
+pub async fn asset(crate::rest::PathParam(path): crate::rest::PathParam) -> Response {
     serve(&path)
 }
 

@@ -476,6 +476,15 @@ async fn contract_refusals_have_json_bodies() {
             "method_not_allowed",
         );
     }
+    // A percent-encoding that is not UTF-8 (found by the fuzz target).
+    let resp = http
+        .put(format!("{}/v1/friends/%AA", server.base))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .expect("send");
+    let st = resp.status();
+    check(st, &resp.text().await.expect("body"), 400, "bad_path");
     let resp = http
         .get(format!("{}/v1/friends/{}", server.base, "9".repeat(10_000)))
         .send()
