@@ -31,6 +31,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::matching::{match_send, SendLog, Sent};
 use crate::{offset, BenchError, WANDER_M};
 
 /// The node (index into the URLs) user `u` connects to, of `nodes`.
@@ -70,6 +71,8 @@ pub(crate) struct Counters {
     pub deliveries: u64,
     pub errors: u64,
     pub disconnects: u64,
+    /// Deliveries not matched to a logged send (run total).
+    pub unmatched: u64,
 }
 
 impl std::ops::AddAssign for Counters {
@@ -79,6 +82,7 @@ impl std::ops::AddAssign for Counters {
         self.deliveries += o.deliveries;
         self.errors += o.errors;
         self.disconnects += o.disconnects;
+        self.unmatched += o.unmatched;
     }
 }
 
@@ -92,6 +96,7 @@ enum Cmd {
     End,
     Counters,
     StopSending,
+    StartSending,
     Hist { step: usize },
     Finish,
 }
@@ -123,13 +128,15 @@ const SHARDS: usize = 16;
 
 /// Counters shared by every client task of one process.
 struct Shared {
-    /// When each user last sent, µs since `t0` (0 = never).
-    sent_at: Vec<AtomicU64>,
+    /// Each user's last sends, to match deliveries to them.
+    sends: Vec<SendLog>,
     /// user id (as the server spells it) → index.
     index: HashMap<String, u32>,
     /// Online friends in range of each user.
     online_friends: Vec<u32>,
     t0: std::time::Instant,
+    /// The wall clock at `t0`, Unix ms.
+    t0_wall_ms: i64,
     /// Current step, from 1; deliveries are recorded against it (0 = not
     /// measuring).
     step: AtomicUsize,
@@ -146,6 +153,8 @@ struct Shared {
     deliveries: AtomicU64,
     errors: AtomicU64,
     disconnects: AtomicU64,
+    /// Deliveries no logged send could be matched to.
+    unmatched: AtomicU64,
 }
 
 impl Shared {
@@ -156,6 +165,7 @@ impl Shared {
             deliveries: self.deliveries.load(Ordering::SeqCst),
             errors: self.errors.load(Ordering::SeqCst),
             disconnects: self.disconnects.load(Ordering::SeqCst),
+            unmatched: self.unmatched.load(Ordering::SeqCst),
         }
     }
 
@@ -195,7 +205,8 @@ impl Shared {
         sum
     }
 
-    /// Records a delivery's latency against the current step, if measuring.
+    /// Records a delivery's latency against the step of the send that
+    /// caused it.
     fn record(&self, me: usize, step: usize, latency_us: u64) {
         let mut hists = self.hists[me % SHARDS]
             .lock()
@@ -218,7 +229,9 @@ impl Local {
     /// Connects `members`, each placing itself at home once.
     async fn connect(pop: &Population, members: &[u32]) -> Result<Self, BenchError> {
         let shared = Arc::new(Shared {
-            sent_at: (0..pop.accounts.len()).map(|_| AtomicU64::new(0)).collect(),
+            sends: (0..pop.accounts.len())
+                .map(|_| SendLog::default())
+                .collect(),
             index: pop
                 .accounts
                 .iter()
@@ -227,6 +240,7 @@ impl Local {
                 .collect(),
             online_friends: pop.online_friends.clone(),
             t0: std::time::Instant::now(),
+            t0_wall_ms: wall_ms(),
             step: AtomicUsize::new(0),
             interval_us: AtomicU64::new(pop.interval_us),
             hists: (0..SHARDS)
@@ -239,6 +253,7 @@ impl Local {
             deliveries: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
+            unmatched: AtomicU64::new(0),
         });
         let mut addrs = Vec::with_capacity(pop.urls.len());
         for url in &pop.urls {
@@ -433,6 +448,14 @@ impl Fleet {
         self.each(Cmd::StopSending).await
     }
 
+    /// Resumes sending after [`Fleet::stop_sending`].
+    pub async fn start_sending(&mut self) -> Result<(), BenchError> {
+        if let Self::Local(l) = self {
+            l.shared.sending.store(true, Ordering::SeqCst);
+        }
+        self.each(Cmd::StartSending).await
+    }
+
     pub async fn counters(&mut self) -> Result<Counters, BenchError> {
         match self {
             Self::Local(l) => Ok(l.shared.counters()),
@@ -527,6 +550,10 @@ pub async fn worker(plan: &Path, index: usize) -> Result<(), BenchError> {
                 shared.sending.store(false, Ordering::SeqCst);
                 None
             }
+            Cmd::StartSending => {
+                shared.sending.store(true, Ordering::SeqCst);
+                None
+            }
             Cmd::Counters => Some(json!(shared.counters())),
             Cmd::Hist { step } => Some(json!(buckets(&shared.hist(step)))),
             Cmd::Finish => break,
@@ -610,6 +637,15 @@ struct Frame<'a> {
     kind: &'a str,
     #[serde(borrow)]
     id: Option<&'a str>,
+    /// When the server accepted the friend's update, Unix ms.
+    updated_at: Option<i64>,
+}
+
+/// Wall clock, Unix ms (the server stamps `updated_at` with the same).
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// One simulated phone: sends on its timer, records what it receives.
@@ -650,6 +686,8 @@ async fn client(
     let mut next = tokio::time::Instant::now() + interval().mul_f64(plan.phase);
     let mut sent = 0u64;
     let me = plan.user as usize;
+    // Per friend, the last of their sends a delivery was matched to.
+    let mut matched: HashMap<u32, u64> = HashMap::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -662,8 +700,15 @@ async fn client(
                 if !shared.sending.load(Ordering::Relaxed) || plan.rounds.is_some_and(|r| sent >= r) {
                     continue;
                 }
-                let now_us = shared.t0.elapsed().as_micros() as u64;
-                shared.sent_at[me].store(now_us.max(1), Ordering::Relaxed);
+                let step = if shared.measuring.load(Ordering::Relaxed) {
+                    u16::try_from(shared.step.load(Ordering::Relaxed)).unwrap_or(u16::MAX)
+                } else {
+                    0
+                };
+                shared.sends[me].push(Sent {
+                    mono_us: shared.t0.elapsed().as_micros() as u64,
+                    step,
+                });
                 if tx.send(place(&mut rng)).await.is_err() {
                     shared.disconnects.fetch_add(1, Ordering::Relaxed);
                     break;
@@ -689,15 +734,25 @@ async fn client(
                 };
                 match (frame.kind, frame.id) {
                     ("friend_location", Some(id)) => {
-                        let step = shared.step.load(Ordering::Relaxed);
-                        if !shared.measuring.load(Ordering::Relaxed) {
-                            continue;
-                        }
                         shared.deliveries.fetch_add(1, Ordering::Relaxed);
-                        let from = shared.index.get(id).map(|i| shared.sent_at[*i as usize].load(Ordering::Relaxed));
-                        if let Some(at) = from.filter(|a| *a > 0) {
+                        let (Some(&f), Some(stamped)) = (shared.index.get(id), frame.updated_at) else {
+                            shared.unmatched.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        };
+                        // Measured from the send that caused it, for that
+                        // send's step, however late it arrives.
+                        let log = &shared.sends[f as usize];
+                        let seq = match_send(matched.get(&f).copied(), log.latest(), stamped, |s| {
+                            log.get(s).map(|x| shared.t0_wall_ms + (x.mono_us / 1000) as i64)
+                        });
+                        let Some((seq, sent)) = seq.and_then(|q| Some((q, log.get(q)?))) else {
+                            shared.unmatched.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        };
+                        matched.insert(f, seq);
+                        if sent.step > 0 {
                             let now_us = shared.t0.elapsed().as_micros() as u64;
-                            shared.record(me, step, now_us.saturating_sub(at));
+                            shared.record(me, sent.step as usize, now_us.saturating_sub(sent.mono_us));
                         }
                     }
                     ("error", _) => {

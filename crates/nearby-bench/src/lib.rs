@@ -21,6 +21,7 @@
 
 mod fleet;
 pub mod graph;
+mod matching;
 mod report;
 
 use std::path::PathBuf;
@@ -168,6 +169,10 @@ pub struct BenchArgs {
     /// Latency bound of the capacity search, ms.
     #[arg(long, default_value_t = 50.0)]
     pub p99_bound_ms: f64,
+    /// A step is clean (and may count as capacity) only with no error frame
+    /// and received deliveries within this share of the expected ones.
+    #[arg(long, default_value_t = 0.001)]
+    pub loss_tolerance: f64,
     /// Write a self-contained HTML report (SVG plots) here.
     #[arg(long)]
     pub html: Option<PathBuf>,
@@ -175,7 +180,8 @@ pub struct BenchArgs {
     /// running for a duration.
     #[arg(long)]
     pub rounds: Option<u64>,
-    /// Seconds to wait for in-flight deliveries after the last send.
+    /// Most seconds to wait for in-flight deliveries after each step (the
+    /// wait ends once none arrived for 200 ms; sending pauses meanwhile).
     #[arg(long, default_value_t = 2)]
     pub drain_s: u64,
     /// Seed of the graph, homes and phases.
@@ -251,8 +257,11 @@ pub struct Report {
     pub last: Step,
     /// Every step (one unless `--ramp-ms`).
     pub steps: Vec<Step>,
-    /// Most deliveries/s of a step with p99 within the bound.
+    /// Most deliveries/s of a clean step with p99 within the bound.
     pub capacity_deliveries_per_s: Option<f64>,
+    /// Deliveries that matched no logged send (a lag of more than the log,
+    /// or a frame without `updated_at`): not in any step's figures.
+    pub unmatched_deliveries: u64,
     /// The bound used, ms.
     pub p99_bound_ms: f64,
 }
@@ -270,7 +279,8 @@ pub struct Step {
     pub updates: u64,
     /// Deliveries those updates should cause.
     pub expected_deliveries: u64,
-    /// Deliveries received.
+    /// Deliveries received of this step's updates, whenever they arrived
+    /// (the bench waits `--drain-s` after the last step).
     pub deliveries: u64,
     /// Achieved rates.
     pub updates_per_s: f64,
@@ -278,7 +288,10 @@ pub struct Step {
     pub deliveries_per_s: f64,
     /// Error frames.
     pub errors: u64,
-    /// Latency of this step's deliveries.
+    /// No error frame, and deliveries within `--loss-tolerance` of the
+    /// expected: only a clean step may count as capacity.
+    pub clean: bool,
+    /// Latency of this step's deliveries, each from the send that caused it.
     pub latency: Latency,
     /// Server CPU over the step, cores.
     pub server_cpu_cores: Option<f64>,
@@ -463,6 +476,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     } else {
         for (i, iv) in intervals.iter().enumerate() {
             fleet.set_interval(iv * 1000).await?;
+            fleet.start_sending().await?;
             let label = format!("{iv} ms");
             progress(
                 &mut fleet,
@@ -483,14 +497,17 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                 cpu_before,
                 args.server_pid,
             );
+            // The step's deliveries still in flight arrive before the next
+            // step loads the server: sending pauses until they stop coming
+            // (at most --drain-s). Each is recorded against its send's step.
+            fleet.stop_sending().await?;
+            drain(&mut fleet, Duration::from_secs(args.drain_s)).await?;
             fleet.end().await?;
             steps.push(step);
             if i + 1 == intervals.len() {
                 break;
             }
-            // Stop the ramp once a step breaks the bound (read after a
-            // second, while the next rate warms up).
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            // Stop the ramp once a step breaks the bound.
             let p99 = latency(&fleet.hist(i + 1).await?).p99_ms;
             if p99 > args.p99_bound_ms {
                 eprintln!(
@@ -503,24 +520,31 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         fleet.stop_sending().await?;
         tokio::time::sleep(Duration::from_secs(args.drain_s)).await;
     }
-    let disconnects = fleet.counters().await?.disconnects;
+    let end_counters = fleet.counters().await?;
+    let (disconnects, unmatched_deliveries) = (end_counters.disconnects, end_counters.unmatched);
     // The clients flush their histograms as they close: fill in each step's
     // latency.
     let hists = fleet.finish().await?;
     for (i, step) in steps.iter_mut().enumerate() {
         if let Some(h) = hists.get(i + 1) {
             step.latency = latency(h);
+            // Every delivery of the step's sends, in flight at its end
+            // included: the histogram holds one sample per delivery.
+            step.deliveries = h.len();
+            step.deliveries_per_s = step.deliveries as f64 / step.window_s;
         }
+        step.clean = is_clean(
+            step.errors,
+            step.expected_deliveries,
+            step.deliveries,
+            args.loss_tolerance,
+        );
     }
     let last = steps
         .last()
         .cloned()
         .ok_or_else(|| BenchError::Args("no step ran".into()))?;
-    let capacity_deliveries_per_s = steps
-        .iter()
-        .filter(|s| s.latency.count > 0 && s.latency.p99_ms <= args.p99_bound_ms)
-        .map(|s| s.deliveries_per_s)
-        .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))));
+    let capacity_deliveries_per_s = capacity(&steps, args.p99_bound_ms);
     let report = Report {
         users: args.users,
         online: n_online,
@@ -536,6 +560,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         last,
         steps,
         capacity_deliveries_per_s,
+        unmatched_deliveries,
         p99_bound_ms: args.p99_bound_ms,
     };
     if let Some(path) = &args.html {
@@ -549,6 +574,39 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         eprintln!("result written to {}", path.display());
     }
     Ok(report)
+}
+
+/// Waits until deliveries stop arriving (none for 200 ms) or `limit`.
+async fn drain(fleet: &mut fleet::Fleet, limit: Duration) -> Result<(), BenchError> {
+    let started = Instant::now();
+    let mut seen = fleet.counters().await?.deliveries;
+    while started.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = fleet.counters().await?.deliveries;
+        if now == seen {
+            break;
+        }
+        seen = now;
+    }
+    Ok(())
+}
+
+/// A step counts only if nothing went wrong: no error frame, and the
+/// deliveries received within `tolerance` (a share) of the expected ones,
+/// in either direction.
+fn is_clean(errors: u64, expected: u64, received: u64, tolerance: f64) -> bool {
+    let slack = expected as f64 * tolerance.max(0.0);
+    errors == 0 && expected > 0 && (received as f64 - expected as f64).abs() <= slack
+}
+
+/// The capacity: the most deliveries/s of a clean step whose p99 is
+/// within the bound.
+fn capacity(steps: &[Step], p99_bound_ms: f64) -> Option<f64> {
+    steps
+        .iter()
+        .filter(|s| s.clean && s.latency.count > 0 && s.latency.p99_ms <= p99_bound_ms)
+        .map(|s| s.deliveries_per_s)
+        .fold(None, |m: Option<f64>, d| Some(m.map_or(d, |m| m.max(d))))
 }
 
 /// Reads the counters of the step that started at `started` (its latency is
@@ -575,6 +633,7 @@ fn close_step(
         updates_per_s: updates as f64 / window_s,
         deliveries_per_s: deliveries as f64 / window_s,
         errors: c.errors,
+        clean: false,
         latency: latency(&fleet::new_histogram()),
         server_cpu_cores: match (cpu_before, cpu_after) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / ticks_per_s / window_s),
@@ -807,12 +866,20 @@ fn print_summary(report: &Report) {
         "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  ({} samples)",
         l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count
     );
-    println!("errors {}, disconnects {}", r.errors, report.disconnects);
+    println!(
+        "errors {}, disconnects {}, unmatched deliveries {}; the step is {}",
+        r.errors,
+        report.disconnects,
+        report.unmatched_deliveries,
+        if r.clean { "clean" } else { "NOT clean" }
+    );
     if report.steps.len() > 1 {
-        println!("interval_ms  offered_upd/s  upd/s  deliveries/s  p50_ms  p99_ms  p99.9_ms  cpu");
+        println!(
+            "interval_ms  offered_upd/s  upd/s  deliveries/s  p50_ms  p99_ms  p99.9_ms  cpu  clean"
+        );
         for s in &report.steps {
             println!(
-                "{:>11}  {:>13.0}  {:>5.0}  {:>12.0}  {:>6.2}  {:>6.2}  {:>8.2}  {:.2}",
+                "{:>11}  {:>13.0}  {:>5.0}  {:>12.0}  {:>6.2}  {:>6.2}  {:>8.2}  {:.2}  {}",
                 s.interval_ms,
                 s.offered_updates_per_s,
                 s.updates_per_s,
@@ -820,7 +887,8 @@ fn print_summary(report: &Report) {
                 s.latency.p50_ms,
                 s.latency.p99_ms,
                 s.latency.p999_ms,
-                s.server_cpu_cores.unwrap_or(0.0)
+                s.server_cpu_cores.unwrap_or(0.0),
+                if s.clean { "yes" } else { "no" }
             );
         }
         match report.capacity_deliveries_per_s {
@@ -828,7 +896,10 @@ fn print_summary(report: &Report) {
                 "capacity (p99 <= {} ms): {c:.0} deliveries/s",
                 report.p99_bound_ms
             ),
-            None => println!("capacity: no step kept p99 <= {} ms", report.p99_bound_ms),
+            None => println!(
+                "capacity: no clean step kept p99 <= {} ms",
+                report.p99_bound_ms
+            ),
         }
     }
     if let Some(rss) = r.server_rss_bytes {
@@ -867,6 +938,56 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn step(dps: f64, p99: f64, clean: bool) -> Step {
+        Step {
+            interval_ms: 1000,
+            window_s: 10.0,
+            offered_updates_per_s: 100.0,
+            updates: 1000,
+            expected_deliveries: 1000,
+            deliveries: 1000,
+            updates_per_s: 100.0,
+            deliveries_per_s: dps,
+            errors: 0,
+            clean,
+            latency: Latency {
+                count: 1000,
+                p50_ms: 1.0,
+                p90_ms: 1.0,
+                p99_ms: p99,
+                p999_ms: p99,
+                max_ms: p99,
+            },
+            server_cpu_cores: None,
+            server_rss_bytes: None,
+        }
+    }
+
+    #[test]
+    fn only_clean_steps_are_clean() {
+        assert!(is_clean(0, 100_000, 100_000, 0.001));
+        assert!(is_clean(0, 100_000, 99_900, 0.001), "within 0.1 %");
+        assert!(!is_clean(0, 100_000, 99_899, 0.001), "missing deliveries");
+        assert!(
+            !is_clean(0, 100_000, 100_101, 0.001),
+            "unexpected deliveries"
+        );
+        assert!(!is_clean(1, 100_000, 100_000, 0.001), "an error frame");
+        assert!(!is_clean(0, 0, 0, 0.001), "nothing measured");
+    }
+
+    #[test]
+    fn capacity_comes_from_a_clean_step_within_the_bound() {
+        let steps = [
+            step(10_000.0, 5.0, true),
+            step(20_000.0, 30.0, true),
+            step(40_000.0, 20.0, false), // fast, but lost deliveries
+            step(80_000.0, 900.0, true),
+        ];
+        assert_eq!(capacity(&steps, 50.0), Some(20_000.0));
+        assert_eq!(capacity(&steps[2..], 50.0), None);
+    }
 
     #[test]
     fn cities_are_out_of_each_others_range() {

@@ -236,6 +236,7 @@ mod tests {
             },
             server_cpu_cores: Some(0.5),
             server_rss_bytes: None,
+            clean: true,
         }
     }
 
@@ -260,6 +261,7 @@ mod tests {
             },
             steps,
             capacity_deliveries_per_s: Some(19_900.0),
+            unmatched_deliveries: 0,
             p99_bound_ms: 50.0,
         };
 
