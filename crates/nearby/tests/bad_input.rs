@@ -220,10 +220,7 @@ async fn rest_rejects_bad_requests_with_json_errors() {
 #[tokio::test]
 async fn websocket_errors_keep_the_connection_and_lose_nothing() {
     let server = Server::start(&["--updates-per-sec", "5", "--update-burst", "10"]);
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    alice.befriend(&bob).await;
-    bob.befriend(&alice).await;
+    let (alice, bob) = server.friends("alice", "bob").await;
     let (mut a, _) = alice.connect(&server).await;
     let (mut b, _) = bob.connect(&server).await;
     b.send_location(37.5, 127.0).await;
@@ -381,10 +378,7 @@ async fn expired_tokens_are_refused_and_close_live_sessions() {
 #[tokio::test]
 async fn sigterm_tells_clients_to_reconnect_and_keeps_everything_stored() {
     let server = Server::start(&[]);
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    alice.befriend(&bob).await;
-    bob.befriend(&alice).await;
+    let (alice, bob) = server.friends("alice", "bob").await;
     let (mut a, _) = alice.connect(&server).await;
     let (mut b, _) = bob.connect(&server).await;
     b.send_location(1.0, 2.0).await;

@@ -6,8 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_location, north_of, until_seen, Server, SEOUL};
-use nearby_conformance::services::{self, PostgresCluster, RedisProcess, TempDatabase};
+use common::{assert_location, north_of, until_seen, Server, TwoNodes, SEOUL};
+use nearby_conformance::services::{self, PostgresCluster};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -22,30 +22,23 @@ async fn metric(server: &Server, name: &str) -> f64 {
 
 #[tokio::test]
 async fn sessions_on_two_nodes_survive_a_redis_restart() {
-    let mut redis = match RedisProcess::start() {
-        Ok(r) => r,
-        Err(e) => return services::missing("redis-server", e),
+    let Some(mut nodes) = TwoNodes::start().await else {
+        return;
     };
-    let db = match TempDatabase::create(&services::postgres_url()).await {
-        Ok(db) => db,
-        Err(e) => return services::missing("PostgreSQL", e),
-    };
-    let url = redis.url();
-    let flags = ["--redis-url", &url, "--database-url", &db.url];
-    let (node_a, node_b) = (Server::start(&flags), Server::start(&flags));
+    let (node_a, node_b) = (&nodes.a, &nodes.b);
     let alice = node_a.user("alice").await;
     let bob = node_b.user("bob").await;
     alice.befriend(&bob).await;
     bob.befriend(&alice).await;
-    let (mut a, _) = alice.connect(&node_a).await;
-    let (mut b, _) = bob.connect(&node_b).await;
+    let (mut a, _) = alice.connect(node_a).await;
+    let (mut b, _) = bob.connect(node_b).await;
     a.send_location(SEOUL.0, SEOUL.1).await;
     let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 1000.0);
     b.send_location(lat, lon).await;
     assert_location(&b.next_json().await, &alice.id, 1000.0);
     assert_location(&a.next_json().await, &bob.id, 1000.0);
 
-    redis.kill();
+    nodes.redis.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (st, body) = node_a.get("/readyz", None).await;
     assert_eq!(
@@ -57,12 +50,12 @@ async fn sessions_on_two_nodes_survive_a_redis_restart() {
     b.send_location(lat, lon).await;
     b.expect_error("unavailable").await;
 
-    redis.restart().expect("restart redis");
+    nodes.redis.restart().expect("restart redis");
     // Neither client reconnects: both nodes resubscribe on their own.
     until_seen(&mut b, &mut a, &bob.id, Duration::from_secs(20)).await;
     until_seen(&mut a, &mut b, &alice.id, Duration::from_secs(20)).await;
-    assert!(metric(&node_a, "nearby_redis_reconnects_total").await >= 1.0);
-    assert!(metric(&node_b, "nearby_redis_reconnects_total").await >= 1.0);
+    assert!(metric(node_a, "nearby_redis_reconnects_total").await >= 1.0);
+    assert!(metric(node_b, "nearby_redis_reconnects_total").await >= 1.0);
     let (st, _) = node_a.get("/readyz", None).await;
     assert_eq!(st.as_u16(), 200);
 }

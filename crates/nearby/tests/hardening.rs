@@ -14,10 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 #[tokio::test]
 async fn every_socket_of_a_user_sees_what_a_fresh_one_would() {
     let server = Server::start(&[]);
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    alice.befriend(&bob).await;
-    bob.befriend(&alice).await;
+    let (alice, bob) = server.friends("alice", "bob").await;
     // Alice's tablet connects before her phone has ever reported.
     let (mut tablet, snap) = alice.connect(&server).await;
     assert_eq!(snap["friends"], json!([]));

@@ -6,9 +6,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{north_of, until_seen, Server, Shared, User, Ws, SEOUL};
+use common::{north_of, until_seen, Server, Shared, TwoNodes, User, Ws, SEOUL};
 use futures_util::StreamExt;
-use nearby_conformance::services::{self, RedisProcess, TempDatabase};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -81,10 +80,7 @@ async fn a_stalled_viewer_still_gets_the_unfriend_and_nothing_after_it() {
         "--socket-send-buffer",
         "4096",
     ]);
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    alice.befriend(&bob).await;
-    bob.befriend(&alice).await;
+    let (alice, bob) = server.friends("alice", "bob").await;
     let mut a = small_buffer_ws(&server, &alice).await;
     let (mut b, _) = bob.connect(&server).await;
     a.send_location(SEOUL.0, SEOUL.1).await;
@@ -144,17 +140,10 @@ async fn a_stalled_viewer_still_gets_the_unfriend_and_nothing_after_it() {
 
 #[tokio::test]
 async fn revocations_made_while_redis_is_down_take_effect_when_it_returns() {
-    let mut redis = match RedisProcess::start() {
-        Ok(r) => r,
-        Err(e) => return services::missing("redis-server", e),
+    let Some(mut nodes) = TwoNodes::start().await else {
+        return;
     };
-    let db = match TempDatabase::create(&services::postgres_url()).await {
-        Ok(db) => db,
-        Err(e) => return services::missing("PostgreSQL", e),
-    };
-    let url = redis.url();
-    let flags = ["--redis-url", &url, "--database-url", &db.url];
-    let (node_a, node_b) = (Server::start(&flags), Server::start(&flags));
+    let (node_a, node_b) = (&nodes.a, &nodes.b);
     let viewer = node_a.user("viewer").await;
     let unfriender = node_b.user("unfriender").await;
     let unsharer = node_b.user("unsharer").await;
@@ -163,15 +152,15 @@ async fn revocations_made_while_redis_is_down_take_effect_when_it_returns() {
         viewer.befriend(f).await;
         f.befriend(&viewer).await;
     }
-    let (mut v, _) = viewer.connect(&node_a).await;
-    let (mut l, _) = leaver.connect(&node_a).await;
-    let (mut f1, _) = unfriender.connect(&node_b).await;
-    let (mut f2, _) = unsharer.connect(&node_b).await;
+    let (mut v, _) = viewer.connect(node_a).await;
+    let (mut l, _) = leaver.connect(node_a).await;
+    let (mut f1, _) = unfriender.connect(node_b).await;
+    let (mut f2, _) = unsharer.connect(node_b).await;
     v.send_location(SEOUL.0, SEOUL.1).await;
     until_seen(&mut f1, &mut v, &unfriender.id, Duration::from_secs(5)).await;
     until_seen(&mut f2, &mut v, &unsharer.id, Duration::from_secs(5)).await;
 
-    redis.kill();
+    nodes.redis.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // All three are stored; none can be announced.
     unfriender.unfriend(&viewer).await;
@@ -184,7 +173,7 @@ async fn revocations_made_while_redis_is_down_take_effect_when_it_returns() {
         "nothing can be announced while Redis is down: {v_before:?}"
     );
 
-    redis.restart().expect("restart redis");
+    nodes.redis.restart().expect("restart redis");
     // Both nodes reconnect by themselves; the sessions re-read the store.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut left = Vec::new();
@@ -304,10 +293,7 @@ async fn a_logout_racing_the_handshake_never_leaves_a_socket_open() {
 #[tokio::test]
 async fn a_friend_toggling_sharing_cannot_disconnect_you() {
     let server = Server::start(&[]);
-    let alice = server.user("alice").await;
-    let bob = server.user("bob").await;
-    alice.befriend(&bob).await;
-    bob.befriend(&alice).await;
+    let (alice, bob) = server.friends("alice", "bob").await;
     let (mut a, _) = alice.connect(&server).await;
     let (mut b, _) = bob.connect(&server).await;
     a.send_location(SEOUL.0, SEOUL.1).await;

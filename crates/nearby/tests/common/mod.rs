@@ -238,6 +238,52 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Signs up and logs in `a` and `b`, and makes them friends (each
+    /// shares with the other, the default).
+    pub async fn friends(&self, a: &str, b: &str) -> (User, User) {
+        let (a, b) = (self.user(a).await, self.user(b).await);
+        a.befriend(&b).await;
+        b.befriend(&a).await;
+        (a, b)
+    }
+}
+
+/// Two nodes on a `redis-server` of their own (which the test may kill and
+/// restart) and a fresh PostgreSQL database.
+pub struct TwoNodes {
+    pub a: Server,
+    pub b: Server,
+    pub db: nearby_conformance::services::TempDatabase,
+    pub redis: nearby_conformance::services::RedisProcess,
+}
+
+impl TwoNodes {
+    /// `None` (after reporting, which fails under `CI=true`) if a service
+    /// is missing.
+    pub async fn start() -> Option<Self> {
+        use nearby_conformance::services::{self, RedisProcess, TempDatabase};
+        let redis = match RedisProcess::start() {
+            Ok(r) => r,
+            Err(e) => {
+                services::missing("redis-server", e);
+                return None;
+            }
+        };
+        let db = match TempDatabase::create(&services::postgres_url()).await {
+            Ok(db) => db,
+            Err(e) => {
+                services::missing("PostgreSQL", e);
+                return None;
+            }
+        };
+        let url = redis.url();
+        let flags = ["--redis-url", &url, "--database-url", &db.url];
+        let (a, b) = (Server::start(&flags), Server::start(&flags));
+        Some(Self { a, b, db, redis })
+    }
+}
+
 impl User {
     pub async fn req(
         &self,
