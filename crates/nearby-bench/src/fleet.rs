@@ -684,6 +684,7 @@ async fn client(
     // The interval is read at every send, so a ramp changes it live.
     let interval = || Duration::from_micros(shared.interval_us.load(Ordering::Relaxed));
     let mut next = tokio::time::Instant::now() + interval().mul_f64(plan.phase);
+    let mut last_iv = interval();
     let mut sent = 0u64;
     let me = plan.user as usize;
     // Per friend, the last of their sends a delivery was matched to.
@@ -692,10 +693,26 @@ async fn client(
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep_until(next) => {
-                next += interval();
+                let iv = interval();
                 let now = tokio::time::Instant::now();
+                if iv != last_iv {
+                    // A new step's rate: spread the clients over the new
+                    // interval by their phase (kept from the old schedule,
+                    // a longer interval had them all in the first part of
+                    // it, sending in bursts).
+                    last_iv = iv;
+                    next = now + iv.mul_f64(plan.phase);
+                    continue;
+                }
+                next += iv;
                 if next < now {
-                    next = now + interval(); // fell behind: skip, do not burst
+                    // Fell behind: skip whole intervals, do not burst, and
+                    // keep this client's phase (restarting from `now` made
+                    // every client that fell behind together send together
+                    // from then on).
+                    let behind = (now - next).as_nanos();
+                    let skip = behind / iv.as_nanos().max(1) + 1;
+                    next += iv * u32::try_from(skip).unwrap_or(u32::MAX);
                 }
                 if !shared.sending.load(Ordering::Relaxed) || plan.rounds.is_some_and(|r| sent >= r) {
                     continue;
