@@ -61,6 +61,9 @@ pub(crate) struct Population {
     pub rounds: Option<u64>,
     pub interval_us: u64,
     pub connect_concurrency: usize,
+    /// `--ceiling`: plain TCP to the bare fan-out server, frames of this
+    /// many bytes, instead of WebSockets to `nearby`.
+    pub ceiling_frame_bytes: Option<usize>,
 }
 
 /// Counts of the current step.
@@ -127,13 +130,13 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
 const SHARDS: usize = 16;
 
 /// Counters shared by every client task of one process.
-struct Shared {
+pub(crate) struct Shared {
     /// Each user's last sends, to match deliveries to them.
     sends: Vec<SendLog>,
     /// user id (as the server spells it) → index.
     index: HashMap<String, u32>,
     /// Online friends in range of each user.
-    online_friends: Vec<u32>,
+    pub(crate) online_friends: Vec<u32>,
     t0: std::time::Instant,
     /// The wall clock at `t0`, Unix ms.
     t0_wall_ms: i64,
@@ -147,12 +150,12 @@ struct Shared {
     /// 135 KB each: 2.7 GB for 20 000 clients.)
     hists: Vec<std::sync::Mutex<Vec<Histogram<u64>>>>,
     measuring: AtomicBool,
-    sending: AtomicBool,
-    updates: AtomicU64,
-    expected: AtomicU64,
-    deliveries: AtomicU64,
+    pub(crate) sending: AtomicBool,
+    pub(crate) updates: AtomicU64,
+    pub(crate) expected: AtomicU64,
+    pub(crate) deliveries: AtomicU64,
     errors: AtomicU64,
-    disconnects: AtomicU64,
+    pub(crate) disconnects: AtomicU64,
     /// Deliveries no logged send could be matched to.
     unmatched: AtomicU64,
 }
@@ -205,9 +208,28 @@ impl Shared {
         sum
     }
 
+    /// µs since this process's clients started: the send stamp.
+    pub(crate) fn now_us(&self) -> u64 {
+        self.t0.elapsed().as_micros() as u64
+    }
+
+    /// The interval between a client's sends now.
+    fn interval(&self) -> Duration {
+        Duration::from_micros(self.interval_us.load(Ordering::Relaxed))
+    }
+
+    /// The step a send made now belongs to (0: not measured).
+    pub fn sending_step(&self) -> u16 {
+        if self.measuring.load(Ordering::Relaxed) {
+            u16::try_from(self.step.load(Ordering::Relaxed)).unwrap_or(u16::MAX)
+        } else {
+            0
+        }
+    }
+
     /// Records a delivery's latency against the step of the send that
     /// caused it.
-    fn record(&self, me: usize, step: usize, latency_us: u64) {
+    pub(crate) fn record(&self, me: usize, step: usize, latency_us: u64) {
         let mut hists = self.hists[me % SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
@@ -261,6 +283,7 @@ impl Local {
         }
         let go = CancellationToken::new();
         let stop = CancellationToken::new();
+        let ceiling = pop.ceiling_frame_bytes;
         let connected = futures_util::stream::iter(members.iter().copied())
             .map(|u| {
                 let i = u as usize;
@@ -269,14 +292,35 @@ impl Local {
                 let source =
                     (!pop.source_ips.is_empty()).then(|| pop.source_ips[i % pop.source_ips.len()]);
                 let token = &pop.accounts[i].1;
-                async move { Ok::<_, BenchError>((u, open(addr, source, url, token).await?)) }
+                async move {
+                    let conn = match ceiling {
+                        Some(_) => Conn::Bare(crate::ceiling::open(addr, source, u).await?),
+                        None => Conn::Ws(Box::new(open(addr, source, url, token).await?)),
+                    };
+                    Ok::<_, BenchError>((u, conn))
+                }
             })
             .buffer_unordered(pop.connect_concurrency.max(1))
             .collect::<Vec<_>>()
             .await;
         let mut tasks = Vec::with_capacity(members.len());
         for c in connected {
-            let (u, ws) = c?;
+            let (u, conn) = c?;
+            let ws = match (conn, ceiling) {
+                (Conn::Ws(ws), _) => *ws,
+                (Conn::Bare(stream), frame_bytes) => {
+                    tasks.push(tokio::spawn(crate::ceiling::client(
+                        stream,
+                        u,
+                        pop.phases[u as usize],
+                        frame_bytes.unwrap_or(crate::ceiling::UPDATE_BYTES),
+                        shared.clone(),
+                        go.clone(),
+                        stop.clone(),
+                    )));
+                    continue;
+                }
+            };
             let plan = Plan {
                 user: u,
                 home: pop.homes[u as usize],
@@ -586,6 +630,13 @@ async fn resolve(url: &str) -> Result<SocketAddr, BenchError> {
 
 type Ws = WebSocketStream<tokio::net::TcpStream>;
 
+/// A client's connection: a WebSocket to `nearby`, or plain TCP to the
+/// ceiling server.
+enum Conn {
+    Ws(Box<Ws>),
+    Bare(tokio::net::TcpStream),
+}
+
 /// A WebSocket to `addr` from `source` (any port), with TCP_NODELAY: a phone
 /// sends one small frame at a time.
 async fn open(
@@ -648,6 +699,50 @@ fn wall_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// When a client sends next: every interval (read live, so a ramp changes
+/// it), at its own phase within the interval.
+pub(crate) struct Schedule {
+    pub next: tokio::time::Instant,
+    last_iv: Duration,
+    phase: f64,
+}
+
+impl Schedule {
+    pub fn new(shared: &Shared, phase: f64) -> Self {
+        let iv = shared.interval();
+        Schedule {
+            next: tokio::time::Instant::now() + iv.mul_f64(phase),
+            last_iv: iv,
+            phase,
+        }
+    }
+
+    /// Called at `next`: moves `next` on and says whether to send now
+    /// (`false` when the rate just changed and the client re-spreads).
+    pub fn due(&mut self, shared: &Shared) -> bool {
+        let iv = shared.interval();
+        let now = tokio::time::Instant::now();
+        if iv != self.last_iv {
+            // A new step's rate: spread the clients over the new interval by
+            // their phase (kept from the old schedule, a longer interval had
+            // them all in the first part of it, sending in bursts).
+            self.last_iv = iv;
+            self.next = now + iv.mul_f64(self.phase);
+            return false;
+        }
+        self.next += iv;
+        if self.next < now {
+            // Fell behind: skip whole intervals, do not burst, and keep this
+            // client's phase (restarting from `now` made every client that
+            // fell behind together send together from then on).
+            let behind = (now - self.next).as_nanos();
+            let skip = behind / iv.as_nanos().max(1) + 1;
+            self.next += iv * u32::try_from(skip).unwrap_or(u32::MAX);
+        }
+        true
+    }
+}
+
 /// One simulated phone: sends on its timer, records what it receives.
 async fn client(
     ws: Ws,
@@ -681,10 +776,7 @@ async fn client(
             },
         }
     }
-    // The interval is read at every send, so a ramp changes it live.
-    let interval = || Duration::from_micros(shared.interval_us.load(Ordering::Relaxed));
-    let mut next = tokio::time::Instant::now() + interval().mul_f64(plan.phase);
-    let mut last_iv = interval();
+    let mut schedule = Schedule::new(&shared, plan.phase);
     let mut sent = 0u64;
     let me = plan.user as usize;
     // Per friend, the last of their sends a delivery was matched to.
@@ -692,36 +784,14 @@ async fn client(
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(next) => {
-                let iv = interval();
-                let now = tokio::time::Instant::now();
-                if iv != last_iv {
-                    // A new step's rate: spread the clients over the new
-                    // interval by their phase (kept from the old schedule,
-                    // a longer interval had them all in the first part of
-                    // it, sending in bursts).
-                    last_iv = iv;
-                    next = now + iv.mul_f64(plan.phase);
+            _ = tokio::time::sleep_until(schedule.next) => {
+                if !schedule.due(&shared) {
                     continue;
-                }
-                next += iv;
-                if next < now {
-                    // Fell behind: skip whole intervals, do not burst, and
-                    // keep this client's phase (restarting from `now` made
-                    // every client that fell behind together send together
-                    // from then on).
-                    let behind = (now - next).as_nanos();
-                    let skip = behind / iv.as_nanos().max(1) + 1;
-                    next += iv * u32::try_from(skip).unwrap_or(u32::MAX);
                 }
                 if !shared.sending.load(Ordering::Relaxed) || plan.rounds.is_some_and(|r| sent >= r) {
                     continue;
                 }
-                let step = if shared.measuring.load(Ordering::Relaxed) {
-                    u16::try_from(shared.step.load(Ordering::Relaxed)).unwrap_or(u16::MAX)
-                } else {
-                    0
-                };
+                let step = shared.sending_step();
                 shared.sends[me].push(Sent {
                     mono_us: shared.t0.elapsed().as_micros() as u64,
                     step,

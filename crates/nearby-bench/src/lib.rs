@@ -15,13 +15,20 @@
 //!    `--rounds` updates per client): updates sent, deliveries received and
 //!    expected (the mover's online friends), and the latency from a mover's
 //!    send to each friend's receipt, in an HDR histogram (µs). With
-//!    `--server-pid`, the server's RSS and CPU from `/proc`.
+//!    `--server-pid` (repeatable), the first node's RSS and the summed CPU
+//!    of every listed process (nodes, Redis, PostgreSQL) per delivery, beside
+//!    the whole machine's busy CPU ([`procfs`]).
+//! 4. **Ceiling** — `--ceiling` runs the same clients and ramp against a
+//!    bare TCP fan-out server ([`ceiling`]): what the kernel allows at the
+//!    workload's shape, in the same run.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod ceiling;
 mod fleet;
 pub mod graph;
 mod matching;
+pub mod procfs;
 mod report;
 
 use std::path::PathBuf;
@@ -208,13 +215,30 @@ pub struct BenchArgs {
     /// Concurrent REST calls during set-up.
     #[arg(long, default_value_t = 32)]
     pub setup_concurrency: usize,
-    /// Server process to read RSS and CPU of (same machine): the node of
-    /// the first `--url`, whose clients the per-connection figures divide by.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// Server processes on this machine, repeatable or comma-separated: the
+    /// first is the node of the first `--url` (its RSS is read, and the
+    /// per-connection figures divide by its clients); the CPU of all of them
+    /// (the other nodes, Redis, PostgreSQL) is summed into the server CPU
+    /// and the CPU per delivery.
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
     /// Write the result as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Measure the ceiling instead of `nearby`: the same population,
+    /// graph, clients and ramp against a bare TCP fan-out server (a child
+    /// process of this binary, its CPU measured as the server's) that
+    /// forwards each update to the mover's online friends in range as one
+    /// `--ceiling-frame-bytes` frame, one `write` each. No `--url` is used.
+    #[arg(long, conflicts_with_all = ["bulk_sqlite", "bulk_postgres"])]
+    pub ceiling: bool,
+    /// Frame size of `--ceiling`, bytes: a `friend_location` frame with a
+    /// five-digit id is about 104 on the wire.
+    #[arg(long, default_value_t = 104)]
+    pub ceiling_frame_bytes: usize,
+    /// Internal: run as the ceiling server, with this fan-out file.
+    #[arg(long, hide = true)]
+    pub ceiling_serve: Option<PathBuf>,
 }
 
 /// Latency percentiles, milliseconds.
@@ -254,6 +278,8 @@ pub struct Report {
     pub cities: usize,
     /// Most friends of one user.
     pub max_friends: usize,
+    /// The processes whose CPU is summed (`--server-pid`).
+    pub server_pids: Vec<u32>,
     /// Server RSS once every client was connected and placed, before the
     /// load, less the RSS before any connected, per connection (bytes).
     pub idle_bytes_per_connection: Option<u64>,
@@ -302,8 +328,13 @@ pub struct Step {
     pub clean: bool,
     /// Latency of this step's deliveries, each from the send that caused it.
     pub latency: Latency,
-    /// Server CPU over the step, cores.
+    /// CPU of every `--server-pid` together over the step, cores.
     pub server_cpu_cores: Option<f64>,
+    /// That CPU per delivery of the step, µs.
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// The whole machine's busy CPU over the step, cores (server, bench and
+    /// anything else): a run disturbed by other load shows here.
+    pub machine_cpu_cores: Option<f64>,
     /// Server RSS at the end of the step, bytes.
     pub server_rss_bytes: Option<u64>,
 }
@@ -315,6 +346,9 @@ struct Account {
 
 /// `nearby bench`: a run, or (with `--worker`) one worker process of a run.
 pub async fn main(args: BenchArgs) -> Result<(), BenchError> {
+    if let Some(fanout) = &args.ceiling_serve {
+        return ceiling::serve(fanout, args.ceiling_frame_bytes).await;
+    }
     match &args.worker {
         Some(plan) => fleet::worker(plan, args.worker_index).await,
         None => run(args).await.map(drop),
@@ -335,10 +369,11 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         || args.procs == 0
         || args.procs > args.cities
         || args.url.is_empty()
+        || args.ceiling_frame_bytes < ceiling::UPDATE_BYTES
     {
         return Err(BenchError::Args(format!(
             "need --users >= 2, intervals >= 100 ms, 0 <= --online <= 1, \
-             1 <= --procs <= --cities <= {}, and a --url",
+             1 <= --procs <= --cities <= {}, a --url, and --ceiling-frame-bytes >= 16",
             CITIES.len()
         )));
     }
@@ -374,7 +409,15 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         graph.edges().count()
     );
 
-    let accounts = if args.bulk_sqlite.is_some() || args.bulk_postgres.is_some() {
+    let accounts = if args.ceiling {
+        // The bare server knows users by index only.
+        (0..args.users)
+            .map(|i| Account {
+                id: i.to_string(),
+                token: String::new(),
+            })
+            .collect()
+    } else if args.bulk_sqlite.is_some() || args.bulk_postgres.is_some() {
         bulk_accounts(&run_tag, &args, &graph).await?
     } else {
         let accounts = create_accounts(&http, &base, &run_tag, &args).await?;
@@ -388,7 +431,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
     let n_online = ((args.users as f64) * args.online).round() as usize;
     let on_measured_node = order[..n_online]
         .iter()
-        .filter(|u| fleet::node_of(**u, args.url.len()) == 0)
+        .filter(|u| fleet::node_of(**u, if args.ceiling { 1 } else { args.url.len() }) == 0)
         .count();
     let mut online = vec![false; args.users];
     for u in &order[..n_online] {
@@ -426,8 +469,34 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             m.extend(c);
         }
     }
+    // --ceiling: the bare server, fanning out to exactly the deliveries a
+    // node would make (online friends in the same city), measured as the
+    // server.
+    let mut server_pids = args.server_pid.clone();
+    let mut urls = args.url.clone();
+    let mut _ceiling_server = None;
+    if args.ceiling {
+        let fanout: ceiling::Fanout = graph
+            .adj
+            .iter()
+            .enumerate()
+            .map(|(u, l)| {
+                l.iter()
+                    .copied()
+                    .filter(|f| online[*f as usize] && city[*f as usize] == city[u])
+                    .collect()
+            })
+            .collect();
+        let (child, addr) =
+            ceiling::spawn_server(&fanout, args.ceiling_frame_bytes, &std::env::temp_dir()).await?;
+        eprintln!("ceiling server at {addr}, pid {:?}", child.id());
+        server_pids.extend(child.id());
+        server_pids.rotate_right(1); // its RSS is the measured node's
+        urls = vec![format!("http://{addr}")];
+        _ceiling_server = Some(child);
+    }
     let population = fleet::Population {
-        urls: args.url.clone(),
+        urls: urls.clone(),
         accounts: accounts.into_iter().map(|a| (a.id, a.token)).collect(),
         homes,
         online_friends,
@@ -438,21 +507,23 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         rounds: args.rounds,
         interval_us: intervals[0] * 1000,
         connect_concurrency: args.setup_concurrency,
+        ceiling_frame_bytes: args.ceiling.then_some(args.ceiling_frame_bytes),
     };
 
     // Connect everyone, each placed at home once, before any load.
-    let rss_before = args.server_pid.and_then(rss_bytes);
+    let measured_pid = server_pids.first().copied();
+    let rss_before = measured_pid.and_then(procfs::rss_bytes);
     let mut fleet = fleet::Fleet::start(population, &std::env::temp_dir()).await?;
     // Every client placed itself on connecting; let those first sightings
     // settle so they are not counted as load.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_bytes_per_connection = rss_before
-        .zip(args.server_pid.and_then(rss_bytes))
+        .zip(measured_pid.and_then(procfs::rss_bytes))
         .map(|(before, after)| after.saturating_sub(before) / on_measured_node.max(1) as u64);
     let clients_per_process = fleet.clients();
     // With --rounds every send is measured, the first included: start
     // measuring before the clients may send.
-    let rounds_cpu_before = args.server_pid.and_then(cpu_ticks);
+    let rounds_cpu_before = procfs::CpuSample::now(&server_pids);
     if args.rounds.is_some() {
         fleet.begin(1).await?;
     }
@@ -479,8 +550,8 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             args.interval_ms,
             n_online,
             started,
-            cpu_before,
-            args.server_pid,
+            &cpu_before,
+            &server_pids,
         ));
     } else {
         // The listed steps first; after the first bad step that follows a
@@ -500,12 +571,12 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
                 &format!("warm {label}"),
             )
             .await?;
-            let cpu_before = args.server_pid.and_then(cpu_ticks);
+            let cpu_before = procfs::CpuSample::now(&server_pids);
             fleet.begin(i + 1).await?;
             let started = Instant::now();
             progress(&mut fleet, Duration::from_secs(args.duration_s), &label).await?;
             let counters = fleet.counters().await?;
-            let step = close_step(counters, iv, n_online, started, cpu_before, args.server_pid);
+            let step = close_step(counters, iv, n_online, started, &cpu_before, &server_pids);
             // The step's deliveries still in flight arrive before the next
             // step loads the server: sending pauses until they stop coming
             // (at most --drain-s). Each is recorded against its send's step.
@@ -555,6 +626,8 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             // included: the histogram holds one sample per delivery.
             step.deliveries = h.len();
             step.deliveries_per_s = step.deliveries as f64 / step.window_s;
+            step.server_cpu_us_per_delivery =
+                procfs::us_per_delivery(step.server_cpu_cores, step.deliveries_per_s);
         }
         step.clean = is_clean(
             step.errors,
@@ -573,6 +646,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
         online: n_online,
         clients_on_measured_node: on_measured_node,
         clients_per_process,
+        server_pids: server_pids.clone(),
         friendships: graph.edges().count(),
         graph: args.graph,
         cities: args.cities,
@@ -650,12 +724,11 @@ fn close_step(
     interval_ms: u64,
     online: usize,
     started: Instant,
-    cpu_before: Option<u64>,
-    pid: Option<u32>,
+    cpu_before: &procfs::CpuSample,
+    pids: &[u32],
 ) -> Step {
     let window_s = started.elapsed().as_secs_f64().max(1e-9);
-    let cpu_after = pid.and_then(cpu_ticks);
-    let ticks_per_s = 100.0; // USER_HZ on Linux
+    let cpu = cpu_before.until(&procfs::CpuSample::now(pids), window_s);
     let (updates, deliveries) = (c.updates, c.deliveries);
     Step {
         interval_ms,
@@ -669,11 +742,13 @@ fn close_step(
         errors: c.errors,
         clean: false,
         latency: latency(&fleet::new_histogram()),
-        server_cpu_cores: match (cpu_before, cpu_after) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / ticks_per_s / window_s),
-            _ => None,
-        },
-        server_rss_bytes: pid.and_then(rss_bytes),
+        server_cpu_cores: cpu.server_cores,
+        server_cpu_us_per_delivery: procfs::us_per_delivery(
+            cpu.server_cores,
+            deliveries as f64 / window_s,
+        ),
+        machine_cpu_cores: cpu.machine_busy_cores,
+        server_rss_bytes: pids.first().copied().and_then(procfs::rss_bytes),
     }
 }
 
@@ -909,11 +984,13 @@ fn print_summary(report: &Report) {
     );
     if report.steps.len() > 1 {
         println!(
-            "interval_ms  offered_upd/s  upd/s  deliveries/s  p50_ms  p99_ms  p99.9_ms  cpu  clean"
+            "interval_ms  offered_upd/s  upd/s  deliveries/s  p50_ms  p99_ms  p99.9_ms  \
+             server_cores  us/delivery  machine_cores  clean"
         );
+        let opt = |v: Option<f64>, p: usize| v.map_or("-".into(), |v| format!("{v:.p$}"));
         for s in &report.steps {
             println!(
-                "{:>11}  {:>13.0}  {:>5.0}  {:>12.0}  {:>6.2}  {:>6.2}  {:>8.2}  {:.2}  {}",
+                "{:>11}  {:>13.0}  {:>5.0}  {:>12.0}  {:>6.2}  {:>6.2}  {:>8.2}  {:>12}  {:>11}  {:>13}  {}",
                 s.interval_ms,
                 s.offered_updates_per_s,
                 s.updates_per_s,
@@ -921,7 +998,9 @@ fn print_summary(report: &Report) {
                 s.latency.p50_ms,
                 s.latency.p99_ms,
                 s.latency.p999_ms,
-                s.server_cpu_cores.unwrap_or(0.0),
+                opt(s.server_cpu_cores, 2),
+                opt(s.server_cpu_us_per_delivery, 2),
+                opt(s.machine_cpu_cores, 2),
                 if s.clean { "yes" } else { "no" }
             );
         }
@@ -938,35 +1017,21 @@ fn print_summary(report: &Report) {
     }
     if let Some(rss) = r.server_rss_bytes {
         println!(
-            "server RSS {:.1} MiB ({} B per client of that node), CPU {:.2} cores",
+            "server RSS {:.1} MiB ({} B per client of that node)",
             rss as f64 / 1048576.0,
             rss / report.clients_on_measured_node.max(1) as u64,
-            r.server_cpu_cores.unwrap_or(0.0)
         );
     }
-}
-
-fn rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields overall.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    if let Some(cores) = r.server_cpu_cores {
+        println!(
+            "server CPU (pids {:?}) {cores:.2} cores, {:.2} us per delivery; whole machine busy {} cores",
+            report.server_pids,
+            r.server_cpu_us_per_delivery.unwrap_or(f64::NAN),
+            r.machine_cpu_cores.map_or("?".into(), |c| format!("{c:.2}")),
+        );
+    } else if let Some(m) = r.machine_cpu_cores {
+        println!("whole machine busy {m:.2} cores");
+    }
 }
 
 #[cfg(test)]
@@ -994,6 +1059,8 @@ mod tests {
                 max_ms: p99,
             },
             server_cpu_cores: None,
+            server_cpu_us_per_delivery: None,
+            machine_cpu_cores: None,
             server_rss_bytes: None,
         }
     }

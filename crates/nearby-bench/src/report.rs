@@ -166,7 +166,7 @@ pub fn html(r: &Report) -> String {
     for s in &r.steps {
         let _ = write!(
             rows,
-            "<tr><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.0}</td><td>{} / {}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.0}</td><td>{} / {}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             s.interval_ms,
             s.offered_updates_per_s,
             s.updates_per_s,
@@ -177,7 +177,10 @@ pub fn html(r: &Report) -> String {
             s.latency.p99_ms,
             s.latency.p999_ms,
             s.latency.max_ms,
-            s.server_cpu_cores.map_or("–".into(), |c| format!("{c:.2}"))
+            s.server_cpu_cores.map_or("–".into(), |c| format!("{c:.2}")),
+            s.server_cpu_us_per_delivery
+                .map_or("–".into(), |c| format!("{c:.2}")),
+            s.machine_cpu_cores.map_or("–".into(), |c| format!("{c:.2}")),
         );
     }
     let capacity = r.capacity_deliveries_per_s.map_or_else(
@@ -192,7 +195,7 @@ pub fn html(r: &Report) -> String {
 Server RSS at the end: {rss}.</p>
 {latency}
 {throughput}
-<table><tr><th>interval ms</th><th>offered upd/s</th><th>upd/s</th><th>deliveries/s</th><th>received / expected</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th><th>server cores</th></tr>
+<table><tr><th>interval ms</th><th>offered upd/s</th><th>upd/s</th><th>deliveries/s</th><th>received / expected</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th><th>server cores</th><th>server µs / delivery</th><th>machine busy cores</th></tr>
 {rows}</table>
 </body></html>
 "#,
@@ -235,6 +238,8 @@ mod tests {
                 max_ms: 90.0,
             },
             server_cpu_cores: Some(0.5),
+            server_cpu_us_per_delivery: Some(25.1),
+            machine_cpu_cores: Some(1.9),
             server_rss_bytes: None,
             clean: true,
         }
@@ -248,6 +253,7 @@ mod tests {
             online: 1000,
             clients_per_process: vec![1000],
             clients_on_measured_node: 1000,
+            server_pids: vec![1, 2],
             friendships: 10_000,
             graph: crate::GraphModel::PowerLaw,
             cities: 2,
@@ -271,6 +277,7 @@ mod tests {
         assert!(page.contains("19900 deliveries/s with p99 ≤ 50 ms"));
         assert!(page.contains("<polyline"));
         assert!(page.contains("in 2 cities"), "{page}");
+        assert!(page.contains("<td>25.10</td><td>1.90</td>"), "{page}");
         assert!(!page.contains("NaN"), "{page}");
         assert!(!page.contains("<script"));
     }
