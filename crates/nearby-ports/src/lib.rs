@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::task::AtomicWaker;
@@ -182,7 +182,9 @@ enum Control {
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     id: u64,
-    locations: mpsc::Sender<BusMessage>,
+    /// Each update with the instant it reached this node (the hub's
+    /// dispatch), for the node-to-socket latency.
+    locations: mpsc::Sender<(BusMessage, Instant)>,
     shared: Arc<Shared>,
 }
 
@@ -218,8 +220,10 @@ pub enum Mail {
 /// location updates.
 #[derive(Debug)]
 pub struct Mailbox {
-    locations: mpsc::Receiver<BusMessage>,
+    locations: mpsc::Receiver<(BusMessage, Instant)>,
     shared: Arc<Shared>,
+    /// When the last location update taken reached this node.
+    arrived: Option<Instant>,
 }
 
 impl Subscriber {
@@ -238,6 +242,7 @@ impl Subscriber {
         let mailbox = Mailbox {
             locations: lrx,
             shared,
+            arrived: None,
         };
         (sub, mailbox)
     }
@@ -252,8 +257,14 @@ impl Subscriber {
     /// or a control message that overflowed (the session will re-read the
     /// store instead).
     pub fn deliver(&self, msg: BusMessage) -> bool {
+        self.deliver_at(msg, Instant::now())
+    }
+
+    /// [`Subscriber::deliver`], for a message that reached this node at
+    /// `arrived` (a hub fanning one message out reads the clock once).
+    pub fn deliver_at(&self, msg: BusMessage, arrived: Instant) -> bool {
         match msg {
-            BusMessage::Location { .. } => self.locations.try_send(msg).is_ok(),
+            BusMessage::Location { .. } => self.locations.try_send((msg, arrived)).is_ok(),
             BusMessage::FriendVisible { .. } => self.resync(),
             _ => self.send_control(Control::Message(msg)),
         }
@@ -322,9 +333,20 @@ impl Mailbox {
             if let Some(m) = self.next_control() {
                 return Poll::Ready(Some(m));
             }
-            self.locations.poll_recv(cx).map(|m| m.map(Mail::Message))
+            self.locations.poll_recv(cx).map(|m| {
+                m.map(|(msg, at)| {
+                    self.arrived = Some(at);
+                    Mail::Message(msg)
+                })
+            })
         })
         .await
+    }
+
+    /// When the last location update taken from this mailbox reached the
+    /// node.
+    pub fn arrived(&self) -> Option<Instant> {
+        self.arrived
     }
 
     /// The next mail if one is ready, without waiting (same order as
@@ -333,7 +355,9 @@ impl Mailbox {
         if let Some(m) = self.next_control() {
             return Some(m);
         }
-        self.locations.try_recv().ok().map(Mail::Message)
+        let (msg, at) = self.locations.try_recv().ok()?;
+        self.arrived = Some(at);
+        Some(Mail::Message(msg))
     }
 }
 

@@ -10,7 +10,7 @@
 //! | `nearby_updates_in_total` | counter | location updates accepted |
 //! | `nearby_deliveries_out_total` | counter | `friend_location` frames written to sockets |
 //! | `nearby_stage_seconds{stage}` | histogram | `session_start`, `cache_put`, `publish`, `history_write` |
-//! | `nearby_bus_lag_seconds` | histogram | from a friend's accepted update to its arrival at this session (clocks of both nodes) |
+//! | `nearby_hop_seconds{hop}` | histogram | where a delivery's time goes, hop by hop (below) |
 //! | `nearby_history_queue_depth` | gauge | entries waiting to be written |
 //! | `nearby_history_dropped_total` / `_written_total` | counter | history entries dropped (queue full) / written |
 //! | `nearby_bus_delivered_total` / `_dropped_total` | counter | bus messages handed to / dropped for local sessions |
@@ -19,6 +19,18 @@
 //! | `nearby_session_resyncs_total` | counter | sessions that re-read the user store because the bus may have lost messages |
 //! | `nearby_announce_failures_total` | counter | friend/sharing/logout changes stored but not published (sessions catch up on resync or revalidation) |
 //! | `nearby_connections_refused_total` | counter | connections refused at accept (`listen`) |
+//!
+//! The hops of `nearby_hop_seconds`, in a delivery's order:
+//! - `accept_to_publish`: a location frame read from the socket to its
+//!   publish returning (validation, cache write, publish), one sample per
+//!   accepted update;
+//! - `bus_to_node`: the update's acceptance (its `updated_at`, the
+//!   publishing node's wall clock, ms resolution) to its arrival in this
+//!   node's hub: in Redis mode the trip through Redis, plus any clock skew
+//!   between the nodes; one sample per delivery;
+//! - `node_to_socket`: arrival in the hub to the socket write returning
+//!   (the session's queue, its turn on a worker, serialization, the
+//!   write), one sample per written batch, timed from its oldest delivery.
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -73,8 +85,12 @@ pub struct Metrics {
     pub publish: Histogram,
     /// One history batch write.
     pub history_write: Histogram,
-    /// Accepted-to-received time of a friend's update.
-    pub bus_lag: Histogram,
+    /// Hop: a location frame read to its publish returning.
+    pub accept_to_publish: Histogram,
+    /// Hop: an update's acceptance to its arrival in this node's hub.
+    pub bus_to_node: Histogram,
+    /// Hop: arrival in the hub to the socket write returning.
+    pub node_to_socket: Histogram,
     /// Store re-reads asked by the bus.
     pub resyncs: Counter,
     /// Control messages that could not be published.
@@ -86,6 +102,7 @@ impl Metrics {
     pub fn new() -> Self {
         let _ = handle();
         let stage = |s: &'static str| histogram!("nearby_stage_seconds", "stage" => s);
+        let hop = |h: &'static str| histogram!("nearby_hop_seconds", "hop" => h);
         Self {
             connections: gauge!("nearby_ws_connections"),
             updates_in: counter!("nearby_updates_in_total"),
@@ -94,7 +111,9 @@ impl Metrics {
             cache_put: stage("cache_put"),
             publish: stage("publish"),
             history_write: stage("history_write"),
-            bus_lag: histogram!("nearby_bus_lag_seconds"),
+            accept_to_publish: hop("accept_to_publish"),
+            bus_to_node: hop("bus_to_node"),
+            node_to_socket: hop("node_to_socket"),
             resyncs: counter!("nearby_session_resyncs_total"),
             announce_failures: counter!("nearby_announce_failures_total"),
         }

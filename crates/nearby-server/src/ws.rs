@@ -246,6 +246,8 @@ struct Outbox {
     frames: Vec<String>,
     /// How many of `frames` are `friend_location` deliveries.
     deliveries: u64,
+    /// When the oldest of those deliveries reached this node.
+    arrived: Option<std::time::Instant>,
 }
 
 impl Outbox {
@@ -371,13 +373,13 @@ impl Conn {
                     }
                 }
                 Some(mail) = mailbox.recv() => {
-                    self.on_mail(mail).await;
+                    self.on_mail(mail, mailbox.arrived()).await;
                     for _ in 1..BUS_DRAIN {
                         if self.closing.is_some() {
                             break;
                         }
                         match mailbox.try_recv() {
-                            Some(mail) => self.on_mail(mail).await,
+                            Some(mail) => self.on_mail(mail, mailbox.arrived()).await,
                             None => break,
                         }
                     }
@@ -446,6 +448,7 @@ impl Conn {
         if deliveries > 0 {
             self.st.metrics.deliveries_out.increment(deliveries);
         }
+        let arrived = out.arrived.take();
         let write = async {
             for json in out.frames.drain(..) {
                 socket.feed(Message::Text(json.into())).await?;
@@ -453,7 +456,13 @@ impl Conn {
             socket.flush().await
         };
         match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-            Ok(result) => result,
+            Ok(result) => {
+                // One sample per written batch: its oldest delivery.
+                if let (Ok(()), Some(at)) = (&result, arrived) {
+                    crate::metrics::observe(&self.st.metrics.node_to_socket, at);
+                }
+                result
+            }
             Err(_) => Err(axum::Error::new(
                 "write timed out: the client is not reading",
             )),
@@ -503,6 +512,7 @@ impl Conn {
     /// The location-update flow: validate, tell this user about friends it
     /// brought in or out of range, write the cache, queue history, publish.
     async fn on_location(&mut self, lat: f64, lon: f64) {
+        let accepted = std::time::Instant::now();
         let point = match Point::new(lat, lon) {
             Ok(p) => p,
             Err(e) => {
@@ -541,6 +551,7 @@ impl Conn {
             .publish(Channel::Location(user), BusMessage::Location { user, loc })
             .await;
         crate::metrics::observe(&m.publish, started);
+        crate::metrics::observe(&m.accept_to_publish, accepted);
         if let Err(e) = published {
             tracing::warn!(%user, error = %e, "publish failed");
             self.out.push(ServerFrame::error(
@@ -550,9 +561,10 @@ impl Conn {
         }
     }
 
-    async fn on_mail(&mut self, mail: Mail) {
+    /// `arrived`: when the mail, if a location update, reached this node.
+    async fn on_mail(&mut self, mail: Mail, arrived: Option<std::time::Instant>) {
         match mail {
-            Mail::Message(msg) => self.on_bus(msg).await,
+            Mail::Message(msg) => self.on_bus(msg, arrived).await,
             Mail::Resync => {
                 self.st.metrics.resyncs.increment(1);
                 self.revalidate().await;
@@ -681,7 +693,7 @@ impl Conn {
         }
     }
 
-    async fn on_bus(&mut self, msg: BusMessage) {
+    async fn on_bus(&mut self, msg: BusMessage, arrived: Option<std::time::Instant>) {
         let now = now_ms();
         let event = match msg {
             BusMessage::Location { user, loc } if user == self.session.user() => {
@@ -698,9 +710,19 @@ impl Conn {
                 None
             }
             BusMessage::Location { user, loc } => {
-                let lag_ms = now.saturating_sub(loc.ts_ms).max(0);
-                self.st.metrics.bus_lag.record(lag_ms as f64 / 1000.0);
-                self.session.on_friend_location(user, loc, now)
+                // Accepted (the publisher's wall clock, ms) to this node's
+                // hub: now, less the time it has waited here since.
+                let waited = arrived.map_or(Duration::ZERO, |a| a.elapsed());
+                let lag_ms = now.saturating_sub(loc.ts_ms).max(0) as f64 / 1000.0;
+                let to_node = (lag_ms - waited.as_secs_f64()).max(0.0);
+                self.st.metrics.bus_to_node.record(to_node);
+                let event = self.session.on_friend_location(user, loc, now);
+                if event.is_some() {
+                    if let Some(at) = arrived {
+                        self.out.arrived.get_or_insert(at);
+                    }
+                }
+                event
             }
             // Whatever grants visibility is confirmed from the user store
             // (a stale grant queued behind a revocation must not undo it);

@@ -55,7 +55,8 @@ impl LocalHub {
             return 0;
         };
         let total = subs.len();
-        let ok = subs.iter().filter(|s| s.deliver(msg)).count();
+        let arrived = std::time::Instant::now();
+        let ok = subs.iter().filter(|s| s.deliver_at(msg, arrived)).count();
         drop(map);
         self.delivered.fetch_add(ok as u64, Ordering::Relaxed);
         if ok < total {

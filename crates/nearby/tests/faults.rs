@@ -127,3 +127,38 @@ async fn live_updates_go_on_while_postgres_is_down_and_history_catches_up() {
     let (st, _) = node.get("/readyz", None).await;
     assert_eq!(st.as_u16(), 200);
 }
+
+#[tokio::test]
+async fn each_hop_of_a_delivery_across_two_nodes_is_in_metrics() {
+    let Some(nodes) = TwoNodes::start().await else {
+        return;
+    };
+    let (node_a, node_b) = (&nodes.a, &nodes.b);
+    let alice = node_a.user("alice").await;
+    let bob = node_b.user("bob").await;
+    alice.befriend(&bob).await;
+    bob.befriend(&alice).await;
+    let (mut a, _) = alice.connect(node_a).await;
+    let (mut b, _) = bob.connect(node_b).await;
+    b.send_location(SEOUL.0, SEOUL.1).await;
+    let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 1000.0);
+    a.send_location(lat, lon).await;
+    assert_location(&b.next_json().await, &alice.id, 1000.0);
+
+    let hop = |h: &str| format!("nearby_hop_seconds_count{{hop=\"{h}\"}}");
+    let hop_sum = |h: &str| format!("nearby_hop_seconds_sum{{hop=\"{h}\"}}");
+    // Alice's update was accepted and published on A...
+    assert!(metric(node_a, &hop("accept_to_publish")).await >= 1.0);
+    // ...crossed Redis to B, and was written to Bob's socket there.
+    assert!(metric(node_b, &hop("bus_to_node")).await >= 1.0);
+    assert!(metric(node_b, &hop("node_to_socket")).await >= 1.0);
+    // Every sample is a duration of this test, not garbage.
+    for (node, h) in [
+        (node_a, "accept_to_publish"),
+        (node_b, "bus_to_node"),
+        (node_b, "node_to_socket"),
+    ] {
+        let sum = metric(node, &hop_sum(h)).await;
+        assert!((0.0..5.0).contains(&sum), "{h}: {sum} s");
+    }
+}
