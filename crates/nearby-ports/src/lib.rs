@@ -9,7 +9,7 @@
 //! | [`HistoryStore`] | append-only location history | `nearby-store-sqlite` | PostgreSQL |
 //!
 //! **Architecture invariant:** traits and plain data only. The only runtime
-//! types used are tokio's `mpsc` channel and an `AtomicWaker`, the hand-off
+//! type used is an `AtomicWaker`, with two mutex-guarded queues the hand-off
 //! from a bus to a session.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::task::AtomicWaker;
 use nearby_core::{FriendStatus, LeftReason, Location, UserId};
-use tokio::sync::mpsc;
 
 /// What every adapter may fail with.
 #[derive(Debug, thiserror::Error)]
@@ -182,26 +181,39 @@ enum Control {
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     id: u64,
-    /// Each update with the instant it reached this node (the hub's
-    /// dispatch), for the node-to-socket latency.
-    locations: mpsc::Sender<(BusMessage, Instant)>,
     shared: Arc<Shared>,
 }
 
-/// The control side, shared by a subscriber and its mailbox. The queue is a
-/// `VecDeque` allocated on first use: control notices are rare, and an idle
-/// connection should not carry a preallocated channel block for them.
-#[derive(Debug, Default)]
+/// The queues, shared by a subscriber (and its clones in the hub) and its
+/// mailbox. Both are `VecDeque`s allocated on first use and released when
+/// they drain after growing: an idle connection carries no queue memory
+/// (a tokio `mpsc` channel preallocated a block of 32 slots, plus its
+/// padded state: about 3 KB a session).
+#[derive(Debug)]
 struct Shared {
     overflowed: AtomicBool,
     resync_pending: AtomicBool,
-    control: Mutex<VecDeque<Control>>,
+    /// The mailbox was dropped: the session is gone.
+    closed: AtomicBool,
+    capacity: usize,
+    queues: Mutex<Queues>,
     waker: AtomicWaker,
 }
 
+#[derive(Debug, Default)]
+struct Queues {
+    control: VecDeque<Control>,
+    /// Each update with the instant it reached this node (the hub's
+    /// dispatch), for the node-to-socket latency.
+    locations: VecDeque<(BusMessage, Instant)>,
+}
+
+/// Queue capacity kept after a queue drains; more is released.
+const KEEP: usize = 8;
+
 impl Shared {
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Control>> {
-        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    fn queues(&self) -> std::sync::MutexGuard<'_, Queues> {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -220,10 +232,15 @@ pub enum Mail {
 /// location updates.
 #[derive(Debug)]
 pub struct Mailbox {
-    locations: mpsc::Receiver<(BusMessage, Instant)>,
     shared: Arc<Shared>,
     /// When the last location update taken reached this node.
     arrived: Option<Instant>,
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+    }
 }
 
 impl Subscriber {
@@ -231,16 +248,20 @@ impl Subscriber {
     /// [`CONTROL_QUEUE`] control messages), and its mailbox.
     pub fn new(capacity: usize) -> (Self, Mailbox) {
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        let (ltx, lrx) = mpsc::channel(capacity.max(1));
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            overflowed: AtomicBool::new(false),
+            resync_pending: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            capacity: capacity.max(1),
+            queues: Mutex::default(),
+            waker: AtomicWaker::new(),
+        });
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
         let sub = Self {
             id,
-            locations: ltx,
             shared: shared.clone(),
         };
         let mailbox = Mailbox {
-            locations: lrx,
             shared,
             arrived: None,
         };
@@ -264,7 +285,7 @@ impl Subscriber {
     /// `arrived` (a hub fanning one message out reads the clock once).
     pub fn deliver_at(&self, msg: BusMessage, arrived: Instant) -> bool {
         match msg {
-            BusMessage::Location { .. } => self.locations.try_send((msg, arrived)).is_ok(),
+            BusMessage::Location { .. } => self.send_location(msg, arrived),
             BusMessage::FriendVisible { .. } => self.resync(),
             _ => self.send_control(Control::Message(msg)),
         }
@@ -280,14 +301,34 @@ impl Subscriber {
         self.send_control(Control::Resync)
     }
 
+    fn send_location(&self, msg: BusMessage, arrived: Instant) -> bool {
+        let shared = &self.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let queued = {
+            let mut q = shared.queues();
+            let room = q.locations.len() < shared.capacity;
+            if room {
+                q.locations.push_back((msg, arrived));
+            }
+            room
+        };
+        // Woken outside the lock: the session may run at once.
+        if queued {
+            shared.waker.wake();
+        }
+        queued
+    }
+
     fn send_control(&self, c: Control) -> bool {
-        if self.locations.is_closed() {
+        if self.shared.closed.load(Ordering::Acquire) {
             return false; // the session is gone
         }
         let queued = {
-            let mut q = self.shared.queue();
-            if q.len() < CONTROL_QUEUE {
-                q.push_back(c);
+            let mut q = self.shared.queues();
+            if q.control.len() < CONTROL_QUEUE {
+                q.control.push_back(c);
                 true
             } else {
                 self.shared.overflowed.store(true, Ordering::Release);
@@ -314,31 +355,40 @@ impl Mailbox {
 
     /// An overflow first (as a re-read request: the flag is cleared before
     /// the session reads the store, so an overflow during the read asks
-    /// again), then the oldest control message.
-    fn next_control(&self) -> Option<Mail> {
+    /// again), then the oldest control message, then the oldest location
+    /// update.
+    fn next(&mut self) -> Option<Mail> {
         if self.shared.overflowed.swap(false, Ordering::AcqRel) {
             return Some(Mail::Resync);
         }
-        let c = self.shared.queue().pop_front()?;
-        Some(self.open(c))
+        let mut q = self.shared.queues();
+        if let Some(c) = q.control.pop_front() {
+            if q.control.is_empty() && q.control.capacity() > KEEP {
+                q.control = VecDeque::new();
+            }
+            drop(q);
+            return Some(self.open(c));
+        }
+        let (msg, at) = q.locations.pop_front()?;
+        if q.locations.is_empty() && q.locations.capacity() > KEEP {
+            q.locations = VecDeque::new();
+        }
+        drop(q);
+        self.arrived = Some(at);
+        Some(Mail::Message(msg))
     }
 
     /// The next mail: a re-read after an overflow first, then control
-    /// messages in order, then location updates. `None` once every
-    /// subscriber handle is gone.
+    /// messages in order, then location updates. Waits while both queues
+    /// are empty.
     pub async fn recv(&mut self) -> Option<Mail> {
         std::future::poll_fn(|cx| {
             // Registered before looking, so a message queued meanwhile wakes us.
             self.shared.waker.register(cx.waker());
-            if let Some(m) = self.next_control() {
-                return Poll::Ready(Some(m));
+            match self.next() {
+                Some(m) => Poll::Ready(Some(m)),
+                None => Poll::Pending,
             }
-            self.locations.poll_recv(cx).map(|m| {
-                m.map(|(msg, at)| {
-                    self.arrived = Some(at);
-                    Mail::Message(msg)
-                })
-            })
         })
         .await
     }
@@ -352,12 +402,7 @@ impl Mailbox {
     /// The next mail if one is ready, without waiting (same order as
     /// [`Mailbox::recv`]).
     pub fn try_recv(&mut self) -> Option<Mail> {
-        if let Some(m) = self.next_control() {
-            return Some(m);
-        }
-        let (msg, at) = self.locations.try_recv().ok()?;
-        self.arrived = Some(at);
-        Some(Mail::Message(msg))
+        self.next()
     }
 }
 
@@ -423,6 +468,33 @@ mod mailbox_tests {
         assert_eq!(mb.try_recv(), None, "two requests, one re-read");
         assert!(sub.resync());
         assert_eq!(mb.try_recv(), Some(Mail::Resync));
+    }
+
+    #[test]
+    fn queues_hold_no_memory_until_used_and_release_it_once_drained() {
+        let (sub, mut mb) = Subscriber::new(32);
+        assert_eq!(mb.shared.queues().locations.capacity(), 0, "idle: nothing");
+        for i in 0..32 {
+            assert!(sub.deliver(loc(i)));
+        }
+        assert!(mb.shared.queues().locations.capacity() >= 32);
+        for i in 0..32 {
+            assert_eq!(mb.try_recv(), Some(Mail::Message(loc(i))), "in order");
+        }
+        assert_eq!(mb.try_recv(), None);
+        assert!(mb.shared.queues().locations.capacity() <= KEEP);
+        assert!(mb
+            .arrived()
+            .is_some_and(|a| a.elapsed() < Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn nothing_is_queued_for_a_session_that_is_gone() {
+        let (sub, mb) = Subscriber::new(4);
+        drop(mb);
+        assert!(!sub.deliver(loc(1)));
+        assert!(!sub.deliver(HIDDEN));
+        assert_eq!(sub.shared.queues().locations.len(), 0);
     }
 
     #[tokio::test]

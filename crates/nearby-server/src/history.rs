@@ -20,6 +20,8 @@ pub struct HistoryQueue {
     queue: Mutex<VecDeque<HistoryEntry>>,
     capacity: usize,
     batch: usize,
+    /// How long a partial batch waits for more entries.
+    linger: Duration,
     wake: Notify,
     done: Notify,
     closed: AtomicBool,
@@ -33,12 +35,14 @@ impl HistoryQueue {
         store: Arc<dyn HistoryStore>,
         capacity: usize,
         batch: usize,
+        linger: Duration,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let q = Arc::new(Self {
             queue: Mutex::new(VecDeque::with_capacity(capacity.min(4096))),
             capacity: capacity.max(1),
             batch: batch.max(1),
+            linger,
             wake: Notify::new(),
             done: Notify::new(),
             closed: AtomicBool::new(false),
@@ -99,6 +103,11 @@ impl HistoryQueue {
 async fn write_loop(q: Arc<HistoryQueue>, store: Arc<dyn HistoryStore>, metrics: Arc<Metrics>) {
     let mut backoff = Duration::from_millis(50);
     loop {
+        // A partial batch waits `linger` for more (unless shutting down):
+        // fewer, larger transactions.
+        if !q.linger.is_zero() && q.depth() < q.batch && !q.closed.load(Ordering::Acquire) {
+            tokio::time::sleep(q.linger).await;
+        }
         let batch = q.take_batch();
         if batch.is_empty() {
             if q.closed.load(Ordering::Acquire) {

@@ -61,6 +61,7 @@ impl AppState {
             backends.history.clone(),
             cfg.history_queue,
             cfg.history_batch,
+            cfg.history_linger,
             metrics.clone(),
         );
         let admission = crate::listen::Admission::new(crate::listen::Limits::resolve(&cfg));

@@ -59,6 +59,9 @@ pub struct ServeArgs {
     /// History entries per write [default: 1000].
     #[arg(long, env = "NEARBY_HISTORY_BATCH")]
     pub history_batch: Option<usize>,
+    /// Milliseconds the history writer waits for a batch to fill before writing a partial one [default: 200].
+    #[arg(long, env = "NEARBY_HISTORY_LINGER_MS")]
+    pub history_linger_ms: Option<u64>,
     /// Seconds between re-reads of each session's friends and token from the user store [default: 60].
     #[arg(long, env = "NEARBY_REVALIDATE_SECS")]
     pub revalidate_secs: Option<u64>,
@@ -161,6 +164,7 @@ impl ServeArgs {
             session_queue,
             history_queue,
             history_batch,
+            history_linger_ms,
             revalidate_secs,
             max_connections,
             max_connections_per_ip,
@@ -211,6 +215,9 @@ impl ServeArgs {
             session_queue: merged.session_queue.unwrap_or(d.session_queue),
             history_queue: merged.history_queue.unwrap_or(d.history_queue),
             history_batch: merged.history_batch.unwrap_or(d.history_batch),
+            history_linger: merged
+                .history_linger_ms
+                .map_or(d.history_linger, Duration::from_millis),
             revalidate: merged
                 .revalidate_secs
                 .map_or(d.revalidate, Duration::from_secs),
