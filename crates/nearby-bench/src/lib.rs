@@ -51,6 +51,26 @@ use crate::graph::Graph;
 /// deliveries with up-to-one-interval "latency".)
 pub const WANDER_M: f64 = 4.0;
 
+/// Every simulated user's password.
+const BENCH_PASSWORD: &str = "bench password";
+
+/// Writes a population straight into a server's user store (`--bulk-sqlite`,
+/// `--bulk-postgres`): the `nearby` binary implements it over the store
+/// adapters' `BulkLoad` (`nearby-ports`) and the server's own password and
+/// token code, so the bench depends on neither.
+#[async_trait::async_trait]
+pub trait Import: Send + Sync {
+    /// Creates `usernames` with `password` and one login token each, and the
+    /// mutual friendships `friendships` (indexes into `usernames`); returns
+    /// each user's `(id, token)`, in order.
+    async fn import(
+        &self,
+        usernames: &[String],
+        password: &str,
+        friendships: &[(u32, u32)],
+    ) -> Result<Vec<(String, String)>, BenchError>;
+}
+
 /// What can stop a run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -345,18 +365,19 @@ struct Account {
 }
 
 /// `nearby bench`: a run, or (with `--worker`) one worker process of a run.
-pub async fn main(args: BenchArgs) -> Result<(), BenchError> {
+/// `import` is the bulk path of `--bulk-sqlite` / `--bulk-postgres`.
+pub async fn main(args: BenchArgs, import: Option<Box<dyn Import>>) -> Result<(), BenchError> {
     if let Some(fanout) = &args.ceiling_serve {
         return ceiling::serve(fanout, args.ceiling_frame_bytes).await;
     }
     match &args.worker {
         Some(plan) => fleet::worker(plan, args.worker_index).await,
-        None => run(args).await.map(drop),
+        None => run(args, import.as_deref()).await.map(drop),
     }
 }
 
 /// Runs the benchmark and prints a summary; returns the report.
-pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
+pub async fn run(args: BenchArgs, import: Option<&dyn Import>) -> Result<Report, BenchError> {
     let intervals: Vec<u64> = if args.ramp_ms.is_empty() || args.rounds.is_some() {
         vec![args.interval_ms]
     } else {
@@ -418,7 +439,8 @@ pub async fn run(args: BenchArgs) -> Result<Report, BenchError> {
             })
             .collect()
     } else if args.bulk_sqlite.is_some() || args.bulk_postgres.is_some() {
-        bulk_accounts(&run_tag, &args, &graph).await?
+        let import = import.ok_or_else(|| BenchError::Args("no bulk importer".into()))?;
+        bulk_accounts(&run_tag, import, args.users, &graph).await?
     } else {
         let accounts = create_accounts(&http, &base, &run_tag, &args).await?;
         befriend_all(&http, &base, &accounts, &graph, args.setup_concurrency).await?;
@@ -775,7 +797,7 @@ async fn create_accounts(
 ) -> Result<Vec<Account>, BenchError> {
     let made = futures_util::stream::iter(0..args.users)
         .map(|i| {
-            let creds = json!({ "username": format!("b{tag}_{i}"), "password": "bench password" });
+            let creds = json!({ "username": format!("b{tag}_{i}"), "password": BENCH_PASSWORD });
             async move {
                 let (st, body) = post(http, &format!("{base}/v1/users"), None, &creds).await?;
                 if st != 201 {
@@ -801,67 +823,27 @@ async fn create_accounts(
     Ok(accounts.into_iter().flatten().collect())
 }
 
-/// The population written straight into the user store.
+/// The population written straight into the user store, through the
+/// importer the `nearby` binary hands over.
 async fn bulk_accounts(
     tag: &str,
-    args: &BenchArgs,
+    import: &dyn Import,
+    users: usize,
     graph: &Graph,
 ) -> Result<Vec<Account>, BenchError> {
-    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
-    use sha2::Digest;
     let started = Instant::now();
-    let salt = SaltString::generate(&mut OsRng);
-    let phc = argon2::Argon2::default()
-        .hash_password(b"bench password", &salt)
-        .map_err(|e| BenchError::Setup(format!("hashing: {e}")))?
-        .to_string();
-    let expires = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-        + 86_400_000;
-    let mut tokens = Vec::with_capacity(args.users);
-    let users: Vec<nearby_ports::BulkUser> = (0..args.users)
-        .map(|i| {
-            let raw: [u8; 32] = rand::random();
-            let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-            let token_hash: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-            tokens.push(token);
-            nearby_ports::BulkUser {
-                username: format!("b{tag}_{i}"),
-                password_hash: phc.clone(),
-                token_hash,
-                token_expires_at_ms: expires,
-            }
-        })
-        .collect();
+    let names: Vec<String> = (0..users).map(|i| format!("b{tag}_{i}")).collect();
     let edges: Vec<(u32, u32)> = graph.edges().collect();
-    let store_err = |e: nearby_ports::StoreError| BenchError::Setup(e.to_string());
-    let ids = if let Some(path) = &args.bulk_sqlite {
-        let store = nearby_store_sqlite::SqliteUserStore::open(path)
-            .await
-            .map_err(store_err)?;
-        store.bulk_insert(&users, &edges).await.map_err(store_err)?
-    } else if let Some(url) = &args.bulk_postgres {
-        let (store, _) = nearby_store_postgres::connect(url, 2)
-            .await
-            .map_err(store_err)?;
-        store.bulk_insert(&users, &edges).await.map_err(store_err)?
-    } else {
-        return Err(BenchError::Args("no bulk target".into()));
-    };
+    let made = import.import(&names, BENCH_PASSWORD, &edges).await?;
     eprintln!(
         "bulk-loaded {} users and {} friendships in {:.1} s",
-        users.len(),
+        made.len(),
         edges.len(),
         started.elapsed().as_secs_f64()
     );
-    Ok(ids
+    Ok(made
         .into_iter()
-        .zip(tokens)
-        .map(|(id, token)| Account {
-            id: id.to_string(),
-            token,
-        })
+        .map(|(id, token)| Account { id, token })
         .collect())
 }
 

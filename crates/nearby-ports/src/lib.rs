@@ -576,6 +576,23 @@ pub struct BulkUser {
     pub token_expires_at_ms: i64,
 }
 
+/// Writes many users, their tokens and their friendships at once: load
+/// tests and imports, where the REST path would cost an argon2 hash per
+/// user and a request per friendship. Implemented by the SQL user stores.
+#[async_trait]
+pub trait BulkLoad: Send + Sync {
+    /// Creates `users` (each with its token) and the mutual friendships
+    /// `friendships` (indexes into `users`, sharing on both ways) in one
+    /// transaction; returns the new ids in order. All or nothing: a taken
+    /// username is a [`StoreError::Conflict`], a friendship naming no user
+    /// [`StoreError::NotFound`].
+    async fn bulk_insert(
+        &self,
+        users: &[BulkUser],
+        friendships: &[(u32, u32)],
+    ) -> StoreResult<Vec<UserId>>;
+}
+
 /// One row of a user's friend list.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FriendEntry {

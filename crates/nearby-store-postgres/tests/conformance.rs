@@ -1,7 +1,7 @@
 //! The PostgreSQL stores against the shared adapter contract, on a fresh
 //! database of the machine's PostgreSQL.
 use nearby_conformance::services::{self, TempDatabase};
-use nearby_ports::{HistoryEntry, HistoryStore, UserStore};
+use nearby_ports::{BulkLoad, HistoryEntry, HistoryStore, UserStore};
 
 async fn fresh() -> Option<TempDatabase> {
     match TempDatabase::create(&services::postgres_url()).await {
@@ -100,4 +100,62 @@ async fn postgres_bulk_insert_loads_users_tokens_and_friends() {
         users.bulk_insert(&bulk[..1], &[]).await.is_err(),
         "names are unique"
     );
+}
+
+#[tokio::test]
+async fn a_large_bulk_insert_copies_edges_and_puts_the_foreign_keys_back() {
+    let Some(db) = fresh().await else { return };
+    let (users, _) = nearby_store_postgres::connect(&db.url, 4)
+        .await
+        .expect("connect");
+    // 30 000 users in a ring: 60 000 edge rows, past the COPY threshold,
+    // with a pair listed twice (written once).
+    let (bulk, mut ring) = nearby_conformance::bulk_sample("big", 30_000);
+    ring.push((1, 0));
+    let ids = users.bulk_insert(&bulk, &ring).await.expect("bulk");
+    for i in [0usize, 1, 15_000, 29_999] {
+        let mut got = users.visible_friends(ids[i]).await.expect("visible");
+        got.sort();
+        let mut want = vec![ids[(i + 1) % 30_000], ids[(i + 29_999) % 30_000]];
+        want.sort();
+        assert_eq!(got, want, "friends of #{i}");
+    }
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("pool");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM friend_edges")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 60_000);
+    // Both foreign keys are back, validated, and still cascade.
+    let fks: Vec<String> = sqlx::query_scalar(
+        "SELECT conname::text FROM pg_constraint
+         WHERE conrelid = 'friend_edges'::regclass AND contype = 'f' AND convalidated
+         ORDER BY conname",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("constraints");
+    assert_eq!(
+        fks,
+        ["friend_edges_friend_id_fkey", "friend_edges_user_id_fkey"]
+    );
+    let orphan = sqlx::query("INSERT INTO friend_edges VALUES ($1, $2, 'friends', true)")
+        .bind(ids[0].0)
+        .bind(i64::MAX)
+        .execute(&pool)
+        .await;
+    assert!(orphan.is_err(), "an edge to nobody is refused");
+    sqlx::query("DELETE FROM users WHERE id = $1")
+        .bind(ids[0].0)
+        .execute(&pool)
+        .await
+        .expect("delete");
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM friend_edges WHERE user_id = $1 OR friend_id = $1",
+    )
+    .bind(ids[0].0)
+    .fetch_one(&pool)
+    .await
+    .expect("count");
+    assert_eq!(left, 0, "deleting a user cascades to their edges");
 }

@@ -2,10 +2,12 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use nearby_core::{FriendStatus, UserId};
-use nearby_ports::{BulkUser, FriendEntry, StoreError, StoreResult, UserRecord, UserStore};
+use nearby_ports::{
+    BulkLoad, BulkUser, FriendEntry, StoreError, StoreResult, UserRecord, UserStore,
+};
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
-/// Rows per statement of [`SqliteUserStore::bulk_insert`] (at most 3
+/// Rows per statement of [`BulkLoad::bulk_insert`] (at most 3
 /// variables each).
 const BULK_ROWS: usize = 8000;
 
@@ -105,13 +107,12 @@ impl SqliteUserStore {
             db: Pools::open(path, MIGRATIONS).await?,
         })
     }
+}
 
-    /// Creates `users` (with their tokens) and the mutual friendships
-    /// `friendships` (indexes into `users`, sharing on both ways) in one
-    /// transaction; returns the new ids in order. For load tests and imports:
-    /// a hundred thousand rows a second, where the REST path costs an argon2
-    /// hash per user and a request per edge.
-    pub async fn bulk_insert(
+/// A hundred thousand rows a second, in one transaction.
+#[async_trait]
+impl BulkLoad for SqliteUserStore {
+    async fn bulk_insert(
         &self,
         users: &[BulkUser],
         friendships: &[(u32, u32)],
@@ -138,7 +139,7 @@ impl SqliteUserStore {
     }
 }
 
-/// The body of [`SqliteUserStore::bulk_insert`], in one transaction on `conn`.
+/// The body of [`BulkLoad::bulk_insert`] for SQLite, in one transaction on `conn`.
 async fn bulk_load(
     conn: &mut sqlx::SqliteConnection,
     users: &[BulkUser],

@@ -1,5 +1,5 @@
 //! The SQLite stores against the shared adapter contract, on real files.
-use nearby_ports::UserStore;
+use nearby_ports::{BulkLoad, UserStore};
 use nearby_store_sqlite::{SqliteHistoryStore, SqliteUserStore};
 
 #[tokio::test]

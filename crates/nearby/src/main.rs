@@ -6,6 +6,7 @@
 
 mod config;
 mod demo;
+mod import;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,7 +80,14 @@ async fn run(cli: Cli, nofile: std::io::Result<u64>) -> anyhow::Result<()> {
     }
     match cli.cmd {
         Cmd::Serve(args) => serve(args).await,
-        Cmd::Bench(args) => nearby_bench::main(args).await.map_err(Into::into),
+        Cmd::Bench(args) => {
+            let import = import::StoreImport::for_bench(
+                args.bulk_sqlite.as_deref(),
+                args.bulk_postgres.as_deref(),
+            )
+            .await?;
+            nearby_bench::main(args, import).await.map_err(Into::into)
+        }
         Cmd::Client(args) => nearby_client::cli::run(args).await.map_err(Into::into),
         Cmd::Demo(args) => demo::run(args).await,
     }
