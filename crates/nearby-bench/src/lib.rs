@@ -350,6 +350,8 @@ pub struct Step {
     pub latency: Latency,
     /// CPU of every `--server-pid` together over the step, cores.
     pub server_cpu_cores: Option<f64>,
+    /// Each `--server-pid`'s share of it, cores, in the order given.
+    pub server_cpu_cores_by_pid: Vec<Option<f64>>,
     /// That CPU per delivery of the step, µs.
     pub server_cpu_us_per_delivery: Option<f64>,
     /// The whole machine's busy CPU over the step, cores (server, bench and
@@ -765,6 +767,7 @@ fn close_step(
         clean: false,
         latency: latency(&fleet::new_histogram()),
         server_cpu_cores: cpu.server_cores,
+        server_cpu_cores_by_pid: cpu.per_pid_cores,
         server_cpu_us_per_delivery: procfs::us_per_delivery(
             cpu.server_cores,
             deliveries as f64 / window_s,
@@ -1041,6 +1044,7 @@ mod tests {
                 max_ms: p99,
             },
             server_cpu_cores: None,
+            server_cpu_cores_by_pid: Vec::new(),
             server_cpu_us_per_delivery: None,
             machine_cpu_cores: None,
             server_rss_bytes: None,

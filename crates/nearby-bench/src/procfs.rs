@@ -17,11 +17,13 @@ pub struct CpuSample {
 }
 
 /// CPU over an interval between two samples.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CpuUse {
     /// Cores the listed processes used together (`None` with no pid, or
     /// one of them gone).
     pub server_cores: Option<f64>,
+    /// Cores of each listed process, in `--server-pid` order.
+    pub per_pid_cores: Vec<Option<f64>>,
     /// Cores the whole machine was busy (everything but idle and iowait).
     pub machine_busy_cores: Option<f64>,
 }
@@ -40,15 +42,16 @@ impl CpuSample {
     /// CPU used from `self` to `later`, over `window_s` seconds.
     pub fn until(&self, later: &CpuSample, window_s: f64) -> CpuUse {
         let window_s = window_s.max(1e-9);
-        let server = (!self.per_pid.is_empty())
-            .then(|| {
-                self.per_pid
-                    .iter()
-                    .zip(&later.per_pid)
-                    .map(|(a, b)| Some(b.as_ref()?.saturating_sub(*a.as_ref()?)))
-                    .sum::<Option<u64>>()
-            })
+        let per_pid: Vec<Option<u64>> = self
+            .per_pid
+            .iter()
+            .zip(&later.per_pid)
+            .map(|(a, b)| Some(b.as_ref()?.saturating_sub(*a.as_ref()?)))
+            .collect();
+        let server = (!per_pid.is_empty())
+            .then(|| per_pid.iter().copied().sum::<Option<u64>>())
             .flatten();
+        let cores = |t: u64| t as f64 / TICKS_PER_S / window_s;
         let machine = self.machine.zip(later.machine).and_then(|(a, b)| {
             let total = b.1.checked_sub(a.1)?;
             let busy = b.0.checked_sub(a.0)?;
@@ -57,7 +60,8 @@ impl CpuSample {
             (total > 0).then(|| busy as f64 / total as f64 * cores)
         });
         CpuUse {
-            server_cores: server.map(|t| t as f64 / TICKS_PER_S / window_s),
+            server_cores: server.map(cores),
+            per_pid_cores: per_pid.into_iter().map(|t| t.map(cores)).collect(),
             machine_busy_cores: machine,
         }
     }
@@ -160,6 +164,7 @@ mod tests {
         };
         let u = a.until(&b, 2.0);
         assert_eq!(u.server_cores, Some(1.4 / 2.0));
+        assert_eq!(u.per_pid_cores, vec![Some(0.5), Some(0.2)]);
         assert_eq!(u.machine_busy_cores, Some(1.5));
         // A pid that went away spoils the server sum, not the machine's.
         let gone = CpuSample {

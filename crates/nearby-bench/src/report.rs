@@ -238,6 +238,7 @@ mod tests {
                 max_ms: 90.0,
             },
             server_cpu_cores: Some(0.5),
+            server_cpu_cores_by_pid: vec![Some(0.4), Some(0.1)],
             server_cpu_us_per_delivery: Some(25.1),
             machine_cpu_cores: Some(1.9),
             server_rss_bytes: None,
