@@ -108,7 +108,12 @@ pub fn match_send(
     if upper == 0 {
         return None;
     }
-    Some(last.map_or(upper, |l| (l + 1).min(upper)))
+    // After deliveries the server dropped, `last + 1` trails the truth; once
+    // it trails by the whole log, take the oldest send still logged (one to
+    // spare for a send being logged meanwhile) rather than give up on the
+    // pair for good: latencies read high, never low.
+    let oldest = latest.saturating_sub(LOG as u64 - 2).max(1);
+    Some(last.map_or(upper, |l| (l + 1).max(oldest).min(upper)))
 }
 
 #[cfg(test)]
@@ -153,6 +158,23 @@ mod tests {
         assert_eq!(match_send(Some(1), 3, 1800, at), Some(1), "a repeat stays");
         assert_eq!(match_send(None, 3, 998, at), None, "nothing sent yet");
         assert_eq!(match_send(None, 3, 2001, at), Some(2), "1 ms of slack");
+    }
+
+    #[test]
+    fn a_pair_left_behind_by_dropped_deliveries_is_matched_again() {
+        // 300 sends a second apart; the pair's last match is send 5, far
+        // older than the log, because the server dropped many deliveries.
+        let times: Vec<i64> = (1..=300).map(|i| i * 1000).collect();
+        let log = log_of(&times);
+        let at = |s| wall(&log, s);
+        let m = match_send(Some(5), 300, 299_500, at).expect("matched");
+        assert!(log.get(m).is_some(), "a send still in the log: {m}");
+        assert!(m <= 299, "never after the stamp: {m}");
+        assert_eq!(
+            m,
+            300 - LOG as u64 + 2,
+            "the oldest logged, so latency reads high"
+        );
     }
 
     #[test]

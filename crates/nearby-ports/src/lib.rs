@@ -152,6 +152,14 @@ impl BusMessage {
     pub fn is_control(&self) -> bool {
         !matches!(self, Self::Location { .. })
     }
+
+    /// Who moved, for a location update.
+    pub fn location_user(&self) -> Option<UserId> {
+        match self {
+            Self::Location { user, .. } => Some(*user),
+            _ => None,
+        }
+    }
 }
 
 /// Control messages one session may have pending. Past that, the session
@@ -170,8 +178,12 @@ enum Control {
 /// arrive on its [`Mailbox`]. Delivery never blocks the publisher.
 ///
 /// Location updates and control messages have separate bounded queues.
-/// When the location queue is full (a stalled client) the update is dropped
-/// and counted: a friend's next move replaces it. A control message is never
+/// Location updates are *conflated*: a friend's update replaces that
+/// friend's update still waiting in the queue (in its place), so a session
+/// that falls behind sends each friend's latest position, not a backlog of
+/// stale ones ([`conflated_total`] counts the replaced). When the location
+/// queue is full (a stalled client) the update is dropped and counted: a
+/// friend's next move replaces it. A control message is never
 /// dropped for location updates; if even the control queue is full, the
 /// session is asked to re-read everything from the user store (which holds
 /// what the message announced) before it forwards anything else. A grant
@@ -210,6 +222,15 @@ struct Queues {
 
 /// Queue capacity kept after a queue drains; more is released.
 const KEEP: usize = 8;
+
+static CONFLATED: AtomicU64 = AtomicU64::new(0);
+
+/// Location updates replaced in a session's queue by a newer one of the same
+/// friend before the session sent them, in this process: each is a stale
+/// position a slow session skipped.
+pub fn conflated_total() -> u64 {
+    CONFLATED.load(Ordering::Relaxed)
+}
 
 impl Shared {
     fn queues(&self) -> std::sync::MutexGuard<'_, Queues> {
@@ -308,11 +329,21 @@ impl Subscriber {
         }
         let queued = {
             let mut q = shared.queues();
-            let room = q.locations.len() < shared.capacity;
-            if room {
+            let user = msg.location_user();
+            let waiting = q
+                .locations
+                .iter_mut()
+                .find(|(m, _)| user.is_some() && m.location_user() == user);
+            if let Some(slot) = waiting {
+                *slot = (msg, arrived);
+                CONFLATED.fetch_add(1, Ordering::Relaxed);
+                true
+            } else if q.locations.len() < shared.capacity {
                 q.locations.push_back((msg, arrived));
+                true
+            } else {
+                false
             }
-            room
         };
         // Woken outside the lock: the session may run at once.
         if queued {
@@ -486,6 +517,36 @@ mod mailbox_tests {
         assert!(mb
             .arrived()
             .is_some_and(|a| a.elapsed() < Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_friends_newer_update_replaces_the_one_still_queued() {
+        let (sub, mut mb) = Subscriber::new(2);
+        let before = conflated_total();
+        let moved = |user: i64, ts: i64| BusMessage::Location {
+            user: UserId(user),
+            loc: Location::new(1.0, 2.0, ts).expect("valid"),
+        };
+        assert!(sub.deliver(moved(1, 10)));
+        assert!(sub.deliver(moved(2, 10)));
+        // The queue is full, but friend 1's newer position takes the place
+        // of the stale one instead of being dropped.
+        assert!(sub.deliver(moved(1, 20)));
+        assert!(sub.deliver(moved(1, 30)));
+        assert!(!sub.deliver(moved(3, 10)), "a third friend: full");
+        assert!(conflated_total() >= before + 2);
+        assert_eq!(
+            mb.try_recv(),
+            Some(Mail::Message(moved(1, 30))),
+            "in 1's place"
+        );
+        assert_eq!(mb.try_recv(), Some(Mail::Message(moved(2, 10))));
+        assert_eq!(mb.try_recv(), None);
+        // Control messages are never conflated.
+        assert!(sub.deliver(HIDDEN));
+        assert!(sub.deliver(HIDDEN));
+        assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
+        assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
     }
 
     #[test]

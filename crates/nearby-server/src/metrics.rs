@@ -14,6 +14,7 @@
 //! | `nearby_history_queue_depth` | gauge | entries waiting to be written |
 //! | `nearby_history_dropped_total` / `_written_total` | counter | history entries dropped (queue full) / written |
 //! | `nearby_bus_delivered_total` / `_dropped_total` | counter | bus messages handed to / dropped for local sessions |
+//! | `nearby_bus_conflated_total` | counter | location updates replaced in a slow session's queue by the same friend's newer one |
 //! | `nearby_bus_channels` | gauge | channels with a local subscriber |
 //! | `nearby_redis_reconnects_total` | counter | broker connections re-established |
 //! | `nearby_session_resyncs_total` | counter | sessions that re-read the user store because the bus may have lost messages |
@@ -151,6 +152,7 @@ pub async fn render(State(st): State<Arc<AppState>>) -> Response {
     counter!("nearby_history_written_total").absolute(st.history.written());
     counter!("nearby_bus_delivered_total").absolute(bus.delivered);
     counter!("nearby_bus_dropped_total").absolute(bus.dropped);
+    counter!("nearby_bus_conflated_total").absolute(nearby_ports::conflated_total());
     counter!("nearby_redis_reconnects_total").absolute(bus.reconnects);
     gauge!("nearby_bus_channels").set(bus.channels as f64);
     let body = handle().map(|h| h.render()).unwrap_or_default();
