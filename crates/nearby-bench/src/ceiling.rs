@@ -50,16 +50,7 @@ pub(crate) async fn open(
     source: Option<IpAddr>,
     user: u32,
 ) -> Result<TcpStream, BenchError> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    if let Some(ip) = source {
-        socket.bind(SocketAddr::new(ip, 0))?;
-    }
-    let mut stream = socket.connect(addr).await?;
-    stream.set_nodelay(true)?;
+    let mut stream = crate::fleet::connect_from(addr, source).await?;
     stream.write_all(&user.to_le_bytes()).await?;
     Ok(stream)
 }

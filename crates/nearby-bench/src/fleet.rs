@@ -76,6 +76,8 @@ pub(crate) struct Counters {
     pub disconnects: u64,
     /// Deliveries not matched to a logged send (run total).
     pub unmatched: u64,
+    /// Frames received before `go`: the placements of set-up (run total).
+    pub settling: u64,
 }
 
 impl std::ops::AddAssign for Counters {
@@ -86,6 +88,7 @@ impl std::ops::AddAssign for Counters {
         self.errors += o.errors;
         self.disconnects += o.disconnects;
         self.unmatched += o.unmatched;
+        self.settling += o.settling;
     }
 }
 
@@ -158,6 +161,8 @@ pub(crate) struct Shared {
     pub(crate) disconnects: AtomicU64,
     /// Deliveries no logged send could be matched to.
     unmatched: AtomicU64,
+    /// Frames received before `go`.
+    settling: AtomicU64,
 }
 
 impl Shared {
@@ -169,6 +174,7 @@ impl Shared {
             errors: self.errors.load(Ordering::SeqCst),
             disconnects: self.disconnects.load(Ordering::SeqCst),
             unmatched: self.unmatched.load(Ordering::SeqCst),
+            settling: self.settling.load(Ordering::SeqCst),
         }
     }
 
@@ -276,6 +282,7 @@ impl Local {
             errors: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             unmatched: AtomicU64::new(0),
+            settling: AtomicU64::new(0),
         });
         let mut addrs = Vec::with_capacity(pop.urls.len());
         for url in &pop.urls {
@@ -637,14 +644,12 @@ enum Conn {
     Bare(tokio::net::TcpStream),
 }
 
-/// A WebSocket to `addr` from `source` (any port), with TCP_NODELAY: a phone
-/// sends one small frame at a time.
-async fn open(
+/// A TCP connection to `addr` from `source` (any port), with TCP_NODELAY:
+/// a phone sends one small frame at a time.
+pub(crate) async fn connect_from(
     addr: SocketAddr,
     source: Option<IpAddr>,
-    url: &str,
-    token: &str,
-) -> Result<Ws, BenchError> {
+) -> Result<tokio::net::TcpStream, BenchError> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -655,6 +660,17 @@ async fn open(
     }
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// A WebSocket to `addr` from `source`, authenticated with `token`.
+async fn open(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    url: &str,
+    token: &str,
+) -> Result<Ws, BenchError> {
+    let stream = connect_from(addr, source).await?;
     let ws_url = format!(
         "{}/v1/ws",
         url.trim_end_matches('/').replacen("http", "ws", 1)
@@ -766,11 +782,22 @@ async fn client(
         shared.disconnects.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    // Until `go`, only read (the friends' first sightings).
+    // Until `go`, only read (the friends' first sightings), counting them
+    // so the coordinator can wait until they stop.
     loop {
         tokio::select! {
             _ = go.cancelled() => break,
-            msg = rx.next() => if !matches!(msg, Some(Ok(_))) {
+            msg = rx.next() => if matches!(msg, Some(Ok(_))) {
+                shared.settling.fetch_add(1, Ordering::Relaxed);
+                // A ping's pong is queued by the read but only written on
+                // the next write or flush: a set-up of minutes (50 000
+                // clients) otherwise looks silent to the server, which
+                // closes at its idle timeout.
+                if matches!(msg, Some(Ok(Message::Ping(_)))) && tx.flush().await.is_err() {
+                    shared.disconnects.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            } else {
                 shared.disconnects.fetch_add(1, Ordering::Relaxed);
                 return;
             },

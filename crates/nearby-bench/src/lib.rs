@@ -542,11 +542,12 @@ pub async fn run(args: BenchArgs, import: Option<&dyn Import>) -> Result<Report,
     let rss_before = measured_pid.and_then(procfs::rss_bytes);
     let mut fleet = fleet::Fleet::start(population, &std::env::temp_dir()).await?;
     // Every client placed itself on connecting; let those first sightings
-    // arrive (until none for 200 ms, at most --drain-s) so they are not
-    // counted as load: with 20 000 clients a fixed second was not enough,
-    // and hundreds of thousands of them landed in the first step, unmatched.
+    // arrive (until none for 200 ms, at most a minute) so they are not
+    // counted as load: with 20 000 clients (800 000 sightings) a fixed
+    // second was not enough, and hundreds of thousands of them landed in
+    // the first step, unmatched, loading the server uncounted.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    drain(&mut fleet, Duration::from_secs(args.drain_s)).await?;
+    drain(&mut fleet, Duration::from_secs(60)).await?;
     let idle_bytes_per_connection = rss_before
         .zip(measured_pid.and_then(procfs::rss_bytes))
         .map(|(before, after)| after.saturating_sub(before) / on_measured_node.max(1) as u64);
@@ -716,11 +717,12 @@ fn next_probe(good_ms: u64, bad_ms: u64) -> Option<u64> {
 
 /// Waits until deliveries stop arriving (none for 200 ms) or `limit`.
 async fn drain(fleet: &mut fleet::Fleet, limit: Duration) -> Result<(), BenchError> {
+    let arrived = |c: fleet::Counters| c.deliveries + c.settling;
     let started = Instant::now();
-    let mut seen = fleet.counters().await?.deliveries;
+    let mut seen = arrived(fleet.counters().await?);
     while started.elapsed() < limit {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = fleet.counters().await?.deliveries;
+        let now = arrived(fleet.counters().await?);
         if now == seen {
             break;
         }

@@ -6,10 +6,21 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_location, north_of, until_seen, Server, TwoNodes, SEOUL};
+use common::{assert_location, north_of, until_seen, Server, TwoNodes, User, Ws, SEOUL};
 use nearby_conformance::services::{self, PostgresCluster};
 use reqwest::Method;
 use serde_json::Value;
+
+/// Alice on node A and Bob on node B, friends, both connected.
+async fn friends_across(nodes: &TwoNodes) -> (User, User, Ws, Ws) {
+    let alice = nodes.a.user("alice").await;
+    let bob = nodes.b.user("bob").await;
+    alice.befriend(&bob).await;
+    bob.befriend(&alice).await;
+    let (a, _) = alice.connect(&nodes.a).await;
+    let (b, _) = bob.connect(&nodes.b).await;
+    (alice, bob, a, b)
+}
 
 async fn metric(server: &Server, name: &str) -> f64 {
     let (_, body) = server.get("/metrics", None).await;
@@ -26,12 +37,7 @@ async fn sessions_on_two_nodes_survive_a_redis_restart() {
         return;
     };
     let (node_a, node_b) = (&nodes.a, &nodes.b);
-    let alice = node_a.user("alice").await;
-    let bob = node_b.user("bob").await;
-    alice.befriend(&bob).await;
-    bob.befriend(&alice).await;
-    let (mut a, _) = alice.connect(node_a).await;
-    let (mut b, _) = bob.connect(node_b).await;
+    let (alice, bob, mut a, mut b) = friends_across(&nodes).await;
     a.send_location(SEOUL.0, SEOUL.1).await;
     let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 1000.0);
     b.send_location(lat, lon).await;
@@ -134,12 +140,7 @@ async fn each_hop_of_a_delivery_across_two_nodes_is_in_metrics() {
         return;
     };
     let (node_a, node_b) = (&nodes.a, &nodes.b);
-    let alice = node_a.user("alice").await;
-    let bob = node_b.user("bob").await;
-    alice.befriend(&bob).await;
-    bob.befriend(&alice).await;
-    let (mut a, _) = alice.connect(node_a).await;
-    let (mut b, _) = bob.connect(node_b).await;
+    let (alice, _bob, mut a, mut b) = friends_across(&nodes).await;
     b.send_location(SEOUL.0, SEOUL.1).await;
     let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 1000.0);
     a.send_location(lat, lon).await;
