@@ -657,9 +657,9 @@ pub async fn run(args: BenchArgs, import: Option<&dyn Import>) -> Result<Report,
             // included: the histogram holds one sample per delivery.
             step.deliveries = h.len();
             step.deliveries_per_s = step.deliveries as f64 / step.window_s;
-            step.server_cpu_us_per_delivery =
-                procfs::us_per_delivery(step.server_cpu_cores, step.deliveries_per_s);
         }
+        step.server_cpu_us_per_delivery =
+            procfs::us_per_delivery(step.server_cpu_cores, step.deliveries_per_s);
         step.clean = is_clean(
             step.errors,
             step.expected_deliveries,
@@ -776,10 +776,8 @@ fn close_step(
         latency: latency(&fleet::new_histogram()),
         server_cpu_cores: cpu.server_cores,
         server_cpu_cores_by_pid: cpu.per_pid_cores,
-        server_cpu_us_per_delivery: procfs::us_per_delivery(
-            cpu.server_cores,
-            deliveries as f64 / window_s,
-        ),
+        // Once the step's deliveries are all in (`run`).
+        server_cpu_us_per_delivery: None,
         machine_cpu_cores: cpu.machine_busy_cores,
         server_rss_bytes: pids.first().copied().and_then(procfs::rss_bytes),
     }

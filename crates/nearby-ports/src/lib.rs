@@ -223,6 +223,16 @@ struct Queues {
 /// Queue capacity kept after a queue drains; more is released.
 const KEEP: usize = 8;
 
+/// The oldest entry of `q`; once that empties a queue grown past [`KEEP`],
+/// its memory goes too.
+fn pop_front_releasing<T>(q: &mut VecDeque<T>) -> Option<T> {
+    let item = q.pop_front()?;
+    if q.is_empty() && q.capacity() > KEEP {
+        *q = VecDeque::new();
+    }
+    Some(item)
+}
+
 static CONFLATED: AtomicU64 = AtomicU64::new(0);
 
 /// Location updates replaced in a session's queue by a newer one of the same
@@ -306,7 +316,7 @@ impl Subscriber {
     /// `arrived` (a hub fanning one message out reads the clock once).
     pub fn deliver_at(&self, msg: BusMessage, arrived: Instant) -> bool {
         match msg {
-            BusMessage::Location { .. } => self.send_location(msg, arrived),
+            BusMessage::Location { user, .. } => self.send_location(user, msg, arrived),
             BusMessage::FriendVisible { .. } => self.resync(),
             _ => self.send_control(Control::Message(msg)),
         }
@@ -322,18 +332,19 @@ impl Subscriber {
         self.send_control(Control::Resync)
     }
 
-    fn send_location(&self, msg: BusMessage, arrived: Instant) -> bool {
+    /// Queues `msg`, a move of `user`, in place of `user`'s move still
+    /// waiting, if any.
+    fn send_location(&self, user: UserId, msg: BusMessage, arrived: Instant) -> bool {
         let shared = &self.shared;
         if shared.closed.load(Ordering::Acquire) {
             return false;
         }
         let queued = {
             let mut q = shared.queues();
-            let user = msg.location_user();
             let waiting = q
                 .locations
                 .iter_mut()
-                .find(|(m, _)| user.is_some() && m.location_user() == user);
+                .find(|(m, _)| m.location_user() == Some(user));
             if let Some(slot) = waiting {
                 *slot = (msg, arrived);
                 CONFLATED.fetch_add(1, Ordering::Relaxed);
@@ -393,17 +404,11 @@ impl Mailbox {
             return Some(Mail::Resync);
         }
         let mut q = self.shared.queues();
-        if let Some(c) = q.control.pop_front() {
-            if q.control.is_empty() && q.control.capacity() > KEEP {
-                q.control = VecDeque::new();
-            }
+        if let Some(c) = pop_front_releasing(&mut q.control) {
             drop(q);
             return Some(self.open(c));
         }
-        let (msg, at) = q.locations.pop_front()?;
-        if q.locations.is_empty() && q.locations.capacity() > KEEP {
-            q.locations = VecDeque::new();
-        }
+        let (msg, at) = pop_front_releasing(&mut q.locations)?;
         drop(q);
         self.arrived = Some(at);
         Some(Mail::Message(msg))

@@ -713,14 +713,12 @@ impl Conn {
                 // Accepted (the publisher's wall clock, ms) to this node's
                 // hub: now, less the time it has waited here since.
                 let waited = arrived.map_or(Duration::ZERO, |a| a.elapsed());
-                let lag_ms = now.saturating_sub(loc.ts_ms).max(0) as f64 / 1000.0;
-                let to_node = (lag_ms - waited.as_secs_f64()).max(0.0);
+                let lag_s = now.saturating_sub(loc.ts_ms).max(0) as f64 / 1000.0;
+                let to_node = (lag_s - waited.as_secs_f64()).max(0.0);
                 self.st.metrics.bus_to_node.record(to_node);
                 let event = self.session.on_friend_location(user, loc, now);
-                if event.is_some() {
-                    if let Some(at) = arrived {
-                        self.out.arrived.get_or_insert(at);
-                    }
+                if let (Some(_), Some(at)) = (&event, arrived) {
+                    self.out.arrived.get_or_insert(at);
                 }
                 event
             }
