@@ -4,13 +4,14 @@
 //! | trait | role | embedded adapter | production adapter |
 //! |---|---|---|---|
 //! | [`LocationCache`] | latest location per user, with TTL | `nearby-store-memory` | Redis |
-//! | [`PubSub`] | one channel per user, node-local fan-out | `nearby-store-memory` | Redis pub/sub |
+//! | [`PubSub`] | one channel per user, node-local fan-out | `nearby-hub` with its in-process broker | `nearby-hub` over Redis, or a ring of Redis servers |
 //! | [`UserStore`] | users, tokens, friendships, sharing | `nearby-store-sqlite` | PostgreSQL |
 //! | [`HistoryStore`] | append-only location history | `nearby-store-sqlite` | PostgreSQL |
 //!
 //! **Architecture invariant:** traits and plain data only. The only runtime
 //! type used is an `AtomicWaker`, with two mutex-guarded queues the hand-off
-//! from a bus to a session.
+//! from a bus to a session; [`Subscription`] is the RAII guard of a
+//! session's channels.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -593,6 +594,14 @@ pub struct BusStats {
     pub reconnects: u64,
     /// Channels with at least one local subscriber.
     pub channels: u64,
+    /// Pub/sub servers in the ring this node routes on (0: no ring).
+    pub ring_members: u64,
+    /// Channel subscriptions this node moved to another server because the
+    /// ring changed.
+    pub ring_channels_moved: u64,
+    /// The ring's membership source (etcd) cannot be reached: the node
+    /// routes on the last ring it knew.
+    pub ring_stale: bool,
 }
 
 /// The routing layer: publish to a channel; subscribers of that channel, on
@@ -602,10 +611,13 @@ pub trait PubSub: Send + Sync + 'static {
     /// Publishes `msg` on `channel`. Fire and forget: success means the bus
     /// accepted it, not that anyone received it.
     async fn publish(&self, channel: Channel, msg: BusMessage) -> StoreResult<()>;
-    /// Adds `sub` to each channel.
+    /// Adds `sub` to each channel; returns once the bus delivers them. On an
+    /// error some of them may be held: the caller removes them (a
+    /// [`Subscription`] does).
     async fn subscribe(&self, sub: &Subscriber, channels: &[Channel]) -> StoreResult<()>;
-    /// Removes `sub` from each channel (unknown ones are ignored).
-    async fn unsubscribe(&self, sub: &Subscriber, channels: &[Channel]) -> StoreResult<()>;
+    /// Removes `sub` from each channel (unknown ones are ignored). Never
+    /// waits: it runs from [`Subscription`]'s `Drop`.
+    fn unsubscribe(&self, sub: &Subscriber, channels: &[Channel]);
 
     /// Counters so far.
     fn stats(&self) -> BusStats {
@@ -615,6 +627,97 @@ pub trait PubSub: Send + Sync + 'static {
     /// Answers when the backend is reachable (for readiness checks).
     async fn ping(&self) -> StoreResult<()> {
         Ok(())
+    }
+}
+
+/// A session's channels on a bus, held for as long as the guard lives:
+/// dropping it (the session ended, panicked or was aborted) removes them
+/// all, so no subscriber outlives its session in a hub.
+pub struct Subscription {
+    bus: Arc<dyn PubSub>,
+    sub: Subscriber,
+    /// Sorted, no duplicates.
+    held: Vec<Channel>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("subscriber", &self.sub.id())
+            .field("held", &self.held.len())
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// A guard for `sub` on `bus`, holding nothing yet.
+    pub fn new(bus: Arc<dyn PubSub>, sub: Subscriber) -> Self {
+        Self {
+            bus,
+            sub,
+            held: Vec::new(),
+        }
+    }
+
+    /// The session's end of the bus.
+    pub fn subscriber(&self) -> &Subscriber {
+        &self.sub
+    }
+
+    /// Whether `channel` is held.
+    pub fn holds(&self, channel: Channel) -> bool {
+        self.held.binary_search(&channel).is_ok()
+    }
+
+    /// The channels held, sorted.
+    pub fn channels(&self) -> &[Channel] {
+        &self.held
+    }
+
+    /// Subscribes to `channels`. On an error, those that were not held
+    /// before are released again, so the guard never holds a channel the
+    /// bus did not confirm.
+    pub async fn add(&mut self, channels: &[Channel]) -> StoreResult<()> {
+        let mut fresh: Vec<Channel> = channels
+            .iter()
+            .copied()
+            .filter(|c| !self.holds(*c))
+            .collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        match self.bus.subscribe(&self.sub, channels).await {
+            Ok(()) => {
+                self.held.extend(fresh);
+                self.held.sort_unstable();
+                Ok(())
+            }
+            Err(e) => {
+                self.bus.unsubscribe(&self.sub, &fresh);
+                Err(e)
+            }
+        }
+    }
+
+    /// Unsubscribes from those of `channels` that are held.
+    pub fn remove(&mut self, channels: &[Channel]) {
+        let gone: Vec<Channel> = channels
+            .iter()
+            .copied()
+            .filter(|c| self.holds(*c))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        self.held.retain(|c| !gone.contains(c));
+        self.bus.unsubscribe(&self.sub, &gone);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if !self.held.is_empty() {
+            self.bus.unsubscribe(&self.sub, &self.held);
+        }
     }
 }
 

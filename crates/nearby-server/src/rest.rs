@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nearby_core::session::Session;
 use nearby_core::{account, FriendStatus, LeftReason, UserId};
-use nearby_ports::{BusMessage, Channel, Subscriber};
+use nearby_ports::{BusMessage, Channel, Subscription};
 use nearby_proto::rest::{
     Credentials, FriendList, FriendView, History, HistoryPoint, SessionCreated, SharingUpdate,
     UserView,
@@ -463,34 +463,28 @@ pub async fn set_sharing(
 
 /// Reads what a session starts from: the visible friends and, in one batch,
 /// their latest locations and the user's own. Shared by `GET /v1/nearby`
-/// and the WebSocket, which passes its subscriber: it is subscribed to the
+/// and the WebSocket, which passes its subscription: it is subscribed to the
 /// friends' channels *before* their locations are read, so no update falls
-/// between the read and the subscription.
+/// between the read and the subscription. On an error the subscription
+/// holds no friend's channel.
 pub async fn start_session(
     st: &AppState,
     me: UserId,
-    subscriber: Option<&Subscriber>,
+    subscription: Option<&mut Subscription>,
 ) -> Result<(Session, Vec<nearby_core::session::Nearby>), nearby_ports::StoreError> {
     let friends = st.backends.users.visible_friends(me).await?;
-    let channels: Vec<Channel> = match subscriber {
-        Some(_) => friends.iter().map(|f| Channel::Location(*f)).collect(),
-        None => Vec::new(),
-    };
-    if let Some(sub) = subscriber {
-        if let Err(e) = st.backends.bus.subscribe(sub, &channels).await {
-            // Some channels may have been taken before the failure.
-            let _ = st.backends.bus.unsubscribe(sub, &channels).await;
-            return Err(e);
-        }
+    let channels: Vec<Channel> = friends.iter().map(|f| Channel::Location(*f)).collect();
+    let mut subscription = subscription;
+    if let Some(sub) = subscription.as_deref_mut() {
+        sub.add(&channels).await?;
     }
     let mut ids = friends.clone();
     ids.push(me);
     let mut locs = match st.backends.cache.get_many(&ids).await {
         Ok(locs) => locs,
         Err(e) => {
-            // Do not leave subscriptions behind for a session that never starts.
-            if let Some(sub) = subscriber {
-                let _ = st.backends.bus.unsubscribe(sub, &channels).await;
+            if let Some(sub) = subscription {
+                sub.remove(&channels);
             }
             return Err(e);
         }

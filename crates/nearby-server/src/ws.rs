@@ -22,7 +22,9 @@ use futures_util::SinkExt;
 use nearby_core::rate::TokenBucket;
 use nearby_core::session::Session;
 use nearby_core::{FriendStatus, LeftReason, Location, Point, UserId};
-use nearby_ports::{BusMessage, Channel, HistoryEntry, Mail, Mailbox, StoreResult, Subscriber};
+use nearby_ports::{
+    BusMessage, Channel, HistoryEntry, Mail, Mailbox, StoreResult, Subscriber, Subscription,
+};
 use nearby_proto::ws::{parse_client_frame, ClientFrame, ServerFrame};
 use rand::Rng;
 
@@ -132,6 +134,9 @@ async fn token_valid(st: &AppState, me: &AuthUser) -> StoreResult<bool> {
 
 async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebSocket) {
     let (sub, mut mailbox) = Subscriber::new(st.cfg.session_queue);
+    // Every channel the session takes is held by this guard: however the
+    // task ends (closed, panicked, aborted), dropping it leaves the hub.
+    let mut sub = Subscription::new(st.backends.bus.clone(), sub);
     let user = me.id;
     tracing::debug!(%user, "session open");
     let opened = std::time::Instant::now();
@@ -139,12 +144,12 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
     // while the session starts is queued, not lost, and so are the moves
     // the user's other devices report.
     let own = [Channel::Inbox(user), Channel::Location(user)];
-    let started = match st.backends.bus.subscribe(&sub, &own).await {
+    let started = match sub.add(&own).await {
         // The token is checked again now that the inbox is subscribed: a
         // logout that raced the upgrade either deleted the token before
         // this read, or publishes its revocation after the subscription.
         Ok(()) => match token_valid(&st, &me).await {
-            Ok(true) => start_session(&st, user, Some(&sub)).await.map(Some),
+            Ok(true) => start_session(&st, user, Some(&mut sub)).await.map(Some),
             Ok(false) => Ok(None),
             Err(e) => Err(e),
         },
@@ -174,7 +179,6 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
             let frame = ServerFrame::error("token_revoked", "you logged out with this token");
             let _ = socket.send(Message::Text(frame.to_json().into())).await;
             let _ = send_close(&mut socket, close::POLICY, "token revoked").await;
-            let _ = st.backends.bus.unsubscribe(&sub, &own).await;
             return;
         }
         Err(e) => {
@@ -185,18 +189,13 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
             );
             let _ = socket.send(Message::Text(frame.to_json().into())).await;
             let _ = send_close(&mut socket, close::INTERNAL, "backend unavailable").await;
-            let _ = st.backends.bus.unsubscribe(&sub, &own).await;
             return;
         }
     };
     if conn.flush(&mut socket).await.is_ok() {
         conn.serve(&mut socket, &mut mailbox, me.expires_at).await;
     }
-    let mut channels: Vec<Channel> = conn.session.tracked().map(Channel::Location).collect();
-    channels.extend(own);
-    if let Err(e) = st.backends.bus.unsubscribe(&conn.sub, &channels).await {
-        tracing::warn!(%user, error = %e, "unsubscribe failed");
-    }
+    drop(conn);
     st.metrics.connections.decrement(1.0);
     tracing::debug!(%user, "session closed");
 }
@@ -283,7 +282,8 @@ impl Extend<ServerFrame> for Outbox {
 struct Conn {
     st: Arc<AppState>,
     session: Session,
-    sub: Subscriber,
+    /// The session's channels; dropped with the connection.
+    sub: Subscription,
     bucket: TokenBucket,
     /// A `rate_limited` error was sent for the current run of refused frames.
     limited: bool,
@@ -645,19 +645,16 @@ impl Conn {
                 self.out.extend(event.map(ServerFrame::from));
             }
             let channels: Vec<Channel> = gone.iter().copied().map(Channel::Location).collect();
-            if let Err(e) = b.bus.unsubscribe(&self.sub, &channels).await {
-                tracing::warn!(user = %me, error = %e, "unsubscribe failed");
-            }
+            self.sub.remove(&channels);
         }
         if new.is_empty() {
             return;
         }
         let channels: Vec<Channel> = new.iter().copied().map(Channel::Location).collect();
-        if let Err(e) = b.bus.subscribe(&self.sub, &channels).await {
-            // Not tracked, so not treated as subscribed: the next
-            // re-read tries again.
+        if let Err(e) = self.sub.add(&channels).await {
+            // Neither tracked nor held (the guard released what the bus did
+            // not confirm): the next re-read tries again.
             tracing::warn!(user = %me, error = %e, "subscribe failed");
-            let _ = b.bus.unsubscribe(&self.sub, &channels).await;
             self.revalidate_failed = true;
             return;
         }
@@ -673,7 +670,7 @@ impl Conn {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(user = %me, error = %e, "re-reading visible friends failed");
-                let _ = b.bus.unsubscribe(&self.sub, &channels).await;
+                self.sub.remove(&channels);
                 self.revalidate_failed = true;
                 return;
             }
@@ -688,9 +685,7 @@ impl Conn {
             let event = self.session.add_friend(f, last, now);
             self.out.extend(event.map(ServerFrame::from));
         }
-        if !dropped.is_empty() {
-            let _ = b.bus.unsubscribe(&self.sub, &dropped).await;
-        }
+        self.sub.remove(&dropped);
     }
 
     async fn on_bus(&mut self, msg: BusMessage, arrived: Option<std::time::Instant>) {
@@ -733,10 +728,7 @@ impl Conn {
                 let tracked = self.session.tracks(friend);
                 let event = self.session.remove_friend(friend, reason);
                 if tracked {
-                    let channel = [Channel::Location(friend)];
-                    if let Err(e) = self.st.backends.bus.unsubscribe(&self.sub, &channel).await {
-                        tracing::warn!(%friend, error = %e, "unsubscribe failed");
-                    }
+                    self.sub.remove(&[Channel::Location(friend)]);
                 }
                 event
             }

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
+use nearby_hub::Bus;
 use nearby_proto::ws::parse_client_frame;
 use nearby_server::{AppState, Backends, ServerConfig};
-use nearby_store_memory::{MemoryBus, MemoryCache};
+use nearby_store_memory::MemoryCache;
 use nearby_store_sqlite::{SqliteHistoryStore, SqliteUserStore};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -207,7 +208,7 @@ fn fixture() -> Fixture {
             users: Arc::new(users),
             history: Arc::new(history),
             cache: MemoryCache::new(Duration::from_secs(10)),
-            bus: Arc::new(MemoryBus::new()),
+            bus: Arc::new(Bus::in_process()),
         };
         let st = AppState::new(ServerConfig::default(), backends).expect("state");
         let router = nearby_server::router(st);

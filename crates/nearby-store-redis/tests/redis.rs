@@ -4,11 +4,20 @@ use std::time::Duration;
 
 use nearby_conformance::services::{self, RedisProcess};
 use nearby_core::{Location, Point, UserId};
+use nearby_hub::Bus;
 use nearby_ports::{BusMessage, Channel, LocationCache, Mail, Mailbox, PubSub, Subscriber};
-use nearby_store_redis::{connect, RedisBus, RedisCache, RedisConfig};
+use nearby_store_redis::{connect_bus, connect_cache, RedisBroker, RedisCache, RedisConfig};
 use std::sync::Arc;
 
-async fn shared(tag: &str) -> Option<(Arc<RedisCache>, Arc<RedisBus>)> {
+async fn connect(
+    cfg: &RedisConfig,
+) -> Result<(Arc<RedisCache>, Arc<Bus>, Arc<RedisBroker>), nearby_ports::StoreError> {
+    let cache = connect_cache(cfg).await?;
+    let (bus, broker) = connect_bus(cfg).await?;
+    Ok((cache, bus, broker))
+}
+
+async fn shared(tag: &str) -> Option<(Arc<RedisCache>, Arc<Bus>)> {
     let url = services::redis_url();
     if let Err(e) = services::reachable(&url) {
         services::missing("Redis", e);
@@ -17,7 +26,8 @@ async fn shared(tag: &str) -> Option<(Arc<RedisCache>, Arc<RedisBus>)> {
     let mut cfg = RedisConfig::new(url);
     cfg.prefix = services::unique(tag) + ":";
     cfg.subscriber_connections = 2;
-    Some(connect(&cfg).await.expect("connect to redis"))
+    let (cache, bus, _) = connect(&cfg).await.expect("connect to redis");
+    Some((cache, bus))
 }
 
 fn msg(user: i64, lat: f64) -> BusMessage {
@@ -78,8 +88,8 @@ async fn two_nodes_share_channels_and_subscribe_once_per_node() {
     }
     let mut cfg = RedisConfig::new(url);
     cfg.prefix = services::unique("nodes") + ":";
-    let (_, node_a) = connect(&cfg).await.expect("node a");
-    let (_, node_b) = connect(&cfg).await.expect("node b");
+    let (_, node_a, upstream_a) = connect(&cfg).await.expect("node a");
+    let (_, node_b, _) = connect(&cfg).await.expect("node b");
     let ch = Channel::Location(UserId(1));
 
     // Three sessions on node A want the same channel: Redis sees one
@@ -89,7 +99,10 @@ async fn two_nodes_share_channels_and_subscribe_once_per_node() {
         node_a.subscribe(s, &[ch]).await.expect("subscribe");
     }
     assert_eq!(node_a.stats().channels, 1);
-    let upstream = node_a.upstream_channels().await.expect("pubsub channels");
+    let upstream = upstream_a
+        .upstream_channels()
+        .await
+        .expect("pubsub channels");
     assert_eq!(upstream, vec![format!("{}loc:1", cfg.prefix)]);
 
     // A message published on node B reaches all three sessions on A, once.
@@ -105,10 +118,10 @@ async fn two_nodes_share_channels_and_subscribe_once_per_node() {
 
     // The last local session leaving unsubscribes the node from Redis.
     for (s, _) in &rxs {
-        node_a.unsubscribe(s, &[ch]).await.expect("unsubscribe");
+        node_a.unsubscribe(s, &[ch]);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !node_a
+    while !upstream_a
         .upstream_channels()
         .await
         .expect("channels")
@@ -131,7 +144,7 @@ async fn sessions_keep_receiving_after_redis_restarts() {
     };
     let mut cfg = RedisConfig::new(redis.url());
     cfg.subscriber_connections = 3;
-    let (cache, bus) = connect(&cfg).await.expect("connect");
+    let (cache, bus, _) = connect(&cfg).await.expect("connect");
     let (sub, mut rx) = Subscriber::new(64);
     let channels: Vec<Channel> = (1..=12).map(|u| Channel::Location(UserId(u))).collect();
     bus.subscribe(&sub, &channels).await.expect("subscribe");

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nearby_hub::Bus;
 use nearby_ports::{HistoryStore, LocationCache, PubSub, UserStore};
 use nearby_server::state::now_ms;
 use nearby_server::{AppState, Backends};
-use nearby_store_memory::{MemoryBus, MemoryCache};
+use nearby_store_memory::MemoryCache;
 use nearby_store_sqlite::{SqliteHistoryStore, SqliteUserStore};
 use tracing_subscriber::EnvFilter;
 
@@ -135,14 +136,17 @@ async fn serve_with(
     }));
     let (cache, bus): (Arc<dyn LocationCache>, Arc<dyn PubSub>) = match &s.redis {
         Some(cfg) => {
-            let (cache, bus) = nearby_store_redis::connect(cfg)
+            let cache = nearby_store_redis::connect_cache(cfg)
+                .await
+                .context("connecting to Redis")?;
+            let (bus, _) = nearby_store_redis::connect_bus(cfg)
                 .await
                 .context("connecting to Redis")?;
             (cache, bus)
         }
         None => {
             let sweep = s.server.location_ttl.min(Duration::from_secs(10));
-            (MemoryCache::new(sweep), Arc::new(MemoryBus::new()))
+            (MemoryCache::new(sweep), Arc::new(Bus::in_process()))
         }
     };
     let backends = Backends {
