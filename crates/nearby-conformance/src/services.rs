@@ -1,6 +1,6 @@
 //! Real services for tests: the machine's Redis and PostgreSQL, fresh
-//! databases on them, and throwaway `redis-server` / PostgreSQL processes on
-//! free ports for the tests that kill one.
+//! databases on them, and throwaway `redis-server` / `etcd` / PostgreSQL
+//! processes on free ports for the tests that kill one.
 //!
 //! A test whose service is unreachable calls [`missing`]: under `CI=true`
 //! that fails the test; elsewhere it prints why and the test returns early.
@@ -137,12 +137,48 @@ fn wait_for_port(port: u16, within: Duration) -> bool {
     false
 }
 
+/// A child process the test started: killed by PID (SIGKILL), and on drop.
+#[derive(Default)]
+struct Owned(Option<Child>);
+
+impl Owned {
+    fn kill(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Holds `child` once it listens on `port`; kills it if it does not.
+    fn listening(
+        &mut self,
+        child: Child,
+        what: &str,
+        port: u16,
+        within: Duration,
+    ) -> Result<(), String> {
+        self.0 = Some(child);
+        if wait_for_port(port, within) {
+            Ok(())
+        } else {
+            self.kill();
+            Err(format!("{what} did not listen on {port}"))
+        }
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A `redis-server` of the test's own on a free port, with no persistence;
 /// it can be killed and started again on the same port.
 pub struct RedisProcess {
     /// Its port.
     pub port: u16,
-    child: Option<Child>,
+    child: Owned,
 }
 
 impl RedisProcess {
@@ -150,7 +186,7 @@ impl RedisProcess {
     pub fn start() -> Result<Self, String> {
         let mut me = Self {
             port: free_port(),
-            child: None,
+            child: Owned::default(),
         };
         me.restart()?;
         Ok(me)
@@ -163,10 +199,7 @@ impl RedisProcess {
 
     /// Kills it (SIGKILL: a crash, not a shutdown).
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.child.kill();
     }
 
     /// Starts it again on the same port (killing it first if running).
@@ -179,18 +212,80 @@ impl RedisProcess {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|e| format!("redis-server: {e}"))?;
-        self.child = Some(child);
-        if wait_for_port(self.port, Duration::from_secs(10)) {
-            Ok(())
-        } else {
-            Err(format!("redis-server did not listen on {}", self.port))
-        }
+        self.child
+            .listening(child, "redis-server", self.port, Duration::from_secs(10))
     }
 }
 
-impl Drop for RedisProcess {
-    fn drop(&mut self) {
+/// A single-member `etcd` (Debian's `etcd-server`) of the test's own, on
+/// free loopback ports with a temporary data directory; it can be stopped
+/// (SIGKILL) and started again on the same ports and data.
+pub struct EtcdProcess {
+    /// Its client port.
+    pub port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+    child: Owned,
+}
+
+impl EtcdProcess {
+    /// Starts one; `Err` if `etcd` is not installed or won't start.
+    pub fn start() -> Result<Self, String> {
+        let mut me = Self {
+            port: free_port(),
+            peer_port: free_port(),
+            dir: tempfile::tempdir().map_err(|e| e.to_string())?,
+            child: Owned::default(),
+        };
+        me.restart()?;
+        Ok(me)
+    }
+
+    /// Its client URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (SIGKILL).
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+
+    /// Starts it again on the same ports and data (killing it first if
+    /// running).
+    pub fn restart(&mut self) -> Result<(), String> {
         self.kill();
+        let client = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("etcd: {e}"))?;
+        self.child
+            .listening(child, "etcd", self.port, Duration::from_secs(15))
+    }
+
+    /// Runs `etcdctl` (v3 API) against it; its stdout, or why it failed.
+    pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.url()])
+            .args(args)
+            .output()
+            .map_err(|e| format!("etcdctl: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 }
 

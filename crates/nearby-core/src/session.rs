@@ -237,9 +237,11 @@ impl Session {
         now_ms: i64,
     ) -> Option<FriendEvent> {
         let t = self.friends.get_mut(id)?;
-        // Strictly older only: two updates in the same millisecond are both
-        // news, and the bus delivers one publisher's messages in order.
-        if t.last.is_some_and(|l| l.ts_ms > loc.ts_ms) {
+        // Strictly older, or the very same update again (a ring change
+        // delivers the messages of its overlap through two servers): two
+        // different updates in the same millisecond are both news, and the
+        // bus delivers one publisher's messages in order.
+        if t.last.is_some_and(|l| l.ts_ms > loc.ts_ms || l == loc) {
             return None;
         }
         t.last = Some(loc);
@@ -502,6 +504,14 @@ mod tests {
         // Out of range and still out: nothing, not a second `Left`.
         assert_eq!(s.on_friend_location(BOB, at(2000.0, 4), 4), None);
         assert!(s.on_friend_location(BOB, at(10.0, 5), 5).is_some());
+    }
+
+    #[test]
+    fn the_same_update_twice_is_news_once() {
+        let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), [(BOB, None)], 0);
+        assert!(s.on_friend_location(BOB, at(100.0, 10), 10).is_some());
+        assert_eq!(s.on_friend_location(BOB, at(100.0, 10), 11), None);
+        assert!(s.on_friend_location(BOB, at(120.0, 10), 12).is_some());
     }
 
     #[test]

@@ -155,6 +155,9 @@ pub async fn render(State(st): State<Arc<AppState>>) -> Response {
     counter!("nearby_bus_conflated_total").absolute(nearby_ports::conflated_total());
     counter!("nearby_redis_reconnects_total").absolute(bus.reconnects);
     gauge!("nearby_bus_channels").set(bus.channels as f64);
+    gauge!("nearby_ring_members").set(bus.ring_members as f64);
+    counter!("nearby_ring_channels_moved_total").absolute(bus.ring_channels_moved);
+    gauge!("nearby_ring_stale").set(if bus.ring_stale { 1.0 } else { 0.0 });
     let body = handle().map(|h| h.render()).unwrap_or_default();
     (
         [(

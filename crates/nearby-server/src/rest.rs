@@ -116,6 +116,15 @@ pub async fn readyz(State(st): St) -> Response {
     );
     let failed: Vec<&str> = [users, history, cache, bus].into_iter().flatten().collect();
     if failed.is_empty() {
+        if b.bus.stats().ring_stale {
+            // Still serving, on the last ring it knew: a ring change made
+            // meanwhile is not seen until etcd answers again.
+            return Json(serde_json::json!({
+                "status": "ready",
+                "warnings": ["ring membership (etcd) unreachable: routing on the last known ring"],
+            }))
+            .into_response();
+        }
         Json(serde_json::json!({ "status": "ready" })).into_response()
     } else {
         ApiError::new(

@@ -246,3 +246,104 @@ impl Broker for RedisBroker {
         self.link.ping().await
     }
 }
+
+/// The location cache over several Redis servers: each user's key lives on
+/// the server the ring (static members, named by URL) places it on.
+///
+/// A session start reads its friends with one `MGET` per server, all at
+/// once. A server that fails makes its users look inactive (no location)
+/// until it answers again and they report; reads of the other servers'
+/// users go on.
+pub struct ShardedCache {
+    ring: nearby_ring::Ring,
+    shards: std::collections::HashMap<String, Arc<RedisCache>>,
+}
+
+impl ShardedCache {
+    /// Connects to every URL (each must answer at start); `cfg` gives the
+    /// prefix and the pool size.
+    pub async fn connect(cfg: &RedisConfig, urls: &[String]) -> StoreResult<Arc<Self>> {
+        let mut shards = std::collections::HashMap::new();
+        for url in urls {
+            let mut c = cfg.clone();
+            c.url = url.clone();
+            shards.insert(url.clone(), connect_cache(&c).await?);
+        }
+        Ok(Arc::new(Self {
+            ring: nearby_ring::Ring::new(urls.iter().cloned()),
+            shards,
+        }))
+    }
+
+    /// The server (its URL) that holds `user`'s location.
+    pub fn shard_of(&self, user: UserId) -> Option<&str> {
+        let key = user.0.to_string();
+        self.ring.owner(key.as_bytes())
+    }
+
+    fn shard(&self, user: UserId) -> StoreResult<&Arc<RedisCache>> {
+        self.shard_of(user)
+            .and_then(|s| self.shards.get(s))
+            .ok_or_else(|| StoreError::unavailable("no cache server"))
+    }
+}
+
+#[async_trait]
+impl LocationCache for ShardedCache {
+    async fn put(&self, user: UserId, loc: Location, ttl: Duration) -> StoreResult<()> {
+        self.shard(user)?.put(user, loc, ttl).await
+    }
+
+    async fn get_many(&self, users: &[UserId]) -> StoreResult<Vec<Option<Location>>> {
+        let mut by_shard: std::collections::BTreeMap<&str, (Vec<usize>, Vec<UserId>)> =
+            std::collections::BTreeMap::new();
+        for (i, u) in users.iter().enumerate() {
+            let s = self
+                .shard_of(*u)
+                .ok_or_else(|| StoreError::unavailable("no cache server"))?;
+            let e = by_shard.entry(s).or_default();
+            e.0.push(i);
+            e.1.push(*u);
+        }
+        let reads = by_shard.into_iter().map(|(s, (at, ids))| async move {
+            let result = match self.shards.get(s) {
+                Some(c) => c.get_many(&ids).await,
+                None => Err(StoreError::unavailable("no cache server")),
+            };
+            (s, at, result)
+        });
+        let mut out = vec![None; users.len()];
+        let (mut answered, mut failure) = (false, None);
+        for (shard, at, result) in futures_util::future::join_all(reads).await {
+            match result {
+                Ok(locs) => {
+                    answered = true;
+                    for (i, loc) in at.into_iter().zip(locs) {
+                        out[i] = loc;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%shard, error = %e, users = at.len(), "cache server failed; its users look inactive");
+                    failure = Some(e);
+                }
+            }
+        }
+        match failure {
+            // Not one server answered: the cache is down, as with one server.
+            Some(e) if !answered => Err(e),
+            _ => Ok(out),
+        }
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        // Ready while any server answers (one lost shard costs its users'
+        // positions until they report, not the node).
+        let pings = self.shards.values().map(|c| c.ping());
+        let results = futures_util::future::join_all(pings).await;
+        if results.iter().any(Result::is_ok) {
+            Ok(())
+        } else {
+            Err(StoreError::unavailable("no cache server answers"))
+        }
+    }
+}

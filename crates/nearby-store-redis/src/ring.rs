@@ -9,15 +9,18 @@
 //!    retried every few seconds).
 //! 2. Subscribe every local channel that moves at its new owner, while the
 //!    old owner still carries it, and wait for Redis to confirm.
-//! 3. Switch publishers to the new ring.
-//! 4. Unsubscribe the moved channels at their old owners, and close the
-//!    servers that left.
+//! 3. Switch publishers to the new ring at once. For the *handover* (2 s by
+//!    default) they publish a moved channel's messages at its old owner
+//!    too: other nodes learn of the change a little earlier or later, and
+//!    one still subscribed only at the old owner must not miss anything.
+//! 4. After the handover, unsubscribe the moved channels at their old
+//!    owners and close the servers that left.
 //! 5. If a server left, messages on its channels may have been lost while
 //!    it failed: the sessions on those channels re-read the user store.
 //!
-//! Only moved channels are touched. During the overlap a session may get a
-//! message from both servers only if it was in flight; its timestamp guard
-//! drops the duplicate.
+//! Only moved channels are touched. A node subscribed at both owners during
+//! the handover gets those messages twice; the session's timestamp guard
+//! drops the second copy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,6 +58,9 @@ struct RingState {
     ring: Ring,
     /// During a change, the ring being moved to: its owners subscribe too.
     next: Option<Ring>,
+    /// During the handover after a change, the ring moved from: its owners
+    /// still carry their channels and get every publication too.
+    previous: Option<Ring>,
     links: HashMap<String, Arc<Link>>,
 }
 
@@ -73,6 +79,16 @@ fn owner_of(ring: &Ring, ch: Channel) -> Option<&str> {
     ring.owner(ring_key(ch, &mut buf))
 }
 
+impl RingState {
+    /// The rings whose owners carry a channel now: the one in use, and the
+    /// one moved to or from during a change.
+    fn rings(&self) -> impl Iterator<Item = &Ring> {
+        std::iter::once(&self.ring)
+            .chain(self.next.as_ref())
+            .chain(self.previous.as_ref())
+    }
+}
+
 /// The broker over a ring of Redis servers.
 pub struct RingBroker {
     state: Shared,
@@ -89,7 +105,12 @@ impl RingBroker {
     /// Starts the broker with `members`; `cfg` gives the prefix and the
     /// connection sizes used for every server (its `url` is ignored).
     /// Returns once the initial members are connected (or skipped).
-    pub async fn start(cfg: &RedisConfig, hub: Arc<Hub>, members: Vec<Member>) -> Arc<Self> {
+    pub async fn start(
+        cfg: &RedisConfig,
+        handover: Duration,
+        hub: Arc<Hub>,
+        members: Vec<Member>,
+    ) -> Arc<Self> {
         let state: Shared = Arc::default();
         let (desired, desired_rx) = watch::channel((0, Vec::new()));
         let (applied_tx, applied) = watch::channel(0);
@@ -97,6 +118,7 @@ impl RingBroker {
         let reconnects = Arc::new(AtomicU64::new(0));
         let manager = Manager {
             cfg: cfg.clone(),
+            handover,
             hub,
             state: state.clone(),
             moved: moved.clone(),
@@ -164,13 +186,25 @@ impl RingBroker {
 #[async_trait]
 impl Broker for RingBroker {
     async fn publish(&self, channel: Channel, msg: BusMessage) -> StoreResult<()> {
-        let link = {
-            let s = current(&self.state);
-            owner_of(&s.ring, channel).and_then(|o| s.links.get(o).cloned())
+        let s = current(&self.state);
+        let owner = owner_of(&s.ring, channel);
+        let Some(link) = owner.and_then(|o| s.links.get(o)) else {
+            return Err(StoreError::unavailable("no pub/sub server in the ring"));
         };
-        match link {
-            Some(l) => l.publish(channel, &msg).await,
-            None => Err(StoreError::unavailable("no pub/sub server in the ring")),
+        // During a handover, the old owner too (if it differs and is still
+        // connected); success if either took it.
+        let old = s
+            .previous
+            .as_ref()
+            .and_then(|r| owner_of(r, channel))
+            .filter(|o| Some(*o) != owner)
+            .and_then(|o| s.links.get(o));
+        match old {
+            None => link.publish(channel, &msg).await,
+            Some(old) => {
+                let (a, b) = tokio::join!(link.publish(channel, &msg), old.publish(channel, &msg));
+                a.or(b)
+            }
         }
     }
 
@@ -180,10 +214,11 @@ impl Broker for RingBroker {
             return Err(StoreError::unavailable("no pub/sub server in the ring"));
         }
         // Ask the owner under the ring in use and, during a change, under
-        // the next one too (its task only subscribes what it will own).
+        // the one moved to or from (each task only subscribes what it
+        // carries).
         let mut by_owner: BTreeMap<&str, Vec<Channel>> = BTreeMap::new();
         for ch in channels {
-            for ring in std::iter::once(&s.ring).chain(s.next.as_ref()) {
+            for ring in s.rings() {
                 if let Some(o) = owner_of(ring, *ch) {
                     by_owner.entry(o).or_default().push(*ch);
                 }
@@ -241,6 +276,9 @@ impl Broker for RingBroker {
 /// Applies membership changes, one at a time.
 struct Manager {
     cfg: RedisConfig,
+    /// How long publishers keep publishing moved channels at their old
+    /// owners after a change.
+    handover: Duration,
     hub: Arc<Hub>,
     state: Shared,
     moved: Arc<AtomicU64>,
@@ -294,16 +332,22 @@ impl Manager {
             }
             keep
         });
+        // New servers are connected concurrently: one that does not
+        // answer delays the change by CONNECT_TIMEOUT at most.
+        let joining = members
+            .iter()
+            .filter(|m| !links.contains_key(&m.name))
+            .map(|m| async move {
+                let mut cfg = self.cfg.clone();
+                cfg.url = m.url.clone();
+                let placement = self.placement(&m.name);
+                let connect =
+                    Link::connect(&cfg, self.hub.clone(), placement, self.reconnects.clone());
+                (m, tokio::time::timeout(CONNECT_TIMEOUT, connect).await)
+            });
         let mut missing = false;
-        for m in members {
-            if links.contains_key(&m.name) {
-                continue;
-            }
-            let mut cfg = self.cfg.clone();
-            cfg.url = m.url.clone();
-            let placement = self.placement(&m.name);
-            let connect = Link::connect(&cfg, self.hub.clone(), placement, self.reconnects.clone());
-            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        for (m, result) in futures_util::future::join_all(joining).await {
+            match result {
                 Ok(Ok(link)) => {
                     tracing::info!(member = %m.name, url = %m.url, "pub/sub server joined the ring");
                     links.insert(m.name.clone(), Arc::new(link));
@@ -333,6 +377,7 @@ impl Manager {
             RingState {
                 ring: old.ring.clone(),
                 next: Some(ring.clone()),
+                previous: None,
                 links: links.clone(),
             },
         );
@@ -363,19 +408,40 @@ impl Manager {
                 tracing::warn!(%member, error = %e, "subscribing moved channels failed");
             }
         }
-        // 3. Publishers switch.
+        // 3. Publishers switch, and publish at the old owners too for the
+        // handover (departed servers stay connected until it ends).
+        let mut during = links.clone();
+        for (name, link) in &old.links {
+            during.entry(name.clone()).or_insert_with(|| link.clone());
+        }
         set(
             &self.state,
             RingState {
                 ring: ring.clone(),
                 next: None,
+                previous: Some(old.ring.clone()),
+                links: during,
+            },
+        );
+        tokio::time::sleep(self.handover).await;
+        // 4. Old owners let go; departed servers close.
+        set(
+            &self.state,
+            RingState {
+                ring: ring.clone(),
+                next: None,
+                previous: None,
                 links: links.clone(),
             },
         );
-        // 4. Old owners let go; departed servers close.
+        // Computed again: sessions that subscribed during the handover took
+        // their channels at the old owners too.
+        let leaving = self
+            .hub
+            .channels_where(|c| owner_of(&old.ring, c) != owner_of(&ring, c));
         for (name, link) in &old.links {
             if links.contains_key(name) {
-                link.queue(&moved);
+                link.queue(&leaving);
             }
         }
         let departed = !closing.is_empty();
@@ -398,14 +464,14 @@ impl Manager {
     }
 
     /// The channels `member` carries: those the ring in use, or the ring
-    /// being moved to, places on it.
+    /// moved to or from, places on it.
     fn placement(&self, member: &str) -> Placement {
         let state = self.state.clone();
         let member: Arc<str> = member.into();
         Arc::new(move |ch| {
             let s = current(&state);
-            let here = |r: &Ring| owner_of(r, ch) == Some(&*member);
-            here(&s.ring) || s.next.as_ref().is_some_and(here)
+            let carried = s.rings().any(|r| owner_of(r, ch) == Some(&*member));
+            carried
         })
     }
 }

@@ -113,9 +113,21 @@ pub struct ServeArgs {
     /// Seconds to wait for sessions and history on shutdown [default: 10].
     #[arg(long, env = "NEARBY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
-    /// Redis for the location cache and the bus (`redis://host:port`); without it both are in-process.
+    /// Redis for the location cache, and the bus unless --pubsub-redis-urls or --etcd is given (`redis://host:port`; several, comma-separated, shard the cache); without it both are in-process.
     #[arg(long, env = "NEARBY_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Pub/sub servers of the bus as a static ring, comma-separated `redis://` URLs (each URL is its member name); needs --redis-url.
+    #[arg(long, env = "NEARBY_PUBSUB_REDIS_URLS")]
+    pub pubsub_redis_urls: Option<String>,
+    /// etcd endpoints (comma-separated `http://host:port`) holding the bus's ring of pub/sub servers, watched for changes; needs --redis-url.
+    #[arg(long, env = "NEARBY_ETCD")]
+    pub etcd: Option<String>,
+    /// Key prefix of the ring in etcd [default: "/nearby/ring/"].
+    #[arg(long, env = "NEARBY_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// After a ring change, milliseconds during which moved channels are published at both their old and new server [default: 2000].
+    #[arg(long, env = "NEARBY_RING_HANDOVER_MS")]
+    pub ring_handover_ms: Option<u64>,
     /// Prefix of every Redis key and channel [default: "nearby:"].
     #[arg(long, env = "NEARBY_REDIS_PREFIX")]
     pub redis_prefix: Option<String>,
@@ -137,8 +149,12 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub grace: Duration,
     pub server: ServerConfig,
-    /// Redis cache and bus, if configured.
+    /// Redis cache and bus, if configured (the first cache URL's).
     pub redis: Option<RedisConfig>,
+    /// Every cache server (one unless the cache is sharded).
+    pub cache_urls: Vec<String>,
+    /// Where the bus's pub/sub servers come from.
+    pub pubsub: Pubsub,
     /// PostgreSQL URL and pool size, if configured.
     pub database: Option<(String, u32)>,
 }
@@ -183,6 +199,10 @@ impl ServeArgs {
             limit_loopback,
             shutdown_grace_secs,
             redis_url,
+            pubsub_redis_urls,
+            etcd,
+            etcd_prefix,
+            ring_handover_ms,
             redis_prefix,
             redis_subscribers,
             database_url,
@@ -254,14 +274,18 @@ impl ServeArgs {
             limit_loopback: merged.limit_loopback.unwrap_or(d.limit_loopback),
         };
         server.validate()?;
-        let redis = match merged.redis_url {
+        let cache_urls: Vec<String> = merged
+            .redis_url
+            .as_deref()
+            .map(split_urls)
+            .unwrap_or_default();
+        for url in &cache_urls {
+            check_redis_url("redis_url", url)?;
+        }
+        let redis = match cache_urls.first() {
             None => None,
             Some(url) => {
-                anyhow::ensure!(
-                    url.starts_with("redis://") || url.starts_with("rediss://"),
-                    "redis_url must start with redis:// or rediss://"
-                );
-                let mut cfg = RedisConfig::new(url);
+                let mut cfg = RedisConfig::new(url.clone());
                 if let Some(p) = merged.redis_prefix {
                     cfg.prefix = p;
                 }
@@ -276,6 +300,45 @@ impl ServeArgs {
                 Some(cfg)
             }
         };
+        let handover = Duration::from_millis(merged.ring_handover_ms.unwrap_or(2000));
+        anyhow::ensure!(
+            handover <= Duration::from_secs(60),
+            "ring_handover_ms must be at most 60000"
+        );
+        let pubsub = match (merged.pubsub_redis_urls, merged.etcd) {
+            (Some(_), Some(_)) => {
+                anyhow::bail!("give either pubsub_redis_urls or etcd, not both")
+            }
+            (Some(list), None) => {
+                let urls = split_urls(&list);
+                anyhow::ensure!(!urls.is_empty(), "pubsub_redis_urls lists no URL");
+                for url in &urls {
+                    check_redis_url("pubsub_redis_urls", url)?;
+                }
+                Pubsub::Static { urls, handover }
+            }
+            (None, Some(list)) => {
+                let endpoints = split_urls(&list);
+                anyhow::ensure!(!endpoints.is_empty(), "etcd lists no endpoint");
+                let prefix = merged
+                    .etcd_prefix
+                    .unwrap_or_else(|| nearby_etcd::DEFAULT_PREFIX.to_owned());
+                anyhow::ensure!(
+                    prefix.starts_with('/') && prefix.ends_with('/'),
+                    "etcd_prefix must start and end with '/'"
+                );
+                Pubsub::Etcd {
+                    endpoints,
+                    prefix,
+                    handover,
+                }
+            }
+            (None, None) => Pubsub::Single,
+        };
+        anyhow::ensure!(
+            redis.is_some() || matches!(pubsub, Pubsub::Single),
+            "a ring of pub/sub servers needs redis_url for the location cache"
+        );
         let database = match merged.database_url {
             None => None,
             Some(url) => {
@@ -293,6 +356,8 @@ impl ServeArgs {
         };
         Ok(Settings {
             redis,
+            cache_urls,
+            pubsub,
             database,
             listen: merged
                 .listen
@@ -304,6 +369,41 @@ impl ServeArgs {
             server,
         })
     }
+}
+
+/// Where a node's pub/sub servers come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pubsub {
+    /// The one Redis of `--redis-url` (or in-process without it).
+    Single,
+    /// A ring with static members, named by their URLs.
+    Static {
+        urls: Vec<String>,
+        handover: Duration,
+    },
+    /// A ring whose members are in etcd.
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+        handover: Duration,
+    },
+}
+
+/// A comma-separated list, trimmed, empty items dropped.
+pub fn split_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn check_redis_url(what: &str, url: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        url.starts_with("redis://") || url.starts_with("rediss://"),
+        "{what} must start with redis:// or rediss://, got {url:?}"
+    );
+    Ok(())
 }
 
 fn read_file(path: &Path) -> anyhow::Result<ServeArgs> {
@@ -382,8 +482,59 @@ mod tests {
                 redis_subscribers: Some(0),
                 ..Default::default()
             },
+            ServeArgs {
+                pubsub_redis_urls: Some("redis://a:1".into()),
+                ..Default::default()
+            },
+            ServeArgs {
+                redis_url: Some("redis://x".into()),
+                pubsub_redis_urls: Some("redis://a:1".into()),
+                etcd: Some("http://e:2379".into()),
+                ..Default::default()
+            },
+            ServeArgs {
+                redis_url: Some("redis://x".into()),
+                etcd: Some("http://e:2379".into()),
+                etcd_prefix: Some("nearby".into()),
+                ..Default::default()
+            },
         ] {
             assert!(bad.resolve().is_err());
         }
+    }
+
+    #[test]
+    fn the_ring_and_the_sharded_cache_are_lists() {
+        let s = ServeArgs {
+            redis_url: Some("redis://c1:1, redis://c2:2".into()),
+            pubsub_redis_urls: Some("redis://p1:1,redis://p2:2,".into()),
+            ring_handover_ms: Some(500),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(s.cache_urls, vec!["redis://c1:1", "redis://c2:2"]);
+        assert_eq!(
+            s.pubsub,
+            Pubsub::Static {
+                urls: vec!["redis://p1:1".into(), "redis://p2:2".into()],
+                handover: Duration::from_millis(500),
+            }
+        );
+        let s = ServeArgs {
+            redis_url: Some("redis://c1:1".into()),
+            etcd: Some("http://e1:2379,http://e2:2379".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            s.pubsub,
+            Pubsub::Etcd {
+                endpoints: vec!["http://e1:2379".into(), "http://e2:2379".into()],
+                prefix: "/nearby/ring/".into(),
+                handover: Duration::from_secs(2),
+            }
+        );
     }
 }

@@ -7,6 +7,7 @@
 mod config;
 mod demo;
 mod import;
+mod ring;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,13 +35,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server (REST + WebSocket): embedded storage in --data-dir, or Redis and PostgreSQL.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load a running server with simulated users over WebSockets and measure latency and throughput.
-    Bench(nearby_bench::BenchArgs),
+    Bench(Box<nearby_bench::BenchArgs>),
     /// Talk to a running server: sign up, log in, manage friends, watch the live feed, move.
     Client(nearby_client::cli::ClientArgs),
     /// Run a server with a demo login and simulated friends walking around Seoul.
     Demo(demo::DemoArgs),
+    /// Manage the ring of Redis pub/sub servers in etcd: join a server, list, remove.
+    Ring(ring::RingArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -80,17 +83,18 @@ async fn run(cli: Cli, nofile: std::io::Result<u64>) -> anyhow::Result<()> {
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
     match cli.cmd {
-        Cmd::Serve(args) => serve(args).await,
+        Cmd::Serve(args) => serve(*args).await,
         Cmd::Bench(args) => {
             let import = import::StoreImport::for_bench(
                 args.bulk_sqlite.as_deref(),
                 args.bulk_postgres.as_deref(),
             )
             .await?;
-            nearby_bench::main(args, import).await.map_err(Into::into)
+            nearby_bench::main(*args, import).await.map_err(Into::into)
         }
         Cmd::Client(args) => nearby_client::cli::run(args).await.map_err(Into::into),
         Cmd::Demo(args) => demo::run(args).await,
+        Cmd::Ring(args) => ring::run(args).await,
     }
 }
 
@@ -136,13 +140,16 @@ async fn serve_with(
     }));
     let (cache, bus): (Arc<dyn LocationCache>, Arc<dyn PubSub>) = match &s.redis {
         Some(cfg) => {
-            let cache = nearby_store_redis::connect_cache(cfg)
-                .await
-                .context("connecting to Redis")?;
-            let (bus, _) = nearby_store_redis::connect_bus(cfg)
-                .await
-                .context("connecting to Redis")?;
-            (cache, bus)
+            let cache: Arc<dyn LocationCache> = if s.cache_urls.len() > 1 {
+                nearby_store_redis::ShardedCache::connect(cfg, &s.cache_urls)
+                    .await
+                    .context("connecting to the Redis cache servers")?
+            } else {
+                nearby_store_redis::connect_cache(cfg)
+                    .await
+                    .context("connecting to Redis")?
+            };
+            (cache, ring::bus(cfg, &s.pubsub).await?)
         }
         None => {
             let sweep = s.server.location_ttl.min(Duration::from_secs(10));
@@ -168,10 +175,11 @@ async fn serve_with(
     } else {
         format!("sqlite in {}", s.data_dir.display())
     };
-    let live = if s.redis.is_some() {
-        "redis"
-    } else {
-        "in-process"
+    let live = match (&s.redis, &s.pubsub) {
+        (None, _) => "in-process",
+        (Some(_), config::Pubsub::Single) => "redis",
+        (Some(_), config::Pubsub::Static { .. }) => "redis, bus on a static ring",
+        (Some(_), config::Pubsub::Etcd { .. }) => "redis, bus on a ring from etcd",
     };
     tracing::info!(%addr, %storage, cache_and_bus = live, radius_m = s.server.radius_m, "serving");
     on_listening(addr, &state);

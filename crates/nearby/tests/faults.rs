@@ -23,12 +23,7 @@ async fn friends_across(nodes: &TwoNodes) -> (User, User, Ws, Ws) {
 }
 
 async fn metric(server: &Server, name: &str) -> f64 {
-    let (_, body) = server.get("/metrics", None).await;
-    body.as_str()
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    server.metric(name).await.unwrap_or(0.0)
 }
 
 #[tokio::test]

@@ -119,6 +119,15 @@ impl Server {
         }
     }
 
+    /// The value of an unlabelled metric in `/metrics`, `None` if absent.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics", None).await;
+        body.as_str()
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    }
+
     /// The server's `--data-dir`.
     pub fn data_dir(&self) -> &std::path::Path {
         self._dir.path()
