@@ -474,4 +474,189 @@ mod tests {
         );
         assert_eq!(parse(p, b"/other/key", br#"{"url":"redis://h:1"}"#), None);
     }
+
+    use nearby_conformance::services::{self, EtcdProcess};
+
+    fn etcd() -> Option<EtcdProcess> {
+        match EtcdProcess::start() {
+            Ok(e) => Some(e),
+            Err(e) => {
+                services::missing("etcd", e);
+                None
+            }
+        }
+    }
+
+    fn member(name: &str) -> Member {
+        Member {
+            name: name.into(),
+            url: format!("redis://{name}:6379"),
+        }
+    }
+
+    fn put(etcd: &EtcdProcess, name: &str) {
+        let key = format!("{DEFAULT_PREFIX}members/{name}");
+        let value = format!(r#"{{"url":"redis://{name}:6379"}}"#);
+        etcd.ctl(&["put", &key, &value]).expect("put");
+    }
+
+    async fn revision(reg: &mut Registry) -> i64 {
+        reg.list().await.expect("list").1
+    }
+
+    /// Runs a follower that last saw `revision` and `members`, and returns
+    /// the first members it reports.
+    async fn resume(etcd: &EtcdProcess, revision: i64, members: &[&str]) -> Vec<Member> {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut f = Follower {
+            prefix: DEFAULT_PREFIX.into(),
+            members: members.iter().map(|n| (n.to_string(), member(n))).collect(),
+            revision: Some(revision),
+            stale: false,
+            events: tx,
+        };
+        let endpoints = vec![etcd.url()];
+        let task = tokio::spawn(async move { f.run(&endpoints).await });
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match rx.recv().await {
+                    Some(Event::Members(m)) => return m,
+                    Some(Event::Stale(_)) => continue,
+                    None => panic!("follower stopped"),
+                }
+            }
+        })
+        .await
+        .expect("members reported");
+        task.abort();
+        got
+    }
+
+    #[tokio::test]
+    async fn a_resumed_watch_applies_what_changed_since_its_revision() {
+        let Some(etcd) = etcd() else { return };
+        put(&etcd, "a");
+        let mut reg = Registry::connect(&[etcd.url()], DEFAULT_PREFIX)
+            .await
+            .expect("connect");
+        let seen = revision(&mut reg).await;
+        // Missed while the follower was away: b joins, a leaves.
+        put(&etcd, "b");
+        assert!(reg.leave("a").await.expect("leave"));
+        assert_eq!(resume(&etcd, seen, &["a"]).await, vec![member("b")]);
+    }
+
+    #[tokio::test]
+    async fn a_compacted_revision_means_a_full_reload() {
+        let Some(etcd) = etcd() else { return };
+        put(&etcd, "a");
+        let mut reg = Registry::connect(&[etcd.url()], DEFAULT_PREFIX)
+            .await
+            .expect("connect");
+        let seen = revision(&mut reg).await;
+        put(&etcd, "b");
+        put(&etcd, "c");
+        assert!(reg.leave("a").await.expect("leave"));
+        let now = revision(&mut reg).await;
+        etcd.ctl(&["compaction", &now.to_string()])
+            .expect("compact");
+        // History from `seen` is gone: the follower must reload, which
+        // also drops the stale "old" it believed in.
+        let got = resume(&etcd, seen, &["a", "old"]).await;
+        assert_eq!(got, vec![member("b"), member("c")]);
+    }
+
+    #[tokio::test]
+    async fn join_registers_under_a_lease_and_revokes_it_on_stop() {
+        let Some(etcd) = etcd() else { return };
+        let mut reg = Registry::connect(&[etcd.url()], DEFAULT_PREFIX)
+            .await
+            .expect("connect");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let url = etcd.url();
+        let agent = tokio::spawn(async move {
+            let mut reg = Registry::connect(&[url], DEFAULT_PREFIX)
+                .await
+                .expect("connect");
+            reg.join(
+                "r1",
+                "redis://h:1",
+                Duration::from_secs(60),
+                || async { true },
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while reg.list().await.expect("list").0.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "never joined");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let lease = etcd
+            .ctl(&["get", &format!("{DEFAULT_PREFIX}members/r1"), "-w", "json"])
+            .expect("get");
+        assert!(lease.contains("\"lease\""), "not under a lease: {lease}");
+        stop_tx.send(()).expect("stop");
+        agent.await.expect("agent").expect("join");
+        // Revoked, not left to its 60 s TTL.
+        assert!(reg.list().await.expect("list").0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unhealthy_server_lets_its_lease_lapse() {
+        let Some(etcd) = etcd() else { return };
+        let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let h = healthy.clone();
+        let url = etcd.url();
+        let agent = tokio::spawn(async move {
+            let mut reg = Registry::connect(&[url], DEFAULT_PREFIX)
+                .await
+                .expect("connect");
+            let check = move || {
+                let h = h.clone();
+                async move { h.load(std::sync::atomic::Ordering::Relaxed) }
+            };
+            reg.join(
+                "r1",
+                "redis://h:1",
+                Duration::from_secs(1),
+                check,
+                std::future::pending(),
+            )
+            .await
+        });
+        let mut reg = Registry::connect(&[etcd.url()], DEFAULT_PREFIX)
+            .await
+            .expect("connect");
+        let until = |want: bool| {
+            let url = etcd.url();
+            async move {
+                let mut reg = Registry::connect(&[url], DEFAULT_PREFIX)
+                    .await
+                    .expect("connect");
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+                loop {
+                    let present = !reg.list().await.expect("list").0.is_empty();
+                    if present == want {
+                        return;
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "member present: {present}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        until(true).await;
+        healthy.store(false, std::sync::atomic::Ordering::Relaxed);
+        until(false).await;
+        // Healthy again: it joins again under a new lease.
+        healthy.store(true, std::sync::atomic::Ordering::Relaxed);
+        until(true).await;
+        let _ = reg.leave("r1").await;
+        agent.abort();
+    }
 }

@@ -123,6 +123,7 @@ impl RingBroker {
             state: state.clone(),
             moved: moved.clone(),
             reconnects: reconnects.clone(),
+            warned: Default::default(),
         };
         tokio::spawn(manager.run(desired_rx, applied_tx));
         let broker = Arc::new(Self {
@@ -283,6 +284,8 @@ struct Manager {
     state: Shared,
     moved: Arc<AtomicU64>,
     reconnects: Arc<AtomicU64>,
+    /// Members already reported unreachable.
+    warned: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl Manager {
@@ -347,20 +350,24 @@ impl Manager {
             });
         let mut missing = false;
         for (m, result) in futures_util::future::join_all(joining).await {
-            match result {
+            let why = match result {
                 Ok(Ok(link)) => {
                     tracing::info!(member = %m.name, url = %m.url, "pub/sub server joined the ring");
                     links.insert(m.name.clone(), Arc::new(link));
                     urls.insert(m.name.clone(), m.url.clone());
+                    continue;
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(member = %m.name, url = %m.url, error = %e, "pub/sub server unreachable; left out of the ring for now");
-                    missing = true;
-                }
-                Err(_) => {
-                    tracing::warn!(member = %m.name, url = %m.url, "pub/sub server did not answer; left out of the ring for now");
-                    missing = true;
-                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer".to_owned(),
+            };
+            missing = true;
+            // Said once per member and URL; the retries every few seconds
+            // are logged at debug.
+            let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+            if warned.insert((m.name.clone(), m.url.clone())) {
+                tracing::warn!(member = %m.name, url = %m.url, error = %why, "pub/sub server unreachable; left out of the ring, retried every 3 s");
+            } else {
+                tracing::debug!(member = %m.name, url = %m.url, error = %why, "pub/sub server still unreachable");
             }
         }
         let ring = Ring::new(links.keys().cloned());

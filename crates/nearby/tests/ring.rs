@@ -21,6 +21,10 @@ struct Agent(Child);
 
 impl Agent {
     fn join(etcd: &EtcdProcess, redis: &RedisProcess, name: &str) -> Self {
+        Self::join_for(etcd, redis, name, LEASE_TTL)
+    }
+
+    fn join_for(etcd: &EtcdProcess, redis: &RedisProcess, name: &str, ttl: Duration) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nearby"))
             .args([
                 "ring",
@@ -31,7 +35,7 @@ impl Agent {
                 ETCD_PREFIX,
             ])
             .args(["--redis-url", &redis.url(), "--name", name])
-            .args(["--lease-ttl-secs", &LEASE_TTL.as_secs().to_string()])
+            .args(["--lease-ttl-secs", &ttl.as_secs().to_string()])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -43,6 +47,17 @@ impl Agent {
             .expect("read the agent's first line");
         assert!(line.starts_with("joining the ring as"), "{line:?}");
         Self(child)
+    }
+
+    /// SIGTERM: the agent revokes its lease and exits 0.
+    fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let exit = self.0.wait().expect("wait");
+        assert!(exit.success(), "agent exited {exit}");
     }
 
     /// SIGKILL: the agent dies with its server; the lease must expire.
@@ -85,6 +100,26 @@ fn subscribed(redis: &RedisProcess, prefix: &str) -> HashSet<String> {
         .lines()
         .map(str::to_owned)
         .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// `PUBSUB NUMSUB` of `channels` on one Redis.
+fn numsub(redis: &RedisProcess, channels: &[&String]) -> Vec<(String, u64)> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "PUBSUB", "NUMSUB"])
+        .args(channels.iter().map(|c| c.as_str()))
+        .output()
+        .expect("redis-cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .map(|p| {
+            (
+                p[0].to_owned(),
+                p.get(1).and_then(|n| n.parse().ok()).unwrap_or(u64::MAX),
+            )
+        })
         .collect()
 }
 
@@ -208,6 +243,25 @@ async fn the_bus_runs_on_a_ring_from_etcd_under_live_sessions() {
         assert_eq!(on, &vec![owner.to_owned()], "{channel}");
     }
     assert!(subscribed(&cache, &prefix).is_empty(), "bus on the cache");
+    // PUBSUB NUMSUB on every server: a location channel has one subscriber
+    // per node (the mover's own node, and its friend's), an inbox one (its
+    // owner's node), all on the owner and none elsewhere.
+    let names_of: Vec<&String> = at.keys().collect();
+    for (name, r) in &servers[..3] {
+        let counts = numsub(r, &names_of);
+        for (channel, n) in counts {
+            let key = channel.strip_prefix(&prefix).expect("prefixed");
+            let want = match (
+                ring3.owner(key.as_bytes()) == Some(*name),
+                key.starts_with("loc:"),
+            ) {
+                (false, _) => 0,
+                (true, true) => 2,
+                (true, false) => 1,
+            };
+            assert_eq!(n, want, "NUMSUB {channel} on {name}");
+        }
+    }
 
     // 2. A fourth server joins while every x reports: each update reaches
     // its y, nobody reconnects. The ys stand at Seoul, so an x at
@@ -224,7 +278,14 @@ async fn the_bus_runs_on_a_ring_from_etcd_under_live_sessions() {
     const STEPS: u32 = 12;
     for step in 0..STEPS {
         if step == 2 {
-            agents[3] = Some(Agent::join(&etcd, &redis[3], "r3"));
+            // A long lease: when it leaves below, only its revocation can
+            // explain it.
+            agents[3] = Some(Agent::join_for(
+                &etcd,
+                &redis[3],
+                "r3",
+                Duration::from_secs(60),
+            ));
         }
         for (_, _, wx, _) in pairs.iter_mut() {
             let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 100.0 + f64::from(step));
@@ -317,6 +378,18 @@ async fn the_bus_runs_on_a_ring_from_etcd_under_live_sessions() {
     }
     all_pairs_deliver(&mut pairs, Duration::from_secs(5)).await;
 
+    // SIGTERM to an agent revokes its lease: the member leaves at once, not
+    // after its 60 s TTL.
+    if let Some(mut agent) = agents[3].take() {
+        let stopped = Instant::now();
+        agent.terminate();
+        for node in [&a, &b] {
+            until_metric(node, "nearby_ring_members", 3.0, Duration::from_secs(5)).await;
+        }
+        eprintln!("r3 left {:?} after SIGTERM to its agent", stopped.elapsed());
+    }
+    all_pairs_deliver(&mut pairs, Duration::from_secs(5)).await;
+
     // `nearby ring list` and `leave`.
     let list = Command::new(env!("CARGO_BIN_EXE_nearby"))
         .args([
@@ -330,13 +403,17 @@ async fn the_bus_runs_on_a_ring_from_etcd_under_live_sessions() {
         .output()
         .expect("ring list");
     let text = String::from_utf8_lossy(&list.stdout);
-    for name in names {
+    for name in ["r0", "r1", "r2"] {
         assert!(
             text.lines()
                 .any(|l| l.starts_with(&format!("{name} redis://"))),
             "{text}"
         );
     }
+    assert!(
+        !text.contains("r3 "),
+        "r3 still listed after it left: {text}"
+    );
     assert!(text.lines().any(|l| l.starts_with("dead ")), "{text}");
     assert!(!text.contains("bad "), "malformed entry listed: {text}");
     let leave = Command::new(env!("CARGO_BIN_EXE_nearby"))
