@@ -532,31 +532,35 @@ mod tests {
         got
     }
 
-    #[tokio::test]
-    async fn a_resumed_watch_applies_what_changed_since_its_revision() {
-        let Some(etcd) = etcd() else { return };
+    /// An etcd where `a` joined, then (after the returned revision, while a
+    /// follower was away) `joining` joined and `a` left.
+    async fn missed(joining: &[&str]) -> Option<(EtcdProcess, Registry, i64)> {
+        let etcd = etcd()?;
         put(&etcd, "a");
         let mut reg = Registry::connect(&[etcd.url()], DEFAULT_PREFIX)
             .await
             .expect("connect");
         let seen = revision(&mut reg).await;
-        // Missed while the follower was away: b joins, a leaves.
-        put(&etcd, "b");
+        for name in joining {
+            put(&etcd, name);
+        }
         assert!(reg.leave("a").await.expect("leave"));
+        Some((etcd, reg, seen))
+    }
+
+    #[tokio::test]
+    async fn a_resumed_watch_applies_what_changed_since_its_revision() {
+        let Some((etcd, _, seen)) = missed(&["b"]).await else {
+            return;
+        };
         assert_eq!(resume(&etcd, seen, &["a"]).await, vec![member("b")]);
     }
 
     #[tokio::test]
     async fn a_compacted_revision_means_a_full_reload() {
-        let Some(etcd) = etcd() else { return };
-        put(&etcd, "a");
-        let mut reg = Registry::connect(&[etcd.url()], DEFAULT_PREFIX)
-            .await
-            .expect("connect");
-        let seen = revision(&mut reg).await;
-        put(&etcd, "b");
-        put(&etcd, "c");
-        assert!(reg.leave("a").await.expect("leave"));
+        let Some((etcd, mut reg, seen)) = missed(&["b", "c"]).await else {
+            return;
+        };
         let now = revision(&mut reg).await;
         etcd.ctl(&["compaction", &now.to_string()])
             .expect("compact");
