@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod api;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 mod error;

@@ -104,12 +104,15 @@ impl Live {
                     return Ok(Incoming { text, frame });
                 }
                 Message::Close(frame) => {
+                    // Send the reply tungstenite queued, so the server's
+                    // closing handshake ends now instead of timing out.
+                    let _ = self.ws.flush().await;
                     return Err(ClientError::Closed {
                         code: frame.as_ref().map(|f| u16::from(f.code)),
                         reason: frame
                             .map(|f| f.reason.as_str().to_owned())
                             .unwrap_or_default(),
-                    })
+                    });
                 }
                 // Pings are answered by tungstenite on the next read; the
                 // server sends no binary frames, and none are meaningful.

@@ -120,6 +120,10 @@ pub enum ServerFrame {
         code: Cow<'static, str>,
         /// Human-readable detail.
         message: String,
+        /// With `going_away`: how long the client should wait before it
+        /// reconnects (then backs off as after any close).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reconnect_after_ms: Option<u64>,
     },
 }
 
@@ -129,6 +133,17 @@ impl ServerFrame {
         Self::Error {
             code: Cow::Borrowed(code),
             message: message.into(),
+            reconnect_after_ms: None,
+        }
+    }
+
+    /// The `going_away` error frame of a draining node: reconnect (through
+    /// the load balancer, to another node) after `reconnect_after_ms`.
+    pub fn going_away(reconnect_after_ms: u64) -> Self {
+        Self::Error {
+            code: Cow::Borrowed("going_away"),
+            message: "this node is shutting down; reconnect".into(),
+            reconnect_after_ms: Some(reconnect_after_ms),
         }
     }
 

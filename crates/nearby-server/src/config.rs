@@ -44,6 +44,10 @@ pub struct ServerConfig {
     /// store this often (default 60 s): the longest a revocation whose bus
     /// message was lost can go unnoticed.
     pub revalidate: Duration,
+    /// How long a drain (the first SIGTERM) may take: sessions are told to
+    /// go, spread over the first 80 % of it, and the process exits when the
+    /// last is gone or at its end (default 30 s; 0: all at once).
+    pub drain: Duration,
     /// Connections served normally; 0 (default) derives it from the
     /// open-file limit (see [`crate::listen::Limits::resolve`]).
     pub max_connections: usize,
@@ -102,6 +106,7 @@ impl Default for ServerConfig {
             history_batch: 1000,
             history_linger: Duration::from_millis(200),
             revalidate: Duration::from_secs(60),
+            drain: Duration::from_secs(30),
             max_connections: 0,
             max_connections_per_ip: 4096,
             connection_reserve: 64,
@@ -211,6 +216,12 @@ impl ServerConfig {
             "history_queue",
             self.history_queue,
             "between 1 and 10000000",
+        )?;
+        check(
+            self.drain <= Duration::from_secs(3600),
+            "drain_secs",
+            self.drain.as_secs(),
+            "at most 3600",
         )?;
         check(
             (SECOND..=DAY).contains(&self.revalidate),

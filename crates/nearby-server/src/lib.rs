@@ -124,6 +124,37 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Drains the node: from now on `/readyz` answers 503 `draining`, new
+/// WebSockets are refused with 503, REST keeps answering, and every session
+/// is told to reconnect (`going_away` with a `reconnect_after_ms`, close
+/// 1012) at a random batch over the first 80 % of `--drain-secs`. Returns,
+/// having fired the shutdown signal, when the last session is gone, at the
+/// end of the drain window, or when `now` completes (a second signal),
+/// whichever comes first.
+pub async fn drain(state: &AppState, now: impl std::future::Future<Output = ()>) {
+    state.draining.cancel();
+    let sessions = state.sessions.len();
+    tracing::info!(
+        sessions,
+        drain_secs = state.cfg.drain.as_secs(),
+        "draining: not ready, refusing new WebSockets, asking sessions to reconnect elsewhere"
+    );
+    // Closed only for `wait`: upgrades are refused while draining anyway.
+    state.sessions.close();
+    tokio::select! {
+        () = state.sessions.wait() => tracing::info!("drained: every session is gone"),
+        () = tokio::time::sleep(state.cfg.drain) => tracing::warn!(
+            left = state.sessions.len(),
+            "drain window over; closing the sessions left"
+        ),
+        () = now => tracing::info!(
+            left = state.sessions.len(),
+            "second signal: stopping now"
+        ),
+    }
+    state.shutdown.cancel();
+}
+
 /// Serves until the state's shutdown signal fires, then closes every live
 /// session (clients are told to reconnect), waits for them up to
 /// `grace`, and flushes the history queue. Connections are admitted and

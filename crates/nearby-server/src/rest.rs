@@ -83,7 +83,7 @@ pub async fn healthz() -> impl IntoResponse {
 /// `GET /readyz`: 200 when every backend answers within a second, 503
 /// naming the ones that do not (or while the node drains).
 pub async fn readyz(State(st): St) -> Response {
-    if st.shutdown.is_cancelled() {
+    if st.draining.is_cancelled() {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",

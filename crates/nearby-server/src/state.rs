@@ -35,7 +35,12 @@ pub struct AppState {
     pub backends: Backends,
     /// Accepted locations waiting to be written to history.
     pub history: Arc<HistoryQueue>,
-    /// Fires once, on shutdown.
+    /// Fires once, when the node starts draining: no new WebSockets,
+    /// `/readyz` 503, sessions told to reconnect elsewhere over the drain
+    /// window. REST keeps answering.
+    pub draining: CancellationToken,
+    /// Fires once, on shutdown: the accept loop stops and the sessions
+    /// still open close at once. Always after (or with) `draining`.
     pub shutdown: CancellationToken,
     /// Live WebSocket sessions, so shutdown can wait for them.
     pub sessions: TaskTracker,
@@ -73,6 +78,7 @@ impl AppState {
             cfg,
             backends,
             history,
+            draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             hasher: crate::auth::Hasher::new(

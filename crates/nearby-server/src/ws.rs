@@ -39,6 +39,24 @@ use crate::state::{now_ms, AppState};
 /// Bus messages handled per wake-up before the frames are flushed.
 pub const BUS_DRAIN: usize = 64;
 
+/// Closes of a draining node are spread over this share of `--drain-secs`;
+/// the rest is margin for the last closing handshakes.
+const DRAIN_SPREAD: f64 = 0.8;
+
+/// Closes are grouped in batches this far apart (never all in one tick).
+const DRAIN_BATCH: Duration = Duration::from_millis(100);
+
+/// The `reconnect_after_ms` suggested to a drained session: up to this,
+/// at random, so the clients closed in one batch do not come back at once.
+const RECONNECT_AFTER_MAX_MS: u64 = 1000;
+
+/// When, after a drain starts, a session is told to go: a uniformly random
+/// batch over the first [`DRAIN_SPREAD`] of the drain window.
+fn drain_turn_after(drain: Duration) -> Duration {
+    let batches = (drain.mul_f64(DRAIN_SPREAD).as_millis() / DRAIN_BATCH.as_millis()) as u32;
+    DRAIN_BATCH * rand::thread_rng().gen_range(0..=batches)
+}
+
 /// A write (feed + flush) that takes longer than this means the client is
 /// not reading: the connection is dropped rather than left holding memory.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -78,13 +96,14 @@ pub async fn upgrade(
             return ApiError::new(rej.status(), "not_websocket", rej.body_text()).into_response()
         }
     };
-    if st.shutdown.is_cancelled() {
-        return ApiError::new(
+    if st.draining.is_cancelled() {
+        let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
-            "this node is shutting down",
-        )
-        .into_response();
+            "this node is shutting down; connect again (another node will answer)",
+        );
+        e.retry_after_secs = Some(1);
+        return e.into_response();
     }
     if peer.is_some_and(|p| p.reserved) {
         let mut e = ApiError::new(
@@ -310,6 +329,12 @@ impl Conn {
         let token_expiry = tokio::time::sleep(until(token_expires_at));
         tokio::pin!(token_expiry);
         let shutdown = self.st.shutdown.clone();
+        // Draining: this session's turn to be told to go comes at a random
+        // point of the spread (see `drain_turn`).
+        let draining = self.st.draining.clone();
+        let drain_turn = tokio::time::sleep(Duration::from_secs(365 * 86_400));
+        tokio::pin!(drain_turn);
+        let mut drain_armed = false;
         let start = tokio::time::Instant::now();
         // Ping after a third of the idle limit of silence; give up at the limit.
         let idle_limit = self.st.cfg.idle_timeout;
@@ -341,8 +366,18 @@ impl Conn {
                 armed = next_expiry;
             }
             tokio::select! {
+                _ = draining.cancelled(), if !drain_armed => {
+                    drain_armed = true;
+                    let turn = drain_turn_after(self.st.cfg.drain);
+                    drain_turn.as_mut().reset(tokio::time::Instant::now() + turn);
+                }
+                _ = &mut drain_turn, if drain_armed => {
+                    let after = rand::thread_rng().gen_range(0..RECONNECT_AFTER_MAX_MS);
+                    self.out.push(ServerFrame::going_away(after));
+                    self.closing = Some((close::RESTART, "server draining"));
+                }
                 _ = shutdown.cancelled() => {
-                    self.out.push(ServerFrame::error("going_away", "the server is shutting down; reconnect"));
+                    self.out.push(ServerFrame::going_away(0));
                     let _ = self.flush(socket).await;
                     let _ = send_close(socket, close::RESTART, "server shutting down").await;
                     return;

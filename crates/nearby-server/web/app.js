@@ -5,8 +5,10 @@ const EARTH_RADIUS_M = 6371008.8; // protocol.md: mean Earth radius
 const MIN_SEND_GAP_MS = 1000;     // well under the 5 frames/s limit
 const RESEND_MS = 10000;          // stay fresh within the 600 s location TTL
 const FRIENDS_POLL_MS = 5000;     // requests are not pushed over the WebSocket
-const BACKOFF_BASE_MS = 1000;
-const BACKOFF_MAX_MS = 30000;
+// Reconnecting as docs/protocol.md asks: the server's reconnect_after_ms,
+// then full jitter over 0.5 s doubling to 20 s.
+const BACKOFF_BASE_MS = 500;
+const BACKOFF_MAX_MS = 20000;
 const DEMO_CENTRE = { lat: 37.5665, lon: 126.978 };
 const SESSION_KEY = 'nearby.session';
 const LEFT_REASONS = {
@@ -26,6 +28,7 @@ const state = {
   ws: null,
   live: false,
   attempt: 0,           // reconnect attempts since the last good connection
+  reconnectAfter: 0,    // ms the server asked to wait (going_away), used once
   retryAt: 0,
   retryTimer: null,
   lastWsError: null,
@@ -385,7 +388,10 @@ function onFrame(data) {
     }
     case 'error':
       state.lastWsError = msg;
-      if (msg.code === 'going_away') notify('The server is restarting; reconnecting shortly.', 'info', 5000, 'conn');
+      if (msg.code === 'going_away') {
+        state.reconnectAfter = msg.reconnect_after_ms ?? 0;
+        notify('The server is restarting; reconnecting shortly.', 'info', 5000, 'conn');
+      }
       else if (msg.code !== 'token_expired' && msg.code !== 'token_revoked') { // those: see onClose
         notify(`Server: ${msg.message} (${msg.code})`);
       }
@@ -420,10 +426,13 @@ function onClose(event, opened) {
   scheduleReconnect();
 }
 
-// Exponential backoff with "equal jitter": half fixed, half random.
+// The server's suggestion (once), then exponential backoff with full
+// jitter: a node draining thousands of clients must not see them return in
+// the same second.
 function scheduleReconnect(err) {
   const cap = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
-  const delay = cap / 2 + Math.random() * (cap / 2);
+  const delay = (state.reconnectAfter ?? 0) + Math.random() * cap;
+  state.reconnectAfter = 0;
   state.attempt += 1;
   state.retryAt = Date.now() + delay;
   if (err && state.attempt === 1) notify(`Connection lost: ${describe(err)}`, 'error', 0, 'conn');

@@ -110,6 +110,9 @@ pub struct ServeArgs {
     /// Apply per-address limits to loopback clients too [default: false].
     #[arg(long, env = "NEARBY_LIMIT_LOOPBACK")]
     pub limit_loopback: Option<bool>,
+    /// Seconds a drain (first SIGTERM) may take: sessions are told to reconnect elsewhere over 80 % of it [default: 30].
+    #[arg(long, env = "NEARBY_DRAIN_SECS")]
+    pub drain_secs: Option<u64>,
     /// Seconds to wait for sessions and history on shutdown [default: 10].
     #[arg(long, env = "NEARBY_SHUTDOWN_GRACE_SECS")]
     pub shutdown_grace_secs: Option<u64>,
@@ -197,6 +200,7 @@ impl ServeArgs {
             signups_per_ip_per_hour,
             socket_send_buffer,
             limit_loopback,
+            drain_secs,
             shutdown_grace_secs,
             redis_url,
             pubsub_redis_urls,
@@ -241,6 +245,7 @@ impl ServeArgs {
             revalidate: merged
                 .revalidate_secs
                 .map_or(d.revalidate, Duration::from_secs),
+            drain: merged.drain_secs.map_or(d.drain, Duration::from_secs),
             max_connections: merged.max_connections.unwrap_or(d.max_connections),
             max_connections_per_ip: merged
                 .max_connections_per_ip

@@ -127,6 +127,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let settings = ServeArgs {
         listen: Some(args.listen),
         data_dir: Some(data_dir.clone()),
+        // A single local node with nobody to hand its clients to: Ctrl-C
+        // tells every session at once instead of spreading a drain.
+        drain_secs: Some(0),
         ..ServeArgs::default()
     }
     .resolve()?;
@@ -287,14 +290,18 @@ async fn walk(client: Client, w: &'static Walker, phase: Duration) {
     tokio::time::sleep(phase).await;
     let mut pos = w.route[0];
     let mut leg = 1 % w.route.len();
-    let mut backoff = Duration::from_millis(500);
+    // The protocol's rule (docs/protocol.md, "Reconnecting").
+    let mut backoff = nearby_client::backoff::Backoff::default();
+    let mut first = true;
     loop {
+        if !std::mem::take(&mut first) {
+            tokio::time::sleep(backoff.next_random_delay()).await;
+        }
         let mut live = match client.connect().await {
             Ok(l) => l,
             Err(e) if e.is_retryable() => {
                 tracing::debug!(walker = w.name, error = %e, "demo: reconnecting");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff.failed();
                 continue;
             }
             Err(e) => {
@@ -302,7 +309,7 @@ async fn walk(client: Client, w: &'static Walker, phase: Duration) {
                 return;
             }
         };
-        backoff = Duration::from_millis(500);
+        backoff.connected();
         let mut tick = tokio::time::interval(STEP);
         let ended = loop {
             tokio::select! {
@@ -312,8 +319,17 @@ async fn walk(client: Client, w: &'static Walker, phase: Duration) {
                     }
                     (pos, leg) = advance(pos, leg, w.route, w.speed_mps * STEP.as_secs_f64());
                 }
-                r = live.recv() => if let Err(e) = r {
-                    break e;
+                r = live.recv() => match r {
+                    Ok(inc) => {
+                        if let Some(nearby_proto::ws::ServerFrame::Error {
+                            reconnect_after_ms: Some(ms),
+                            ..
+                        }) = inc.frame
+                        {
+                            backoff.server_asked(ms);
+                        }
+                    }
+                    Err(e) => break e,
                 },
             }
         };
@@ -321,7 +337,6 @@ async fn walk(client: Client, w: &'static Walker, phase: Duration) {
             tracing::warn!(walker = w.name, error = %ended, "demo: walker stopped");
             return;
         }
-        tokio::time::sleep(backoff).await;
     }
 }
 

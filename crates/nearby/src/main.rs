@@ -44,6 +44,15 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Manage the ring of Redis pub/sub servers in etcd: join a server, list, remove.
     Ring(ring::RingArgs),
+    /// Drain a running node: the same as sending it SIGTERM (see docs/operations.md, "Draining").
+    Drain(DrainArgs),
+}
+
+#[derive(clap::Args)]
+struct DrainArgs {
+    /// Process id of the `nearby serve` to drain.
+    #[arg(long)]
+    pid: i32,
 }
 
 fn main() -> std::process::ExitCode {
@@ -95,6 +104,13 @@ async fn run(cli: Cli, nofile: std::io::Result<u64>) -> anyhow::Result<()> {
         Cmd::Client(args) => nearby_client::cli::run(args).await.map_err(Into::into),
         Cmd::Demo(args) => demo::run(args).await,
         Cmd::Ring(args) => ring::run(args).await,
+        Cmd::Drain(args) => {
+            use nix::sys::signal::{kill, Signal};
+            kill(nix::unistd::Pid::from_raw(args.pid), Signal::SIGTERM)
+                .with_context(|| format!("signalling process {}", args.pid))?;
+            println!("asked process {} to drain", args.pid);
+            Ok(())
+        }
     }
 }
 
@@ -184,11 +200,11 @@ async fn serve_with(
     tracing::info!(%addr, %storage, cache_and_bus = live, radius_m = s.server.radius_m, "serving");
     on_listening(addr, &state);
 
-    let shutdown = state.shutdown.clone();
+    let st = state.clone();
     tokio::spawn(async move {
+        // The first SIGTERM (or Ctrl-C) drains; a second one stops at once.
         wait_for_signal().await;
-        tracing::info!("shutdown signal received; draining");
-        shutdown.cancel();
+        nearby_server::drain(&st, wait_for_signal()).await;
     });
     nearby_server::serve(listener, state, s.grace).await?;
     tracing::info!("stopped");

@@ -385,7 +385,7 @@ async fn expired_tokens_are_refused_and_close_live_sessions() {
 
 #[tokio::test]
 async fn sigterm_tells_clients_to_reconnect_and_keeps_everything_stored() {
-    let server = Server::start(&[]);
+    let server = Server::start(&["--drain-secs", "2"]);
     let (alice, bob) = server.friends("alice", "bob").await;
     let (mut a, _) = alice.connect(&server).await;
     let (mut b, _) = bob.connect(&server).await;
@@ -417,6 +417,10 @@ async fn sigterm_tells_clients_to_reconnect_and_keeps_everything_stored() {
         }
     };
     assert_eq!(f["code"], "going_away", "{f}");
+    assert!(
+        f["reconnect_after_ms"].as_u64().is_some_and(|ms| ms < 1000),
+        "{f}"
+    );
     match a.next_message(Duration::from_secs(3)).await {
         Some(Message::Close(Some(frame))) => assert_eq!(u16::from(frame.code), 1012),
         other => panic!("expected close 1012, got {other:?}"),

@@ -375,6 +375,57 @@ fn mistakes_give_one_line_errors_and_a_failure_status() {
     assert!(err.contains("not logged in"), "{err}");
 }
 
+#[test]
+fn watch_keeps_running_across_a_server_restart() {
+    let listen = format!("127.0.0.1:{}", nearby_conformance::services::free_port());
+    let server = Server::start_at(
+        tempfile::tempdir().expect("tempdir"),
+        &listen,
+        &["--drain-secs", "1"],
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alice = Term::new(&server.base, dir.path(), "alice");
+    let bob = Term::new(&server.base, dir.path(), "bob");
+    for (t, name) in [(&alice, "alice"), (&bob, "bob")] {
+        t.ok_on_server(&["signup", name, PASSWORD]);
+        t.ok_on_server(&["login", name, PASSWORD]);
+    }
+    alice.ok(&["friends", "add", "bob"]);
+    bob.ok(&["friends", "accept", "alice"]);
+    let [lat, lon] = coords(SEOUL);
+    alice.ok(&["move", &lat, &lon]);
+    let watch = alice.spawn(&["watch"]);
+    assert_eq!(watch.line(), "nearby now: nobody");
+
+    // The server restarts on the same address (SIGTERM: it drains).
+    let data = server.stop_keeping_data();
+    let lost = watch.line();
+    assert!(lost.starts_with("connection lost ("), "{lost}");
+    assert!(lost.ends_with("; reconnecting"), "{lost}");
+    let _server = Server::start_at(data, &listen, &[]);
+    // Tries while it is down are said, one line each, then it is back.
+    let back = loop {
+        let l = watch.line();
+        if !l.starts_with("still unreachable (") {
+            break l;
+        }
+    };
+    assert_eq!(back, "reconnected");
+    assert_eq!(watch.line(), "nearby now: nobody");
+
+    // And frames flow again. The embedded cache started empty: Alice
+    // reports again (another device), then Bob, 1 km north, shows up.
+    let [lat, lon] = coords(SEOUL);
+    alice.ok(&["move", &lat, &lon]);
+    let [lat, lon] = coords(north_of(SEOUL.0, SEOUL.1, 1000.0));
+    bob.ok(&["move", &lat, &lon]);
+    let seen = watch.line();
+    assert!(
+        seen.starts_with("bob is ") && seen.contains(" away"),
+        "{seen}"
+    );
+}
+
 /// Starts `nearby demo` on a free port; its address and the printed password.
 fn start_demo(data_dir: &Path) -> (Proc, String, String) {
     let mut cmd = Command::new(BIN);

@@ -309,16 +309,35 @@ async fn execute(args: ClientArgs) -> Result<(), ClientError> {
             let points = path(from, to, steps);
             let mut next = Instant::now();
             for (i, p) in points.iter().enumerate() {
-                live.send_location(p.lat, p.lon).await?;
-                if !out.json {
-                    out.line(format!("at {:.6}, {:.6} (step {i}/{steps})", p.lat, p.lon))?;
-                }
                 next += if i + 1 == points.len() {
                     Duration::from_millis(wait_ms)
                 } else {
                     interval
                 };
-                feed.drain(&mut live, next).await?;
+                // A lost connection is reconnected and the step sent again.
+                loop {
+                    let sent = live.send_location(p.lat, p.lon).await;
+                    let step = match sent {
+                        Ok(()) => {
+                            if !out.json {
+                                out.line(format!(
+                                    "at {:.6}, {:.6} (step {i}/{steps})",
+                                    p.lat, p.lon
+                                ))?;
+                            }
+                            feed.drain(&mut live, next).await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match step {
+                        Ok(()) => break,
+                        Err(e) if e.is_retryable() => match feed.reconnect(&e).await? {
+                            Some(again) => live = again,
+                            None => return feed.finish(),
+                        },
+                        Err(e) => return Err(e),
+                    }
+                }
             }
             live.close().await;
             feed.finish()
@@ -394,7 +413,15 @@ async fn watch(client: &Client, out: &Out) -> Result<(), ClientError> {
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            r = live.recv() => feed.show(r?).await?,
+            r = live.recv() => match r {
+                Ok(inc) => feed.show(inc).await?,
+                // A restart, a drain, a network blip: come back by itself.
+                Err(e) if e.is_retryable() => match feed.reconnect(&e).await? {
+                    Some(again) => live = again,
+                    None => return Ok(()),
+                },
+                Err(e) => return Err(e),
+            },
             _ = &mut stop => {
                 live.close().await;
                 return Ok(());
@@ -411,6 +438,7 @@ struct Feed<'a> {
     names: Names,
     asked: std::collections::HashSet<UserId>,
     first_error: Option<(String, String)>,
+    backoff: crate::backoff::Backoff,
 }
 
 impl<'a> Feed<'a> {
@@ -428,28 +456,89 @@ impl<'a> Feed<'a> {
             names,
             asked: Default::default(),
             first_error: None,
+            backoff: Default::default(),
         })
+    }
+
+    /// After `lost` (a retryable error), reconnects the way
+    /// `docs/protocol.md` asks, saying so on one line each time, until it
+    /// works (the new snapshot is printed) or Ctrl-C (`None`).
+    async fn reconnect(&mut self, lost: &ClientError) -> Result<Option<Live>, ClientError> {
+        self.note(&format!("connection lost ({lost}); reconnecting"))?;
+        loop {
+            let wait = self.backoff.next_random_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(None),
+            }
+            match self.open().await {
+                Ok((live, first)) => {
+                    self.backoff.connected();
+                    self.note("reconnected")?;
+                    // The view starts over from the new snapshot.
+                    self.show(first).await?;
+                    return Ok(Some(live));
+                }
+                Err(e) if e.is_retryable() => {
+                    self.backoff.failed();
+                    let next = self.backoff.ceiling();
+                    self.note(&format!(
+                        "still unreachable ({e}); next try within {next:?}"
+                    ))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A line about the connection itself: on stdout for people, on
+    /// stderr with `--json` (stdout stays one frame per line).
+    fn note(&self, text: &str) -> Result<(), ClientError> {
+        if self.out.json {
+            eprintln!("{text}");
+            Ok(())
+        } else {
+            self.out.line(text)
+        }
     }
 
     /// Connects and prints the snapshot.
     async fn connect(&mut self) -> Result<Live, ClientError> {
-        let mut live = self.client.connect().await?;
-        match live.recv_until(Instant::now() + FIRST_FRAME).await? {
-            Some(first) => self.show(first).await?,
-            None => {
-                return Err(ClientError::Unexpected {
-                    url: self.client.server(),
-                    detail: "no snapshot within 10 s of connecting".into(),
-                })
-            }
-        }
+        let (live, first) = self.open().await?;
+        self.show(first).await?;
         Ok(live)
     }
 
+    /// Connects and waits for the first frame (the snapshot).
+    async fn open(&mut self) -> Result<(Live, Incoming), ClientError> {
+        let mut live = self.client.connect().await?;
+        match live.recv_until(Instant::now() + FIRST_FRAME).await? {
+            Some(first) => Ok((live, first)),
+            None => Err(ClientError::Unexpected {
+                url: self.client.server(),
+                detail: "no snapshot within 10 s of connecting".into(),
+            }),
+        }
+    }
+
     async fn show(&mut self, inc: Incoming) -> Result<(), ClientError> {
-        if let Some(ServerFrame::Error { code, message }) = &inc.frame {
-            self.first_error
-                .get_or_insert_with(|| (code.to_string(), message.clone()));
+        if let Some(ServerFrame::Error {
+            code,
+            message,
+            reconnect_after_ms,
+        }) = &inc.frame
+        {
+            if code == "going_away" {
+                // Not a refusal: the node drains; reconnect when asked (the
+                // close that follows is said as "connection lost").
+                self.backoff.server_asked(reconnect_after_ms.unwrap_or(0));
+                if !self.out.json {
+                    return Ok(());
+                }
+            } else {
+                self.first_error
+                    .get_or_insert_with(|| (code.to_string(), message.clone()));
+            }
         }
         if self.out.json {
             return self.out.line(inc.text.trim_end());

@@ -76,7 +76,7 @@ pub(crate) fn frame_line(frame: &ServerFrame, names: &Names, now_ms: i64) -> Str
             };
             format!("{} left: {why}", names.name(*id))
         }
-        ServerFrame::Error { code, message } => format!("server error {code}: {message}"),
+        ServerFrame::Error { code, message, .. } => format!("server error {code}: {message}"),
     }
 }
 

@@ -78,7 +78,18 @@ impl Server {
 
     /// Like [`Server::start`], on an existing data directory (a restart).
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Self {
-        Self::spawn(Command::new(env!("CARGO_BIN_EXE_nearby")), dir, extra)
+        Self::start_at(dir, "127.0.0.1:0", extra)
+    }
+
+    /// Like [`Server::start_in`], on a given address (a restart that
+    /// clients must find again).
+    pub fn start_at(dir: tempfile::TempDir, listen: &str, extra: &[&str]) -> Self {
+        Self::spawn_at(
+            Command::new(env!("CARGO_BIN_EXE_nearby")),
+            dir,
+            listen,
+            extra,
+        )
     }
 
     /// Like [`Server::start`], with the open-file limit (soft and hard) set
@@ -91,9 +102,13 @@ impl Server {
         Self::spawn(cmd, tempfile::tempdir().expect("tempdir"), extra)
     }
 
-    fn spawn(mut cmd: Command, dir: tempfile::TempDir, extra: &[&str]) -> Self {
+    fn spawn(cmd: Command, dir: tempfile::TempDir, extra: &[&str]) -> Self {
+        Self::spawn_at(cmd, dir, "127.0.0.1:0", extra)
+    }
+
+    fn spawn_at(mut cmd: Command, dir: tempfile::TempDir, listen: &str, extra: &[&str]) -> Self {
         let mut child = cmd
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(dir.path())
             .args(extra)
             .env("RUST_LOG", "warn")
