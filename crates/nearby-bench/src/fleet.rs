@@ -78,6 +78,13 @@ pub(crate) struct Counters {
     pub unmatched: u64,
     /// Frames received before `go`: the placements of set-up (run total).
     pub settling: u64,
+    /// Phones that reconnected after their connection closed (run total).
+    #[serde(default)]
+    pub reconnects: u64,
+    /// The longest any phone with online friends went without a delivery
+    /// while steps were measured, µs (run maximum).
+    #[serde(default)]
+    pub max_gap_us: u64,
 }
 
 impl std::ops::AddAssign for Counters {
@@ -89,6 +96,8 @@ impl std::ops::AddAssign for Counters {
         self.disconnects += o.disconnects;
         self.unmatched += o.unmatched;
         self.settling += o.settling;
+        self.reconnects += o.reconnects;
+        self.max_gap_us = self.max_gap_us.max(o.max_gap_us);
     }
 }
 
@@ -104,6 +113,7 @@ enum Cmd {
     StopSending,
     StartSending,
     Hist { step: usize },
+    Reconnects,
     Finish,
 }
 
@@ -163,6 +173,11 @@ pub(crate) struct Shared {
     unmatched: AtomicU64,
     /// Frames received before `go`.
     settling: AtomicU64,
+    /// Reconnections, and how long each took (close to new handshake, µs).
+    reconnects: AtomicU64,
+    reconnect_hist: std::sync::Mutex<Histogram<u64>>,
+    /// See [`Counters::max_gap_us`].
+    max_gap_us: AtomicU64,
 }
 
 impl Shared {
@@ -175,7 +190,17 @@ impl Shared {
             disconnects: self.disconnects.load(Ordering::SeqCst),
             unmatched: self.unmatched.load(Ordering::SeqCst),
             settling: self.settling.load(Ordering::SeqCst),
+            reconnects: self.reconnects.load(Ordering::SeqCst),
+            max_gap_us: self.max_gap_us.load(Ordering::SeqCst),
         }
+    }
+
+    /// How long reconnections took so far, µs.
+    fn reconnect_hist(&self) -> Histogram<u64> {
+        self.reconnect_hist
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn begin(&self, step: usize) {
@@ -283,6 +308,9 @@ impl Local {
             disconnects: AtomicU64::new(0),
             unmatched: AtomicU64::new(0),
             settling: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            reconnect_hist: std::sync::Mutex::new(new_histogram()),
+            max_gap_us: AtomicU64::new(0),
         });
         let mut addrs = Vec::with_capacity(pop.urls.len());
         for url in &pop.urls {
@@ -328,12 +356,21 @@ impl Local {
                     continue;
                 }
             };
+            let i = u as usize;
+            let node = node_of(u, pop.urls.len());
             let plan = Plan {
                 user: u,
-                home: pop.homes[u as usize],
-                phase: pop.phases[u as usize],
+                home: pop.homes[i],
+                phase: pop.phases[i],
                 rounds: pop.rounds,
                 seed: pop.seed.wrapping_add(u64::from(u)),
+                dial: Dial {
+                    addr: addrs[node],
+                    source: (!pop.source_ips.is_empty())
+                        .then(|| pop.source_ips[i % pop.source_ips.len()]),
+                    url: pop.urls[node].clone(),
+                    token: pop.accounts[i].1.clone(),
+                },
             };
             tasks.push(tokio::spawn(client(
                 ws,
@@ -520,6 +557,21 @@ impl Fleet {
         }
     }
 
+    /// How long the phones' reconnections took so far, µs.
+    pub async fn reconnect_hist(&mut self) -> Result<Histogram<u64>, BenchError> {
+        match self {
+            Self::Local(l) => Ok(l.shared.reconnect_hist()),
+            Self::Remote(ws) => {
+                let mut sum = new_histogram();
+                for w in ws {
+                    let b: Buckets = w.ask(&Cmd::Reconnects).await?;
+                    let _ = sum.add(histogram(&b));
+                }
+                Ok(sum)
+            }
+        }
+    }
+
     /// The latency samples of `step` handed over so far.
     pub async fn hist(&mut self, step: usize) -> Result<Histogram<u64>, BenchError> {
         match self {
@@ -607,6 +659,7 @@ pub async fn worker(plan: &Path, index: usize) -> Result<(), BenchError> {
             }
             Cmd::Counters => Some(json!(shared.counters())),
             Cmd::Hist { step } => Some(json!(buckets(&shared.hist(step)))),
+            Cmd::Reconnects => Some(json!(buckets(&shared.reconnect_hist()))),
             Cmd::Finish => break,
         };
         if let Some(v) = reply {
@@ -696,6 +749,16 @@ struct Plan {
     phase: f64,
     rounds: Option<u64>,
     seed: u64,
+    /// How to connect again after a close.
+    dial: Dial,
+}
+
+/// Where a phone connects, and as whom.
+struct Dial {
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    url: String,
+    token: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -706,6 +769,11 @@ struct Frame<'a> {
     id: Option<&'a str>,
     /// When the server accepted the friend's update, Unix ms.
     updated_at: Option<i64>,
+    /// An `error` frame's code.
+    #[serde(borrow)]
+    code: Option<&'a str>,
+    /// With `going_away`: when to reconnect.
+    reconnect_after_ms: Option<u64>,
 }
 
 /// Wall clock, Unix ms (the server stamps `updated_at` with the same).
@@ -808,73 +876,127 @@ async fn client(
     let me = plan.user as usize;
     // Per friend, the last of their sends a delivery was matched to.
     let mut matched: HashMap<u32, u64> = HashMap::new();
+    // When this phone last got a delivery during a measured step (µs).
+    let mut last_delivery: Option<u64> = None;
+    // Reconnecting as docs/protocol.md asks.
+    let mut backoff = nearby_client::backoff::Backoff::default();
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep_until(schedule.next) => {
-                if !schedule.due(&shared) {
-                    continue;
-                }
-                if !shared.sending.load(Ordering::Relaxed) || plan.rounds.is_some_and(|r| sent >= r) {
-                    continue;
-                }
-                let step = shared.sending_step();
-                shared.sends[me].push(Sent {
-                    mono_us: shared.t0.elapsed().as_micros() as u64,
-                    step,
-                });
-                if tx.send(place(&mut rng)).await.is_err() {
-                    shared.disconnects.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                sent += 1;
-                shared.updates.fetch_add(1, Ordering::Relaxed);
-                shared.expected.fetch_add(u64::from(shared.online_friends[me]), Ordering::Relaxed);
-            }
-            msg = rx.next() => {
-                let text = match msg {
-                    Some(Ok(Message::Text(t))) => t,
-                    Some(Ok(_)) => continue,
-                    _ => {
-                        if !stop.is_cancelled() {
-                            shared.disconnects.fetch_add(1, Ordering::Relaxed);
-                        }
+        // One connection's life.
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(schedule.next) => {
+                    if !schedule.due(&shared) {
+                        continue;
+                    }
+                    if !shared.sending.load(Ordering::Relaxed) || plan.rounds.is_some_and(|r| sent >= r) {
+                        continue;
+                    }
+                    let step = shared.sending_step();
+                    shared.sends[me].push(Sent {
+                        mono_us: shared.t0.elapsed().as_micros() as u64,
+                        step,
+                    });
+                    if tx.send(place(&mut rng)).await.is_err() {
                         break;
                     }
-                };
-                let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
-                    shared.errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                match (frame.kind, frame.id) {
-                    ("friend_location", Some(id)) => {
-                        shared.deliveries.fetch_add(1, Ordering::Relaxed);
-                        let (Some(&f), Some(stamped)) = (shared.index.get(id), frame.updated_at) else {
-                            shared.unmatched.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        };
-                        // Measured from the send that caused it, for that
-                        // send's step, however late it arrives.
-                        let log = &shared.sends[f as usize];
-                        let seq = match_send(matched.get(&f).copied(), log.latest(), stamped, |s| {
-                            log.get(s).map(|x| shared.t0_wall_ms + (x.mono_us / 1000) as i64)
-                        });
-                        let Some((seq, sent)) = seq.and_then(|q| Some((q, log.get(q)?))) else {
-                            shared.unmatched.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        };
-                        matched.insert(f, seq);
-                        if sent.step > 0 {
-                            let now_us = shared.t0.elapsed().as_micros() as u64;
-                            shared.record(me, sent.step as usize, now_us.saturating_sub(sent.mono_us));
-                        }
-                    }
-                    ("error", _) => {
+                    sent += 1;
+                    shared.updates.fetch_add(1, Ordering::Relaxed);
+                    shared.expected.fetch_add(u64::from(shared.online_friends[me]), Ordering::Relaxed);
+                }
+                msg = rx.next() => {
+                    let text = match msg {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(_)) => continue,
+                        _ => break,
+                    };
+                    let Ok(frame) = serde_json::from_str::<Frame>(text.as_str()) else {
                         shared.errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    match (frame.kind, frame.id) {
+                        ("friend_location", Some(id)) => {
+                            shared.deliveries.fetch_add(1, Ordering::Relaxed);
+                            let now_us = shared.t0.elapsed().as_micros() as u64;
+                            if shared.sending_step() > 0 {
+                                if let Some(prev) = last_delivery {
+                                    shared.max_gap_us.fetch_max(now_us - prev, Ordering::Relaxed);
+                                }
+                                last_delivery = Some(now_us);
+                            } else {
+                                last_delivery = None;
+                            }
+                            let (Some(&f), Some(stamped)) = (shared.index.get(id), frame.updated_at) else {
+                                shared.unmatched.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            };
+                            // Measured from the send that caused it, for that
+                            // send's step, however late it arrives.
+                            let log = &shared.sends[f as usize];
+                            let seq = match_send(matched.get(&f).copied(), log.latest(), stamped, |s| {
+                                log.get(s).map(|x| shared.t0_wall_ms + (x.mono_us / 1000) as i64)
+                            });
+                            let Some((seq, sent)) = seq.and_then(|q| Some((q, log.get(q)?))) else {
+                                shared.unmatched.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            };
+                            matched.insert(f, seq);
+                            if sent.step > 0 {
+                                shared.record(me, sent.step as usize, now_us.saturating_sub(sent.mono_us));
+                            }
+                        }
+                        // A draining node: not an error; reconnect when asked.
+                        ("error", _) if frame.code == Some("going_away") => {
+                            backoff.server_asked(frame.reconnect_after_ms.unwrap_or(0));
+                        }
+                        ("error", _) => {
+                            shared.errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
             }
+        }
+        // Closed: counted, then connected again (through the load balancer,
+        // possibly to another node), the phone placing itself once more.
+        if stop.is_cancelled() {
+            return;
+        }
+        shared.disconnects.fetch_add(1, Ordering::Relaxed);
+        let lost = std::time::Instant::now();
+        let ws = loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_random_delay()) => {}
+            }
+            let d = &plan.dial;
+            match open(d.addr, d.source, &d.url, &d.token).await {
+                Ok(ws) => break ws,
+                Err(_) => backoff.failed(),
+            }
+        };
+        backoff.connected();
+        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        let took = lost.elapsed().as_micros() as u64;
+        let _ = shared
+            .reconnect_hist
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(took.max(1));
+        (tx, rx) = ws.split();
+        // What friends sent while this phone was away never arrives: the
+        // matching of each pair starts over (a missed delivery would shift
+        // every later one to an older send, a whole interval per miss).
+        matched.clear();
+        // Placed again, like at set-up: logged as an unmeasured send, so
+        // the friends' deliveries it causes match it and count nowhere
+        // (matched to the previous send they looked a whole interval late).
+        shared.sends[me].push(Sent {
+            mono_us: shared.t0.elapsed().as_micros() as u64,
+            step: 0,
+        });
+        if tx.send(place(&mut rng)).await.is_err() {
+            continue;
         }
     }
 }

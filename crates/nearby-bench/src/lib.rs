@@ -307,8 +307,17 @@ pub struct Report {
     pub idle_bytes_per_connection: Option<u64>,
     /// Seconds the set-up took (sign-ups, friendships, connections).
     pub setup_s: f64,
-    /// Connections that ended early.
+    /// Connections that closed (a node draining or restarting, a network
+    /// failure); each phone reconnects as `docs/protocol.md` asks.
     pub disconnects: u64,
+    /// Reconnections that succeeded.
+    pub reconnects: u64,
+    /// How long they took, from the close to the new handshake.
+    pub reconnect_time: Latency,
+    /// The longest any phone with online friends went without a delivery
+    /// while a step was measured, ms (it includes the friends' own send
+    /// interval).
+    pub max_delivery_gap_ms: f64,
     /// The last step, its fields at the top level of the JSON.
     #[serde(flatten)]
     pub last: Step,
@@ -647,6 +656,7 @@ pub async fn run(args: BenchArgs, import: Option<&dyn Import>) -> Result<Report,
     }
     let end_counters = fleet.counters().await?;
     let (disconnects, unmatched_deliveries) = (end_counters.disconnects, end_counters.unmatched);
+    let reconnect_time = latency(&fleet.reconnect_hist().await?);
     // The clients flush their histograms as they close: fill in each step's
     // latency.
     let hists = fleet.finish().await?;
@@ -685,6 +695,9 @@ pub async fn run(args: BenchArgs, import: Option<&dyn Import>) -> Result<Report,
         idle_bytes_per_connection,
         setup_s,
         disconnects,
+        reconnects: end_counters.reconnects,
+        reconnect_time,
+        max_delivery_gap_ms: end_counters.max_gap_us as f64 / 1000.0,
         last,
         steps,
         capacity_deliveries_per_s,
@@ -972,6 +985,17 @@ fn print_summary(report: &Report) {
         report.disconnects,
         report.unmatched_deliveries,
         if r.clean { "clean" } else { "NOT clean" }
+    );
+    if report.disconnects > 0 {
+        let t = &report.reconnect_time;
+        println!(
+            "reconnects {} of {} closes; time to reconnect ms: p50 {:.0}  p99 {:.0}  max {:.0}",
+            report.reconnects, report.disconnects, t.p50_ms, t.p99_ms, t.max_ms
+        );
+    }
+    println!(
+        "longest a phone went without a delivery during a step: {:.0} ms",
+        report.max_delivery_gap_ms
     );
     if report.steps.len() > 1 {
         println!(

@@ -262,6 +262,9 @@ mod tests {
             idle_bytes_per_connection: Some(9000),
             setup_s: 3.0,
             disconnects: 0,
+            reconnects: 0,
+            reconnect_time: crate::latency(&crate::fleet::new_histogram()),
+            max_delivery_gap_ms: 0.0,
             last: Step {
                 server_rss_bytes: Some(10 << 20),
                 ..steps[1].clone()

@@ -144,3 +144,60 @@ async fn bench_smoke_on_redis_and_postgres() {
     check(&r, None);
     assert!(r["max_friends"].as_u64().is_some_and(|m| m <= 6), "{r}");
 }
+
+/// The node restarts under the bench (on the same address and data): every
+/// phone is told to go, reconnects by itself, and the run reports it.
+#[test]
+fn the_phones_come_back_after_a_restart() {
+    let listen = format!("127.0.0.1:{}", nearby_conformance::services::free_port());
+    let server = Server::start_at(
+        tempfile::tempdir().expect("tempdir"),
+        &listen,
+        &["--drain-secs", "1"],
+    );
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = out_dir.path().join("result.json");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_nearby"))
+        .args(["bench", "--url", &server.base])
+        .args(["--users", "20", "--friends", "4", "--graph", "small-world"])
+        .args([
+            "--interval-ms",
+            "500",
+            "--warmup-s",
+            "1",
+            "--duration-s",
+            "14",
+        ])
+        .args(["--drain-s", "1", "--setup-concurrency", "8"])
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nearby bench");
+    // Into the measured window, the node drains and comes back.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let data = server.stop_keeping_data();
+    let _again = Server::start_at(data, &listen, &[]);
+    let status = run.wait().expect("bench");
+    assert!(status.success(), "bench failed");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("result file")).expect("json");
+    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {r}"));
+    assert_eq!(n("disconnects"), 20, "every phone was closed once: {r}");
+    assert_eq!(n("reconnects"), 20, "and came back once: {r}");
+    assert_eq!(r["reconnect_time"]["count"].as_u64(), Some(20), "{r}");
+    assert!(
+        r["reconnect_time"]["max_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0),
+        "{r}"
+    );
+    // The gap covers the restart: longer than the drain's spread.
+    assert!(
+        r["max_delivery_gap_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 500.0),
+        "{r}"
+    );
+    assert!(n("deliveries") > 0, "{r}");
+}
