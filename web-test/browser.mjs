@@ -1,21 +1,27 @@
 // End-to-end test of the browser client with Debian's headless Chromium.
 //
-//   node web-test/browser.mjs BASE_URL SCREENSHOT_PATH
+//   node web-test/browser.mjs BASE_URL SCREENSHOT_PATH [--restart-via-stdio]
 //
 // Two users sign up through the page (A also logs out and in again), A finds
 // B by username and asks, B accepts, both place themselves ~1.2 km apart and
 // each must see the other at the haversine distance (±2%); B then moves 20 km
 // away (beyond the default 8047 m radius) and both lists must drop the other.
 // A screenshot of A's page, with B shown, is saved to SCREENSHOT_PATH.
+// With --restart-via-stdio, once both see each other the script prints
+// "RESTART SERVER" and waits for a line on stdin: the caller restarts the
+// server on the same address meanwhile (SIGTERM, so it drains). Both pages
+// must then have been told, gone through reconnecting, come back live on
+// their own, and see each other again at the right distance.
 // Exits 0 on success, 1 with a message on any failure.
 
 import { chromium } from 'playwright-core';
 
 const EARTH_RADIUS_M = 6371008.8; // docs/protocol.md
 const WAIT_MS = 8000;
-const [BASE, SHOT] = process.argv.slice(2);
-if (!BASE || !SHOT) {
-  console.error('usage: node web-test/browser.mjs BASE_URL SCREENSHOT_PATH');
+const [BASE, SHOT, MODE] = process.argv.slice(2);
+const RESTART = MODE === '--restart-via-stdio';
+if (!BASE || !SHOT || (MODE && !RESTART)) {
+  console.error('usage: node web-test/browser.mjs BASE_URL SCREENSHOT_PATH [--restart-via-stdio]');
   process.exit(2);
 }
 
@@ -96,6 +102,42 @@ function checkDistance(who, got) {
   if (!(err <= 0.02)) fail(`${who} shows ${got} m, expected ${expected.toFixed(1)} m ±2%`);
 }
 
+// Records every connection state and every message the page shows from now
+// on, in window.__seen, so that short-lived ones are not missed.
+async function recordChanges(page) {
+  await page.evaluate(() => {
+    const seen = { states: [], notes: [] };
+    window.__seen = seen;
+    const conn = document.querySelector('#conn-status');
+    new MutationObserver(() => {
+      if (seen.states.at(-1) !== conn.dataset.state) seen.states.push(conn.dataset.state);
+    }).observe(conn, { attributes: true, attributeFilter: ['data-state'] });
+    new MutationObserver((records) => {
+      for (const r of records) for (const n of r.addedNodes) seen.notes.push(n.textContent.replace(/×$/, '').trim());
+    }).observe(document.querySelector('#messages'), { childList: true });
+  });
+}
+
+// One line from stdin (the caller's go-ahead).
+function readLine() {
+  return new Promise((resolve, reject) => {
+    let buf = '';
+    const onData = (chunk) => {
+      buf += chunk;
+      const nl = buf.indexOf('\n');
+      if (nl < 0) return;
+      process.stdin.off('data', onData);
+      process.stdin.off('end', onEnd);
+      process.stdin.pause();
+      resolve(buf.slice(0, nl));
+    };
+    const onEnd = () => reject(new Error('stdin closed before the go-ahead'));
+    process.stdin.setEncoding('utf8');
+    process.stdin.on('data', onData);
+    process.stdin.on('end', onEnd);
+  });
+}
+
 async function errorsShown(page) {
   return page.$$eval('#messages .msg.error', (els) => els.map((e) => e.textContent.replace(/×$/, '').trim()));
 }
@@ -163,6 +205,33 @@ async function main() {
     await A.screenshot({ path: SHOT });
     log(`screenshot of A saved to ${SHOT}`);
 
+    if (RESTART) {
+      step = 'the server restarts; both pages come back by themselves';
+      const sockets = { A: 0, B: 0 };
+      for (const [who, page] of Object.entries(pages)) {
+        await recordChanges(page);
+        page.on('websocket', () => { sockets[who] += 1; });
+      }
+      console.log('RESTART SERVER');
+      const reply = await readLine();
+      if (reply.trim() !== 'restarted') fail(`the caller answered ${JSON.stringify(reply)}`);
+      log('server restarted on the same address');
+      for (const [who, page] of Object.entries(pages)) {
+        await page.waitForFunction(() => window.__seen.states.includes('reconnecting')
+          && document.querySelector('#conn-status').dataset.state === 'live', null, { timeout: 20000 });
+        const seen = await page.evaluate(() => window.__seen);
+        log(`${who}: states ${seen.states.join(' → ')}; ${sockets[who]} socket(s) opened; notes ${JSON.stringify(seen.notes)}`);
+        if (!seen.states.includes('reconnecting')) fail(`${who} never showed "reconnecting": ${seen.states}`);
+        if (seen.states.at(-1) !== 'live') fail(`${who} did not end live: ${seen.states}`);
+        if (!seen.notes.some((n) => /restarting/.test(n))) fail(`${who} was not told the server is restarting`);
+        if (sockets[who] < 1) fail(`${who} opened no new WebSocket`);
+      }
+      // The restarted node's cache is empty: each page reports its position
+      // again on the new snapshot, and each sees the other again.
+      checkDistance('A sees B again', await nearbyDistance(A, userB.name));
+      checkDistance('B sees A again', await nearbyDistance(B, userA.name));
+    }
+
     step = 'B moves 20 km away';
     await setLocation(B, farB);
     await A.waitForSelector(`#nearby li[data-username="${userB.name}"]`, { state: 'detached' });
@@ -195,7 +264,11 @@ async function main() {
   }
 }
 
-main().catch((err) => {
-  console.error(`FAIL: ${err.message}`);
-  process.exit(1);
-});
+// Exits explicitly: an open stdin (the caller's pipe) would keep node alive.
+main().then(
+  () => process.exit(process.exitCode ?? 0),
+  (err) => {
+    console.error(`FAIL: ${err.message}`);
+    process.exit(1);
+  },
+);
