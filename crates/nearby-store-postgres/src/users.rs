@@ -3,6 +3,7 @@ use nearby_core::{FriendStatus, UserId};
 use nearby_ports::{
     BulkLoad, BulkUser, FriendEntry, StoreError, StoreResult, UserRecord, UserStore,
 };
+use nearby_store_sql::EdgeTx;
 use sqlx::postgres::PgPool;
 use sqlx::{Postgres, Row, Transaction};
 
@@ -59,21 +60,13 @@ impl BulkLoad for PgUserStore {
             }
             e => backend(e),
         })?;
-        // RETURNING's order is not promised: match ids back by name.
-        let mut by_name = std::collections::HashMap::with_capacity(rows.len());
-        for r in &rows {
-            let id: i64 = r.try_get(0).map_err(backend)?;
-            let name: String = r.try_get(1).map_err(backend)?;
-            by_name.insert(name, id);
-        }
-        let ids: Vec<i64> = users
+        let returned = rows
             .iter()
-            .map(|u| {
-                by_name.get(&u.username).copied().ok_or_else(|| {
-                    StoreError::Invalid(format!("no id returned for {:?}", u.username))
-                })
-            })
-            .collect::<StoreResult<_>>()?;
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<Vec<(i64, String)>, sqlx::Error>>()
+            .map_err(backend)?;
+        let user_ids = nearby_store_sql::ids_in_order(users, returned)?;
+        let ids: Vec<i64> = user_ids.iter().map(|u| u.0).collect();
         let token_hashes: Vec<Vec<u8>> = users.iter().map(|u| u.token_hash.to_vec()).collect();
         let expiries: Vec<i64> = users.iter().map(|u| u.token_expires_at_ms).collect();
         sqlx::query(
@@ -86,21 +79,8 @@ impl BulkLoad for PgUserStore {
         .execute(&mut *tx)
         .await
         .map_err(backend)?;
-        let mut edges = Vec::with_capacity(friendships.len() * 2);
-        for &(a, b) in friendships {
-            let (Some(a), Some(b)) = (ids.get(a as usize), ids.get(b as usize)) else {
-                return Err(StoreError::NotFound(format!(
-                    "friendship ({a}, {b}) names no user"
-                )));
-            };
-            if a != b {
-                edges.extend([(*a, *b), (*b, *a)]);
-            }
-        }
-        // COPY has no ON CONFLICT: a pair listed twice is written once. In
-        // key order, the primary key's B-tree is appended to, not split.
-        edges.sort_unstable();
-        edges.dedup();
+        // COPY has no ON CONFLICT: the edges come deduplicated.
+        let edges = nearby_store_sql::mutual_edges(&user_ids, friendships)?;
         let large = edges.len() >= COPY_FROM_ROWS;
         if large {
             sqlx::query(
@@ -119,7 +99,7 @@ impl BulkLoad for PgUserStore {
         let mut buf = String::with_capacity(COPY_CHUNK + 64);
         for (a, b) in &edges {
             use std::fmt::Write as _;
-            let _ = writeln!(buf, "{a}\t{b}\tfriends");
+            let _ = writeln!(buf, "{}\t{}\tfriends", a.0, b.0);
             if buf.len() >= COPY_CHUNK {
                 copy.send(buf.as_bytes()).await.map_err(backend)?;
                 buf.clear();
@@ -142,59 +122,103 @@ impl BulkLoad for PgUserStore {
             .map_err(backend)?;
         }
         tx.commit().await.map_err(backend)?;
-        Ok(ids.into_iter().map(UserId).collect())
+        Ok(user_ids)
     }
 }
 
-/// Locks both users' rows, in id order, for the rest of the transaction:
-/// two requests crossing between the same pair (A asks B while B asks A)
-/// then apply one after the other instead of both seeing "no relation".
-/// Returns how many of the two exist.
-async fn lock_pair(tx: &mut Transaction<'_, Postgres>, a: UserId, b: UserId) -> StoreResult<usize> {
-    let rows = sqlx::query("SELECT id FROM users WHERE id IN ($1, $2) ORDER BY id FOR UPDATE")
-        .bind(a.0)
-        .bind(b.0)
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(backend)?;
-    Ok(rows.len())
-}
+/// The friend graph's statements in one PostgreSQL transaction.
+struct Tx<'a>(Transaction<'a, Postgres>);
 
-async fn edge_status(
-    tx: &mut Transaction<'_, Postgres>,
-    from: UserId,
-    to: UserId,
-) -> StoreResult<Option<FriendStatus>> {
-    let row = sqlx::query("SELECT status FROM friend_edges WHERE user_id = $1 AND friend_id = $2")
+#[async_trait]
+impl EdgeTx for Tx<'_> {
+    /// Locks both users' rows, in id order: two requests crossing between
+    /// the same pair (A asks B while B asks A) then apply one after the
+    /// other instead of both seeing "no relation".
+    async fn lock_pair(&mut self, a: UserId, b: UserId) -> StoreResult<usize> {
+        let rows = sqlx::query("SELECT id FROM users WHERE id IN ($1, $2) ORDER BY id FOR UPDATE")
+            .bind(a.0)
+            .bind(b.0)
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(backend)?;
+        Ok(rows.len())
+    }
+
+    async fn edge_status(&mut self, from: UserId, to: UserId) -> StoreResult<Option<FriendStatus>> {
+        let s: Option<String> = sqlx::query_scalar(
+            "SELECT status FROM friend_edges WHERE user_id = $1 AND friend_id = $2",
+        )
         .bind(from.0)
         .bind(to.0)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *self.0)
         .await
         .map_err(backend)?;
-    row.map(|r| {
-        let s: String = r.try_get(0).map_err(backend)?;
-        FriendStatus::parse(&s).ok_or_else(|| StoreError::Invalid(format!("bad status {s:?}")))
-    })
-    .transpose()
+        s.map(|s| parse_status(&s)).transpose()
+    }
+
+    async fn set_edge(
+        &mut self,
+        from: UserId,
+        to: UserId,
+        status: FriendStatus,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO friend_edges (user_id, friend_id, status) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id, friend_id) DO UPDATE SET status = excluded.status",
+        )
+        .bind(from.0)
+        .bind(to.0)
+        .bind(status.as_str())
+        .execute(&mut *self.0)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn delete_pair(&mut self, a: UserId, b: UserId) -> StoreResult<()> {
+        sqlx::query(
+            "DELETE FROM friend_edges WHERE (user_id = $1 AND friend_id = $2) OR (user_id = $2 AND friend_id = $1)",
+        )
+        .bind(a.0)
+        .bind(b.0)
+        .execute(&mut *self.0)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn sharing(&mut self, from: UserId, to: UserId) -> StoreResult<Option<bool>> {
+        sqlx::query_scalar(
+            "SELECT sharing FROM friend_edges WHERE user_id = $1 AND friend_id = $2 AND status = 'friends'",
+        )
+        .bind(from.0)
+        .bind(to.0)
+        .fetch_optional(&mut *self.0)
+        .await
+        .map_err(backend)
+    }
+
+    async fn set_sharing(&mut self, from: UserId, to: UserId, enabled: bool) -> StoreResult<()> {
+        sqlx::query("UPDATE friend_edges SET sharing = $1 WHERE user_id = $2 AND friend_id = $3")
+            .bind(enabled)
+            .bind(from.0)
+            .bind(to.0)
+            .execute(&mut *self.0)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
 }
 
-async fn set_edge(
-    tx: &mut Transaction<'_, Postgres>,
-    from: UserId,
-    to: UserId,
-    status: FriendStatus,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO friend_edges (user_id, friend_id, status) VALUES ($1, $2, $3)
-         ON CONFLICT (user_id, friend_id) DO UPDATE SET status = excluded.status",
-    )
-    .bind(from.0)
-    .bind(to.0)
-    .bind(status.as_str())
-    .execute(&mut **tx)
-    .await
-    .map_err(backend)?;
-    Ok(())
+/// A `friend_edges.status` value.
+fn parse_status(s: &str) -> StoreResult<FriendStatus> {
+    FriendStatus::parse(s).ok_or_else(|| StoreError::Invalid(format!("bad status {s:?}")))
+}
+
+impl PgUserStore {
+    async fn begin(&self) -> StoreResult<Tx<'static>> {
+        Ok(Tx(self.pool.begin().await.map_err(backend)?))
+    }
 }
 
 #[async_trait]
@@ -297,65 +321,23 @@ impl UserStore for PgUserStore {
     }
 
     async fn request_friend(&self, from: UserId, to: UserId) -> StoreResult<Option<FriendStatus>> {
-        if from == to {
-            return Err(StoreError::Conflict("cannot befriend yourself".into()));
-        }
-        let mut tx = self.pool.begin().await.map_err(backend)?;
-        if lock_pair(&mut tx, from, to).await? < 2 {
-            return Err(StoreError::NotFound(format!("user {to}")));
-        }
-        let before = edge_status(&mut tx, from, to).await?;
-        let after = FriendStatus::after_request(before);
-        if Some(after) != before {
-            set_edge(&mut tx, from, to, after).await?;
-            set_edge(&mut tx, to, from, after.mirrored()).await?;
-        }
-        tx.commit().await.map_err(backend)?;
+        let mut tx = self.begin().await?;
+        let before = nearby_store_sql::request_friend(&mut tx, from, to).await?;
+        tx.0.commit().await.map_err(backend)?;
         Ok(before)
     }
 
     async fn remove_friend(&self, a: UserId, b: UserId) -> StoreResult<Option<FriendStatus>> {
-        let mut tx = self.pool.begin().await.map_err(backend)?;
-        lock_pair(&mut tx, a, b).await?;
-        let before = edge_status(&mut tx, a, b).await?;
-        sqlx::query(
-            "DELETE FROM friend_edges WHERE (user_id = $1 AND friend_id = $2) OR (user_id = $2 AND friend_id = $1)",
-        )
-        .bind(a.0)
-        .bind(b.0)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-        tx.commit().await.map_err(backend)?;
+        let mut tx = self.begin().await?;
+        let before = nearby_store_sql::remove_friend(&mut tx, a, b).await?;
+        tx.0.commit().await.map_err(backend)?;
         Ok(before)
     }
 
     async fn set_sharing(&self, from: UserId, to: UserId, enabled: bool) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await.map_err(backend)?;
-        let row = sqlx::query(
-            "SELECT sharing FROM friend_edges WHERE user_id = $1 AND friend_id = $2 AND status = 'friends'",
-        )
-        .bind(from.0)
-        .bind(to.0)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(backend)?;
-        let Some(row) = row else {
-            return Err(StoreError::NotFound(format!("user {to} is not a friend")));
-        };
-        let before: bool = row.try_get(0).map_err(backend)?;
-        if before != enabled {
-            sqlx::query(
-                "UPDATE friend_edges SET sharing = $1 WHERE user_id = $2 AND friend_id = $3",
-            )
-            .bind(enabled)
-            .bind(from.0)
-            .bind(to.0)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-        }
-        tx.commit().await.map_err(backend)?;
+        let mut tx = self.begin().await?;
+        let before = nearby_store_sql::set_sharing(&mut tx, from, to, enabled).await?;
+        tx.0.commit().await.map_err(backend)?;
         Ok(before)
     }
 
@@ -375,8 +357,7 @@ impl UserStore for PgUserStore {
                 Ok(FriendEntry {
                     id: UserId(r.try_get(0).map_err(backend)?),
                     username: r.try_get(1).map_err(backend)?,
-                    status: FriendStatus::parse(&status)
-                        .ok_or_else(|| StoreError::Invalid(format!("bad status {status:?}")))?,
+                    status: parse_status(&status)?,
                     sharing: r.try_get(3).map_err(backend)?,
                 })
             })

@@ -5,6 +5,7 @@ use nearby_core::{FriendStatus, UserId};
 use nearby_ports::{
     BulkLoad, BulkUser, FriendEntry, StoreError, StoreResult, UserRecord, UserStore,
 };
+use nearby_store_sql::EdgeTx;
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 /// Rows per statement of [`BulkLoad::bulk_insert`] (at most 3
@@ -161,19 +162,12 @@ async fn bulk_load(
             }
             e => backend(e),
         })?;
-        // RETURNING's order is arbitrary: match ids back by name.
-        let mut by_name = std::collections::HashMap::with_capacity(rows.len());
-        for r in rows {
-            let id: i64 = r.try_get(0).map_err(backend)?;
-            let name: String = r.try_get(1).map_err(backend)?;
-            by_name.insert(name, UserId(id));
-        }
-        for u in chunk {
-            let id = by_name.get(&u.username).copied().ok_or_else(|| {
-                StoreError::Invalid(format!("no id returned for {:?}", u.username))
-            })?;
-            ids.push(id);
-        }
+        let returned = rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<Vec<(i64, String)>, sqlx::Error>>()
+            .map_err(backend)?;
+        ids.extend(nearby_store_sql::ids_in_order(chunk, returned)?);
     }
     let with_ids: Vec<(&BulkUser, UserId)> = users.iter().zip(ids.iter().copied()).collect();
     for chunk in with_ids.chunks(BULK_ROWS) {
@@ -186,18 +180,7 @@ async fn bulk_load(
         });
         q.build().execute(&mut *tx).await.map_err(backend)?;
     }
-    let mut edges = Vec::with_capacity(friendships.len() * 2);
-    for &(a, b) in friendships {
-        let (Some(a), Some(b)) = (ids.get(a as usize), ids.get(b as usize)) else {
-            return Err(StoreError::NotFound(format!(
-                "friendship ({a}, {b}) names no user"
-            )));
-        };
-        edges.push((*a, *b));
-        edges.push((*b, *a));
-    }
-    // In primary-key order, the table's B-tree is appended to, not split.
-    edges.sort_unstable();
+    let edges = nearby_store_sql::mutual_edges(&ids, friendships)?;
     for chunk in edges.chunks(BULK_ROWS) {
         let mut q = QueryBuilder::<Sqlite>::new(
             "INSERT OR IGNORE INTO friend_edges (user_id, friend_id, status) ",
@@ -211,38 +194,92 @@ async fn bulk_load(
     Ok(ids)
 }
 
-async fn edge_status(
-    tx: &mut Transaction<'_, Sqlite>,
-    from: UserId,
-    to: UserId,
-) -> StoreResult<Option<FriendStatus>> {
-    let row = sqlx::query("SELECT status FROM friend_edges WHERE user_id = ? AND friend_id = ?")
+/// The friend graph's statements in one SQLite transaction. The database
+/// has one writer, so the pair needs no lock.
+struct Tx<'a>(Transaction<'a, Sqlite>);
+
+#[async_trait]
+impl EdgeTx for Tx<'_> {
+    async fn lock_pair(&mut self, a: UserId, b: UserId) -> StoreResult<usize> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM users WHERE id IN (?, ?)")
+            .bind(a.0)
+            .bind(b.0)
+            .fetch_one(&mut *self.0)
+            .await
+            .map_err(backend)?;
+        Ok(usize::try_from(n).unwrap_or(0))
+    }
+
+    async fn edge_status(&mut self, from: UserId, to: UserId) -> StoreResult<Option<FriendStatus>> {
+        let code: Option<i64> = sqlx::query_scalar(
+            "SELECT status FROM friend_edges WHERE user_id = ? AND friend_id = ?",
+        )
         .bind(from.0)
         .bind(to.0)
-        .fetch_optional(&mut **tx)
+        .fetch_optional(&mut *self.0)
         .await
         .map_err(backend)?;
-    row.map(|r| status_of(r.try_get(0).map_err(backend)?))
-        .transpose()
+        code.map(status_of).transpose()
+    }
+
+    async fn set_edge(
+        &mut self,
+        from: UserId,
+        to: UserId,
+        status: FriendStatus,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO friend_edges (user_id, friend_id, status) VALUES (?, ?, ?)
+             ON CONFLICT (user_id, friend_id) DO UPDATE SET status = excluded.status",
+        )
+        .bind(from.0)
+        .bind(to.0)
+        .bind(status_code(status))
+        .execute(&mut *self.0)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn delete_pair(&mut self, a: UserId, b: UserId) -> StoreResult<()> {
+        sqlx::query(
+            "DELETE FROM friend_edges WHERE (user_id = ?1 AND friend_id = ?2) OR (user_id = ?2 AND friend_id = ?1)",
+        )
+        .bind(a.0)
+        .bind(b.0)
+        .execute(&mut *self.0)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn sharing(&mut self, from: UserId, to: UserId) -> StoreResult<Option<bool>> {
+        sqlx::query_scalar(
+            "SELECT sharing FROM friend_edges WHERE user_id = ? AND friend_id = ? AND status = 0",
+        )
+        .bind(from.0)
+        .bind(to.0)
+        .fetch_optional(&mut *self.0)
+        .await
+        .map_err(backend)
+    }
+
+    async fn set_sharing(&mut self, from: UserId, to: UserId, enabled: bool) -> StoreResult<()> {
+        sqlx::query("UPDATE friend_edges SET sharing = ? WHERE user_id = ? AND friend_id = ?")
+            .bind(enabled)
+            .bind(from.0)
+            .bind(to.0)
+            .execute(&mut *self.0)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
 }
 
-async fn set_edge(
-    tx: &mut Transaction<'_, Sqlite>,
-    from: UserId,
-    to: UserId,
-    status: FriendStatus,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO friend_edges (user_id, friend_id, status) VALUES (?, ?, ?)
-         ON CONFLICT (user_id, friend_id) DO UPDATE SET status = excluded.status",
-    )
-    .bind(from.0)
-    .bind(to.0)
-    .bind(status_code(status))
-    .execute(&mut **tx)
-    .await
-    .map_err(backend)?;
-    Ok(())
+impl SqliteUserStore {
+    async fn begin(&self) -> StoreResult<Tx<'static>> {
+        Ok(Tx(self.db.writer.begin().await.map_err(backend)?))
+    }
 }
 
 #[async_trait]
@@ -344,67 +381,23 @@ impl UserStore for SqliteUserStore {
     }
 
     async fn request_friend(&self, from: UserId, to: UserId) -> StoreResult<Option<FriendStatus>> {
-        if from == to {
-            return Err(StoreError::Conflict("cannot befriend yourself".into()));
-        }
-        let mut tx = self.db.writer.begin().await.map_err(backend)?;
-        let exists = sqlx::query("SELECT 1 FROM users WHERE id = ?")
-            .bind(to.0)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(backend)?;
-        if exists.is_none() {
-            return Err(StoreError::NotFound(format!("user {to}")));
-        }
-        let before = edge_status(&mut tx, from, to).await?;
-        let after = FriendStatus::after_request(before);
-        if Some(after) != before {
-            set_edge(&mut tx, from, to, after).await?;
-            set_edge(&mut tx, to, from, after.mirrored()).await?;
-        }
-        tx.commit().await.map_err(backend)?;
+        let mut tx = self.begin().await?;
+        let before = nearby_store_sql::request_friend(&mut tx, from, to).await?;
+        tx.0.commit().await.map_err(backend)?;
         Ok(before)
     }
 
     async fn remove_friend(&self, a: UserId, b: UserId) -> StoreResult<Option<FriendStatus>> {
-        let mut tx = self.db.writer.begin().await.map_err(backend)?;
-        let before = edge_status(&mut tx, a, b).await?;
-        sqlx::query(
-            "DELETE FROM friend_edges WHERE (user_id = ?1 AND friend_id = ?2) OR (user_id = ?2 AND friend_id = ?1)",
-        )
-        .bind(a.0)
-        .bind(b.0)
-        .execute(&mut *tx)
-        .await
-        .map_err(backend)?;
-        tx.commit().await.map_err(backend)?;
+        let mut tx = self.begin().await?;
+        let before = nearby_store_sql::remove_friend(&mut tx, a, b).await?;
+        tx.0.commit().await.map_err(backend)?;
         Ok(before)
     }
 
     async fn set_sharing(&self, from: UserId, to: UserId, enabled: bool) -> StoreResult<bool> {
-        let mut tx = self.db.writer.begin().await.map_err(backend)?;
-        let row = sqlx::query(
-            "SELECT sharing FROM friend_edges WHERE user_id = ? AND friend_id = ? AND status = 0",
-        )
-        .bind(from.0)
-        .bind(to.0)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(backend)?;
-        let Some(row) = row else {
-            return Err(StoreError::NotFound(format!("user {to} is not a friend")));
-        };
-        let before: bool = row.try_get(0).map_err(backend)?;
-        if before != enabled {
-            sqlx::query("UPDATE friend_edges SET sharing = ? WHERE user_id = ? AND friend_id = ?")
-                .bind(enabled)
-                .bind(from.0)
-                .bind(to.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        }
-        tx.commit().await.map_err(backend)?;
+        let mut tx = self.begin().await?;
+        let before = nearby_store_sql::set_sharing(&mut tx, from, to, enabled).await?;
+        tx.0.commit().await.map_err(backend)?;
         Ok(before)
     }
 
