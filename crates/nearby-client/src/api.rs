@@ -198,7 +198,7 @@ impl Client {
             .json(Method::GET, &["v1", "nearby"], None, true)
             .await?
         {
-            ServerFrame::Snapshot { friends } => Ok(friends),
+            ServerFrame::Snapshot { friends, .. } => Ok(friends),
             other => Err(ClientError::Unexpected {
                 url: url.to_string(),
                 detail: format!("expected a snapshot, got {other:?}"),

@@ -96,6 +96,29 @@ impl From<Nearby> for NearbyFriend {
     }
 }
 
+/// The user's own latest location, as the server holds it: in a snapshot,
+/// and the body of `self_location` (a move another of the user's devices
+/// reported). Only ever sent to the user it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SelfLocation {
+    /// Latitude, degrees.
+    pub lat: f64,
+    /// Longitude, degrees.
+    pub lon: f64,
+    /// When it was accepted, Unix milliseconds.
+    pub updated_at: i64,
+}
+
+impl From<nearby_core::Location> for SelfLocation {
+    fn from(l: nearby_core::Location) -> Self {
+        Self {
+            lat: l.point.lat(),
+            lon: l.point.lon(),
+            updated_at: l.ts_ms,
+        }
+    }
+}
+
 /// A frame from the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -104,7 +127,13 @@ pub enum ServerFrame {
     Snapshot {
         /// Nearby friends.
         friends: Vec<NearbyFriend>,
+        /// The user's own latest location, if the server holds one (absent
+        /// before the first update, after the TTL, and from older servers).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        self_location: Option<SelfLocation>,
     },
+    /// Another of the user's devices reported this position.
+    SelfLocation(SelfLocation),
     /// A friend is nearby (entered the radius, moved, or the user moved).
     FriendLocation(NearbyFriend),
     /// A friend is no longer nearby.
@@ -213,8 +242,28 @@ mod tests {
             f.to_json(),
             r#"{"type":"friend_left","id":"7","reason":"out_of_range"}"#
         );
-        let f = ServerFrame::Snapshot { friends: vec![] };
+        let f = ServerFrame::Snapshot {
+            friends: vec![],
+            self_location: None,
+        };
         assert_eq!(f.to_json(), r#"{"type":"snapshot","friends":[]}"#);
+        let me = SelfLocation {
+            lat: 37.5,
+            lon: 127.25,
+            updated_at: 7,
+        };
+        let f = ServerFrame::Snapshot {
+            friends: vec![],
+            self_location: Some(me),
+        };
+        assert_eq!(
+            f.to_json(),
+            r#"{"type":"snapshot","friends":[],"self_location":{"lat":37.5,"lon":127.25,"updated_at":7}}"#
+        );
+        assert_eq!(
+            ServerFrame::SelfLocation(me).to_json(),
+            r#"{"type":"self_location","lat":37.5,"lon":127.25,"updated_at":7}"#
+        );
         let f = ServerFrame::error("bad_json", "x");
         assert_eq!(
             f.to_json(),

@@ -510,9 +510,10 @@ pub async fn start_session(
 
 /// `GET /v1/nearby`: the snapshot a WebSocket gets on connect.
 pub async fn nearby(State(st): St, me: AuthUser) -> ApiResult<Json<ServerFrame>> {
-    let (_, snapshot) = start_session(&st, me.id, None).await?;
+    let (session, snapshot) = start_session(&st, me.id, None).await?;
     Ok(Json(ServerFrame::Snapshot {
         friends: snapshot.into_iter().map(Into::into).collect(),
+        self_location: session.own_location().map(Into::into),
     }))
 }
 

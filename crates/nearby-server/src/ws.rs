@@ -180,6 +180,7 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
             st.metrics.connections.increment(1.0);
             let frame = ServerFrame::Snapshot {
                 friends: snapshot.into_iter().map(Into::into).collect(),
+                self_location: session.own_location().map(Into::into),
             };
             Conn {
                 bucket: TokenBucket::new(st.cfg.updates_per_sec, st.cfg.update_burst, now_ms()),
@@ -739,6 +740,7 @@ impl Conn {
                     .is_none_or(|o| o.ts_ms < loc.ts_ms || (o.ts_ms == loc.ts_ms && o != loc))
                 {
                     let events = self.session.on_own_location(loc, now);
+                    self.out.push(ServerFrame::SelfLocation(loc.into()));
                     self.out.extend(events.into_iter().map(ServerFrame::from));
                 }
                 None

@@ -273,6 +273,20 @@ function setMyLocation(lat, lon, source) {
   renderLocationInfo();
 }
 
+// Positions this page did not produce: the server's copy (snapshot) and
+// moves reported by another of the user's devices. Shown, never re-sent.
+const REMOTE_SOURCES = new Set(['server', 'elsewhere']);
+
+function adoptRemoteLocation(loc, source) {
+  if (!loc || !validLatLon(loc.lat, loc.lon)) return;
+  if (state.me && !REMOTE_SOURCES.has(state.me.source) && source === 'server') return; // this page's own is newer
+  state.me = { lat: loc.lat, lon: loc.lon, source };
+  $('#lat').value = loc.lat.toFixed(6);
+  $('#lon').value = loc.lon.toFixed(6);
+  renderMap();
+  renderLocationInfo();
+}
+
 // Sends the latest location at most once a second, and again every RESEND_MS.
 function queueSend() {
   clearTimeout(state.sendTimer);
@@ -285,6 +299,7 @@ function sendLocation() {
   state.sendTimer = null;
   const ws = state.ws;
   if (!state.me || !state.live || !ws || ws.readyState !== WebSocket.OPEN) return; // sent on (re)connect
+  if (REMOTE_SOURCES.has(state.me.source)) return; // the device that reported it keeps it fresh
   ws.send(JSON.stringify({ type: 'location', lat: state.me.lat, lon: state.me.lon }));
   state.lastSent = Date.now();
   state.sendTimer = setTimeout(sendLocation, RESEND_MS);
@@ -369,6 +384,7 @@ function onFrame(data) {
   switch (msg.type) {
     case 'snapshot':
       state.nearby = new Map(msg.friends.map((f) => [f.id, f]));
+      if (msg.self_location) adoptRemoteLocation(msg.self_location, 'server');
       if (msg.friends.some((f) => !state.friends.has(f.id))) refreshFriendsSoon();
       state.live = true;
       state.attempt = 0;
@@ -379,6 +395,9 @@ function onFrame(data) {
     case 'friend_location':
       state.nearby.set(msg.id, { id: msg.id, distance_m: msg.distance_m, bearing_deg: msg.bearing_deg, updated_at: msg.updated_at });
       if (state.friends.get(msg.id)?.status !== 'friends') refreshFriendsSoon(); // a request just accepted
+      break;
+    case 'self_location':
+      adoptRemoteLocation(msg, 'elsewhere');
       break;
     case 'friend_left': {
       const shown = state.nearby.delete(msg.id);
@@ -516,7 +535,14 @@ function renderFriends() {
 function renderLocationInfo() {
   const el = $('#location-info');
   if (!state.me) { el.textContent = 'No location set yet.'; return; }
-  const from = { manual: 'set by hand', map: 'placed on the map', device: 'from this device' }[state.me.source];
+  const from = {
+    manual: 'set by hand', map: 'placed on the map', device: 'from this device',
+    server: 'as the server last had it', elsewhere: 'from another of your devices',
+  }[state.me.source];
+  if (REMOTE_SOURCES.has(state.me.source)) {
+    el.textContent = `${state.me.lat.toFixed(5)}, ${state.me.lon.toFixed(5)} (${from}).`;
+    return;
+  }
   const sent = state.lastSent ? `last sent ${Math.round((Date.now() - state.lastSent) / 1000)} s ago` : 'not sent yet';
   el.textContent = `${state.me.lat.toFixed(5)}, ${state.me.lon.toFixed(5)} (${from}); ${state.live ? sent : 'will send when connected'}.`;
 }

@@ -246,7 +246,16 @@ fn two_users_befriend_share_and_watch_each_other_from_the_command_line() {
     assert_eq!(out.lines().next(), Some("nearby now: nobody"), "{out}");
     let watch = alice.spawn(&["watch", "--json"]);
     let snap = watch.json();
-    assert_eq!(snap, json!({ "type": "snapshot", "friends": [] }));
+    // Nobody near, and where she stands as the server holds it.
+    assert_eq!(snap["friends"], json!([]), "{snap}");
+    assert_eq!(
+        (
+            snap["self_location"]["lat"].as_f64(),
+            snap["self_location"]["lon"].as_f64()
+        ),
+        (Some(SEOUL.0), Some(SEOUL.1)),
+        "{snap}"
+    );
 
     // Bob, 1 km north, sees her at once, and her watch shows him.
     let [lat, lon] = coords(north_of(SEOUL.0, SEOUL.1, 1000.0));
@@ -417,6 +426,15 @@ fn watch_keeps_running_across_a_server_restart() {
     // reports again (another device), then Bob, 1 km north, shows up.
     let [lat, lon] = coords(SEOUL);
     alice.ok(&["move", &lat, &lon]);
+    // The watch is told where Alice's other device put her.
+    let me = watch.line();
+    assert!(
+        me.starts_with(&format!(
+            "you are at {:.5}, {:.5}, as another of your devices reported",
+            SEOUL.0, SEOUL.1
+        )),
+        "{me}"
+    );
     let [lat, lon] = coords(north_of(SEOUL.0, SEOUL.1, 1000.0));
     bob.ok(&["move", &lat, &lon]);
     let seen = watch.line();

@@ -24,6 +24,10 @@ async fn every_socket_of_a_user_sees_what_a_fresh_one_would() {
     let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 700.0);
     b.send_location(lat, lon).await;
     assert_location(&phone.next_json().await, &bob.id, 700.0);
+    // The tablet is told where the phone put her, then sees Bob from there.
+    let moved = tablet.next_json().await;
+    assert_eq!(moved["type"], "self_location", "{moved}");
+    assert_eq!(moved["lat"], SEOUL.0, "{moved}");
     assert_location(&tablet.next_json().await, &bob.id, 700.0);
     // And the REST view agrees.
     let (st, near) = alice.req(reqwest::Method::GET, "/v1/nearby", None).await;
@@ -33,6 +37,9 @@ async fn every_socket_of_a_user_sees_what_a_fresh_one_would() {
     let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 2700.0);
     phone.send_location(lat, lon).await;
     assert_location(&phone.next_json().await, &bob.id, 2000.0);
+    let moved = tablet.next_json().await;
+    assert_eq!(moved["type"], "self_location", "{moved}");
+    assert_eq!(moved["lat"], lat, "{moved}");
     assert_location(&tablet.next_json().await, &bob.id, 2000.0);
     tablet.expect_silence(Duration::from_millis(300)).await;
 }

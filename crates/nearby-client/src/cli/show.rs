@@ -35,10 +35,10 @@ impl Names {
 /// The user ids a frame mentions.
 pub(crate) fn ids(frame: &ServerFrame) -> Vec<UserId> {
     match frame {
-        ServerFrame::Snapshot { friends } => friends.iter().map(|f| f.id).collect(),
+        ServerFrame::Snapshot { friends, .. } => friends.iter().map(|f| f.id).collect(),
         ServerFrame::FriendLocation(f) => vec![f.id],
         ServerFrame::FriendLeft { id, .. } => vec![*id],
-        ServerFrame::Error { .. } => vec![],
+        ServerFrame::SelfLocation(_) | ServerFrame::Error { .. } => vec![],
     }
 }
 
@@ -46,8 +46,10 @@ pub(crate) fn ids(frame: &ServerFrame) -> Vec<UserId> {
 /// location is when it is not fresh.
 pub(crate) fn frame_line(frame: &ServerFrame, names: &Names, now_ms: i64) -> String {
     match frame {
-        ServerFrame::Snapshot { friends } if friends.is_empty() => "nearby now: nobody".to_owned(),
-        ServerFrame::Snapshot { friends } => {
+        ServerFrame::Snapshot { friends, .. } if friends.is_empty() => {
+            "nearby now: nobody".to_owned()
+        }
+        ServerFrame::Snapshot { friends, .. } => {
             let list: Vec<String> = friends
                 .iter()
                 .map(|f| {
@@ -76,6 +78,12 @@ pub(crate) fn frame_line(frame: &ServerFrame, names: &Names, now_ms: i64) -> Str
             };
             format!("{} left: {why}", names.name(*id))
         }
+        ServerFrame::SelfLocation(me) => format!(
+            "you are at {:.5}, {:.5}, as another of your devices reported{}",
+            me.lat,
+            me.lon,
+            age(me.updated_at, now_ms)
+        ),
         ServerFrame::Error { code, message, .. } => format!("server error {code}: {message}"),
     }
 }
@@ -151,12 +159,16 @@ mod tests {
         let n = names();
         let line = |f: ServerFrame| frame_line(&f, &n, now);
         assert_eq!(
-            line(ServerFrame::Snapshot { friends: vec![] }),
+            line(ServerFrame::Snapshot {
+                friends: vec![],
+                self_location: None
+            }),
             "nearby now: nobody"
         );
         assert_eq!(
             line(ServerFrame::Snapshot {
-                friends: vec![near(2, 999.64, now), near(9, 12.0, now - 90_000)]
+                friends: vec![near(2, 999.64, now), near(9, 12.0, now - 90_000)],
+                self_location: None
             }),
             "nearby now: bob 999.6 m, user 9 12.0 m (seen 90 s ago)"
         );
@@ -174,6 +186,14 @@ mod tests {
                 reason: LeftReason::Unshared
             }),
             "bob left: stopped sharing with you"
+        );
+        assert_eq!(
+            line(ServerFrame::SelfLocation(nearby_proto::ws::SelfLocation {
+                lat: 37.566_53,
+                lon: 126.978_04,
+                updated_at: now - 30_000
+            })),
+            "you are at 37.56653, 126.97804, as another of your devices reported (seen 30 s ago)"
         );
         assert_eq!(
             line(ServerFrame::error("rate_limited", "slow down")),
