@@ -15,7 +15,7 @@ use std::time::Duration;
 use nearby_core::{FriendStatus, LeftReason, Location, Point, UserId};
 use nearby_ports::{
     BusMessage, Channel, HistoryEntry, HistoryStore, LocationCache, Mail, Mailbox, PubSub,
-    StoreError, Subscriber, UserStore,
+    StoreError, Subscriber, UserStore, GHOST_FOREVER,
 };
 
 fn loc(lat: f64, ts_ms: i64) -> Location {
@@ -36,6 +36,14 @@ pub async fn location_cache(cache: &dyn LocationCache, ns: i64) {
     assert_eq!(got, vec![Some(loc(3.0, 3)), None, Some(loc(2.0, 2))]);
     assert_eq!(cache.get(a).await.expect("get"), Some(loc(2.0, 2)));
     assert_eq!(cache.get_many(&[]).await.expect("empty batch"), vec![]);
+    cache.remove(b).await.expect("remove");
+    assert_eq!(cache.get(b).await.expect("get"), None, "removed at once");
+    cache.remove(b).await.expect("removing nothing is fine");
+    assert_eq!(
+        cache.get(a).await.expect("get"),
+        Some(loc(2.0, 2)),
+        "others stay"
+    );
 
     cache
         .put(c, loc(4.0, 4), Duration::from_millis(1100))
@@ -105,6 +113,9 @@ async fn recv(r: &mut Mailbox) -> Option<BusMessage> {
         _ => None,
     }
 }
+
+/// The clock of [`user_store`]'s visibility reads, Unix ms.
+const NOW: i64 = 1_000_000;
 
 /// [`UserStore`]: unique names, token expiry, the friend-request state
 /// machine on both edges, sharing, visibility.
@@ -178,7 +189,7 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
     );
     assert!(
         store
-            .visible_friends(bob)
+            .visible_friends(bob, NOW)
             .await
             .expect("visible")
             .is_empty(),
@@ -200,13 +211,58 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
         (FriendStatus::Friends, true)
     );
     assert_eq!(
-        store.visible_friends(bob).await.expect("visible"),
+        store.visible_friends(bob, NOW).await.expect("visible"),
         vec![alice]
     );
     assert_eq!(
-        store.visible_friends(alice).await.expect("visible"),
+        store.visible_friends(alice, NOW).await.expect("visible"),
         vec![bob]
     );
+
+    // Ghost mode hides Alice from every friend, until it ends.
+    store.set_ghost(alice, Some(NOW + 5)).await.expect("ghost");
+    assert_eq!(
+        store.ghost_until(alice, NOW).await.expect("ghost"),
+        Some(NOW + 5)
+    );
+    assert!(store
+        .visible_friends(bob, NOW)
+        .await
+        .expect("visible")
+        .is_empty());
+    assert_eq!(
+        store.visible_friends(bob, NOW + 5).await.expect("visible"),
+        vec![alice],
+        "ghost mode ends by itself"
+    );
+    assert_eq!(
+        store.ghost_until(alice, NOW + 5).await.expect("ghost"),
+        None
+    );
+    assert_eq!(
+        store.visible_friends(alice, NOW).await.expect("visible"),
+        vec![bob],
+        "one-way"
+    );
+    store
+        .set_ghost(alice, Some(GHOST_FOREVER))
+        .await
+        .expect("ghost");
+    assert!(store
+        .visible_friends(bob, i64::MAX - 1)
+        .await
+        .expect("visible")
+        .is_empty());
+    store.set_ghost(alice, None).await.expect("end ghost");
+    assert_eq!(store.ghost_until(alice, NOW).await.expect("ghost"), None);
+    assert_eq!(
+        store.visible_friends(bob, NOW).await.expect("visible"),
+        vec![alice]
+    );
+    assert!(matches!(
+        store.set_ghost(UserId(i64::MAX), None).await,
+        Err(StoreError::NotFound(_))
+    ));
 
     assert!(store.set_sharing(alice, bob, false).await.expect("revoke"));
     assert!(!store
@@ -214,12 +270,12 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
         .await
         .expect("revoke again"));
     assert!(store
-        .visible_friends(bob)
+        .visible_friends(bob, NOW)
         .await
         .expect("visible")
         .is_empty());
     assert_eq!(
-        store.visible_friends(alice).await.expect("visible"),
+        store.visible_friends(alice, NOW).await.expect("visible"),
         vec![bob],
         "revoking is one-way"
     );
@@ -238,7 +294,7 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
     assert!(store.friends(alice).await.expect("list").is_empty());
     assert!(store.friends(carol).await.expect("list").is_empty());
     assert!(store
-        .visible_friends(alice)
+        .visible_friends(alice, NOW)
         .await
         .expect("visible")
         .is_empty());
@@ -312,7 +368,7 @@ pub async fn bulk_loaded(
             })
             .collect();
         want.sort();
-        let mut got = store.visible_friends(*id).await.expect("visible");
+        let mut got = store.visible_friends(*id, NOW).await.expect("visible");
         got.sort();
         assert_eq!(got, want, "friends of user #{i}");
     }

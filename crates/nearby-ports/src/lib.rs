@@ -76,6 +76,9 @@ pub trait LocationCache: Send + Sync + 'static {
     async fn put(&self, user: UserId, loc: Location, ttl: Duration) -> StoreResult<()>;
     /// Reads many users' latest locations in one round trip, in the order asked.
     async fn get_many(&self, users: &[UserId]) -> StoreResult<Vec<Option<Location>>>;
+    /// Forgets the user's latest location at once (ghost mode, logout):
+    /// friends who start a session see nothing until the next `put`.
+    async fn remove(&self, user: UserId) -> StoreResult<()>;
     /// Reads one user's latest location.
     async fn get(&self, user: UserId) -> StoreResult<Option<Location>> {
         Ok(self.get_many(&[user]).await?.pop().flatten())
@@ -820,15 +823,24 @@ pub trait UserStore: Send + Sync + 'static {
     async fn set_sharing(&self, from: UserId, to: UserId, enabled: bool) -> StoreResult<bool>;
     /// The user's friends and pending requests, ordered by username.
     async fn friends(&self, user: UserId) -> StoreResult<Vec<FriendEntry>>;
-    /// The friends whose locations `viewer` may see: mutual friends who share
-    /// with `viewer`.
-    async fn visible_friends(&self, viewer: UserId) -> StoreResult<Vec<UserId>>;
+    /// The friends whose locations `viewer` may see at `now_ms`: mutual
+    /// friends who share with `viewer` and are not in ghost mode.
+    async fn visible_friends(&self, viewer: UserId, now_ms: i64) -> StoreResult<Vec<UserId>>;
+    /// Ghost mode: hides `user` from every friend until `until_ms`
+    /// ([`GHOST_FOREVER`]: until turned off), or ends it (`None`).
+    /// `NotFound` if the user does not exist.
+    async fn set_ghost(&self, user: UserId, until_ms: Option<i64>) -> StoreResult<()>;
+    /// When `user`'s ghost mode ends, if it is on at `now_ms`.
+    async fn ghost_until(&self, user: UserId, now_ms: i64) -> StoreResult<Option<i64>>;
 
     /// Answers when the backend is reachable (for readiness checks).
     async fn ping(&self) -> StoreResult<()> {
         Ok(())
     }
 }
+
+/// The `until` of a ghost mode that lasts until it is turned off.
+pub const GHOST_FOREVER: i64 = i64::MAX;
 
 /// One location to append to history.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -481,7 +481,7 @@ pub async fn start_session(
     me: UserId,
     subscription: Option<&mut Subscription>,
 ) -> Result<(Session, Vec<nearby_core::session::Nearby>), nearby_ports::StoreError> {
-    let friends = st.backends.users.visible_friends(me).await?;
+    let friends = st.backends.users.visible_friends(me, now_ms()).await?;
     let channels: Vec<Channel> = friends.iter().map(|f| Channel::Location(*f)).collect();
     let mut subscription = subscription;
     if let Some(sub) = subscription.as_deref_mut() {

@@ -630,7 +630,7 @@ impl Conn {
             let token = users.token_user(&self.token_hash, now_ms()).await?;
             let valid = token.is_some_and(|(id, _)| id == me);
             let visible = if valid {
-                users.visible_friends(me).await?
+                users.visible_friends(me, now_ms()).await?
             } else {
                 Vec::new()
             };
@@ -702,7 +702,7 @@ impl Conn {
         // between the first read and now must not let a location reported
         // after it through. (One made later is queued on the inbox, which
         // was subscribed all along, and applies next.)
-        let still = match b.users.visible_friends(me).await {
+        let still = match b.users.visible_friends(me, now_ms()).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(user = %me, error = %e, "re-reading visible friends failed");

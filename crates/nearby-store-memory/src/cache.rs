@@ -86,6 +86,12 @@ impl LocationCache for MemoryCache {
         Ok(())
     }
 
+    async fn remove(&self, user: UserId) -> StoreResult<()> {
+        let mut map = self.shard(user).write().unwrap_or_else(|e| e.into_inner());
+        map.remove(&user);
+        Ok(())
+    }
+
     async fn get_many(&self, users: &[UserId]) -> StoreResult<Vec<Option<Location>>> {
         let now = Instant::now();
         Ok(users

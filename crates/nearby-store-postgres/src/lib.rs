@@ -70,6 +70,9 @@ CREATE TABLE location_history_default PARTITION OF location_history DEFAULT;
     "UPDATE users SET username = lower(username)
  WHERE username <> lower(username)
    AND id IN (SELECT min(id) FROM users GROUP BY lower(username) HAVING count(*) = 1);",
+    // Ghost mode: hidden from every friend while `now < ghost_until`
+    // (`GHOST_FOREVER` until turned off); NULL when off.
+    "ALTER TABLE users ADD COLUMN ghost_until BIGINT;",
 ];
 
 /// Connects to `url` (`postgres://…`), runs pending migrations, and returns

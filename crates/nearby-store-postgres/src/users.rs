@@ -364,17 +364,43 @@ impl UserStore for PgUserStore {
             .collect()
     }
 
-    async fn visible_friends(&self, viewer: UserId) -> StoreResult<Vec<UserId>> {
+    async fn visible_friends(&self, viewer: UserId, now_ms: i64) -> StoreResult<Vec<UserId>> {
         let rows = sqlx::query(
-            "SELECT user_id FROM friend_edges WHERE friend_id = $1 AND status = 'friends' AND sharing",
+            "SELECT e.user_id FROM friend_edges e JOIN users u ON u.id = e.user_id
+             WHERE e.friend_id = $1 AND e.status = 'friends' AND e.sharing
+               AND (u.ghost_until IS NULL OR u.ghost_until <= $2)",
         )
         .bind(viewer.0)
+        .bind(now_ms)
         .fetch_all(&self.pool)
         .await
         .map_err(backend)?;
         rows.into_iter()
             .map(|r| r.try_get(0).map(UserId).map_err(backend))
             .collect()
+    }
+
+    async fn set_ghost(&self, user: UserId, until_ms: Option<i64>) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE users SET ghost_until = $1 WHERE id = $2")
+            .bind(until_ms)
+            .bind(user.0)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("user {user}")));
+        }
+        Ok(())
+    }
+
+    async fn ghost_until(&self, user: UserId, now_ms: i64) -> StoreResult<Option<i64>> {
+        let until: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT ghost_until FROM users WHERE id = $1")
+                .bind(user.0)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+        Ok(until.flatten().filter(|u| *u > now_ms))
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -173,6 +173,13 @@ impl LocationCache for RedisCache {
             .map_err(backend)
     }
 
+    async fn remove(&self, user: UserId) -> StoreResult<()> {
+        connected(self.pool.next())?
+            .del::<(), _>(self.key(user))
+            .await
+            .map_err(backend)
+    }
+
     async fn get_many(&self, users: &[UserId]) -> StoreResult<Vec<Option<Location>>> {
         if users.is_empty() {
             return Ok(Vec::new());
@@ -292,6 +299,10 @@ impl ShardedCache {
 impl LocationCache for ShardedCache {
     async fn put(&self, user: UserId, loc: Location, ttl: Duration) -> StoreResult<()> {
         self.shard(user)?.put(user, loc, ttl).await
+    }
+
+    async fn remove(&self, user: UserId) -> StoreResult<()> {
+        self.shard(user)?.remove(user).await
     }
 
     async fn get_many(&self, users: &[UserId]) -> StoreResult<Vec<Option<Location>>> {

@@ -70,6 +70,9 @@ ALTER TABLE friend_edges_v3 RENAME TO friend_edges;
     "UPDATE users SET username = lower(username)
  WHERE username <> lower(username)
    AND id IN (SELECT min(id) FROM users GROUP BY lower(username) HAVING count(*) = 1);",
+    // Ghost mode: hidden from every friend while `now < ghost_until`
+    // (`GHOST_FOREVER` until turned off); NULL when off.
+    "ALTER TABLE users ADD COLUMN ghost_until INTEGER;",
 ];
 
 /// `friend_edges.status` of a mutual friendship (migration 3), spelled as
@@ -423,20 +426,45 @@ impl UserStore for SqliteUserStore {
             .collect()
     }
 
-    async fn visible_friends(&self, viewer: UserId) -> StoreResult<Vec<UserId>> {
+    async fn visible_friends(&self, viewer: UserId, now_ms: i64) -> StoreResult<Vec<UserId>> {
         let rows = sqlx::query(
-            // The viewer's friends whose own edge back shares: both by
-            // primary key.
+            // The viewer's friends whose own edge back shares and who are
+            // not in ghost mode: all three by primary key.
             "SELECT e.friend_id FROM friend_edges e
              JOIN friend_edges r ON r.user_id = e.friend_id AND r.friend_id = e.user_id
-             WHERE e.user_id = ? AND e.status = 0 AND r.status = 0 AND r.sharing = 1",
+             JOIN users u ON u.id = e.friend_id
+             WHERE e.user_id = ? AND e.status = 0 AND r.status = 0 AND r.sharing = 1
+               AND (u.ghost_until IS NULL OR u.ghost_until <= ?)",
         )
         .bind(viewer.0)
+        .bind(now_ms)
         .fetch_all(&self.db.reader)
         .await
         .map_err(backend)?;
         rows.into_iter()
             .map(|r| r.try_get(0).map(UserId).map_err(backend))
             .collect()
+    }
+    async fn set_ghost(&self, user: UserId, until_ms: Option<i64>) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE users SET ghost_until = ? WHERE id = ?")
+            .bind(until_ms)
+            .bind(user.0)
+            .execute(&self.db.writer)
+            .await
+            .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("user {user}")));
+        }
+        Ok(())
+    }
+
+    async fn ghost_until(&self, user: UserId, now_ms: i64) -> StoreResult<Option<i64>> {
+        let until: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT ghost_until FROM users WHERE id = ?")
+                .bind(user.0)
+                .fetch_optional(&self.db.reader)
+                .await
+                .map_err(backend)?;
+        Ok(until.flatten().filter(|u| *u > now_ms))
     }
 }

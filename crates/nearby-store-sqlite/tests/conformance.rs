@@ -51,7 +51,7 @@ async fn a_large_bulk_insert_is_read_by_primary_key_and_leaves_checks_on() {
     let (users, ring) = nearby_conformance::bulk_sample("big", 60_000);
     let ids = store.bulk_insert(&users, &ring).await.expect("bulk");
     for i in [0usize, 1, 30_000, 59_999] {
-        let mut got = store.visible_friends(ids[i]).await.expect("visible");
+        let mut got = store.visible_friends(ids[i], 0).await.expect("visible");
         got.sort();
         let mut want = vec![ids[(i + 1) % 60_000], ids[(i + 59_999) % 60_000]];
         want.sort();
@@ -63,7 +63,7 @@ async fn a_large_bulk_insert_is_read_by_primary_key_and_leaves_checks_on() {
         .await
         .expect("share"));
     assert_eq!(
-        store.visible_friends(ids[0]).await.expect("visible"),
+        store.visible_friends(ids[0], 0).await.expect("visible"),
         vec![ids[59_999]]
     );
     // The load turned foreign-key checks off on the single writer
@@ -147,12 +147,12 @@ async fn a_database_with_text_statuses_migrates_to_status_codes() {
     assert_eq!(seen(3).await, vec![(1, FriendStatus::Incoming, true)]);
     // Bob does not share with Ann; Ann shares with Bob.
     assert!(store
-        .visible_friends(UserId(1))
+        .visible_friends(UserId(1), 0)
         .await
         .expect("v")
         .is_empty());
     assert_eq!(
-        store.visible_friends(UserId(2)).await.expect("v"),
+        store.visible_friends(UserId(2), 0).await.expect("v"),
         vec![UserId(1)]
     );
     // The migrated table takes new relations: Cy accepts.
