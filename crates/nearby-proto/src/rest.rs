@@ -69,6 +69,24 @@ pub struct SharingUpdate {
     pub enabled: bool,
 }
 
+/// `PUT /v1/me/ghost` body.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct GhostUpdate {
+    /// When ghost mode ends by itself, Unix ms (in the future); absent or
+    /// null: until `DELETE /v1/me/ghost`.
+    #[serde(default)]
+    pub until: Option<i64>,
+}
+
+/// `GET`/`PUT /v1/me/ghost` answer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GhostState {
+    /// Whether you are hidden from every friend now.
+    pub ghost: bool,
+    /// When it ends by itself, Unix ms; null: on until turned off (or off).
+    pub until: Option<i64>,
+}
+
 /// One stored location.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct HistoryPoint {

@@ -114,6 +114,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/friends/{id}/sharing", put(rest::set_sharing))
         .route("/v1/nearby", get(rest::nearby))
         .route("/v1/me/history", get(rest::history))
+        .route(
+            "/v1/me/ghost",
+            get(rest::ghost)
+                .put(rest::start_ghost)
+                .delete(rest::end_ghost),
+        )
         .route("/v1/ws", get(ws::upgrade))
         .route("/", get(web::index))
         .route("/assets/{*path}", get(web::asset))

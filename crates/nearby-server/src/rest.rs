@@ -14,8 +14,8 @@ use nearby_core::session::Session;
 use nearby_core::{account, FriendStatus, LeftReason, UserId};
 use nearby_ports::{BusMessage, Channel, Subscription};
 use nearby_proto::rest::{
-    Credentials, FriendList, FriendView, History, HistoryPoint, SessionCreated, SharingUpdate,
-    UserView,
+    Credentials, FriendList, FriendView, GhostState, GhostUpdate, History, HistoryPoint,
+    SessionCreated, SharingUpdate, UserView,
 };
 use nearby_proto::ws::ServerFrame;
 use serde::de::DeserializeOwned;
@@ -468,6 +468,95 @@ pub async fn set_sharing(
     Ok(Json(
         serde_json::json!({ "id": other, "sharing": body.enabled }),
     ))
+}
+
+/// The friends who may see `me` when `me` is not hidden: mutual friends
+/// `me` shares with.
+async fn viewers(st: &AppState, me: UserId) -> Result<Vec<UserId>, nearby_ports::StoreError> {
+    Ok(st
+        .backends
+        .users
+        .friends(me)
+        .await?
+        .into_iter()
+        .filter(|f| f.status == FriendStatus::Friends && f.sharing)
+        .map(|f| f.id)
+        .collect())
+}
+
+/// Tells `me`'s viewers to re-read the store (it shows `me` again), and
+/// `me`'s own sessions too (they read their ghost mode there).
+pub(crate) async fn announce_shown(
+    st: &AppState,
+    me: UserId,
+) -> Result<(), nearby_ports::StoreError> {
+    let grant = BusMessage::FriendVisible { friend: me };
+    let mut msgs: Vec<(UserId, BusMessage)> = viewers(st, me)
+        .await?
+        .into_iter()
+        .map(|v| (v, grant))
+        .collect();
+    msgs.push((me, grant));
+    announce(st, &msgs).await;
+    Ok(())
+}
+
+fn ghost_state(until: Option<i64>) -> GhostState {
+    GhostState {
+        ghost: until.is_some(),
+        until: until.filter(|u| *u != nearby_ports::GHOST_FOREVER),
+    }
+}
+
+/// `GET /v1/me/ghost`: whether you are hidden, and until when.
+pub async fn ghost(State(st): St, me: AuthUser) -> ApiResult<Json<GhostState>> {
+    let until = st.backends.users.ghost_until(me.id, now_ms()).await?;
+    Ok(Json(ghost_state(until)))
+}
+
+/// `PUT /v1/me/ghost`: hide from every friend at once, until `until` or
+/// until turned off. The cached position goes, viewers get `friend_left`
+/// (`inactive`: the same as going quiet), and the user's own sessions stop
+/// caching and publishing (they keep recording history).
+pub async fn start_ghost(
+    State(st): St,
+    me: AuthUser,
+    JsonBody(body): JsonBody<GhostUpdate>,
+) -> ApiResult<Json<GhostState>> {
+    let now = now_ms();
+    if body.until.is_some_and(|u| u <= now) {
+        return Err(ApiError::bad_request(
+            "bad_until",
+            format!("`until` must be in the future (Unix ms; now is {now}), or null for no end"),
+        ));
+    }
+    let until = body.until.unwrap_or(nearby_ports::GHOST_FOREVER);
+    let users = &st.backends.users;
+    users.set_ghost(me.id, Some(until)).await?;
+    // Own sessions first: they stop publishing before friends are told.
+    announce(&st, &[(me.id, BusMessage::FriendVisible { friend: me.id })]).await;
+    if let Err(e) = st.backends.cache.remove(me.id).await {
+        // Friends cannot read it anyway: visibility comes from the store.
+        tracing::warn!(user = %me.id, error = %e, "could not remove a ghost's cached location");
+    }
+    let hidden = BusMessage::FriendHidden {
+        friend: me.id,
+        reason: LeftReason::Inactive,
+    };
+    let msgs: Vec<(UserId, BusMessage)> = viewers(&st, me.id)
+        .await?
+        .into_iter()
+        .map(|v| (v, hidden))
+        .collect();
+    announce(&st, &msgs).await;
+    Ok(Json(ghost_state(Some(until))))
+}
+
+/// `DELETE /v1/me/ghost`: be seen again (from the next position sent).
+pub async fn end_ghost(State(st): St, me: AuthUser) -> ApiResult<StatusCode> {
+    st.backends.users.set_ghost(me.id, None).await?;
+    announce_shown(&st, me.id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Reads what a session starts from: the visible friends and, in one batch,

@@ -168,14 +168,24 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
         // logout that raced the upgrade either deleted the token before
         // this read, or publishes its revocation after the subscription.
         Ok(()) => match token_valid(&st, &me).await {
-            Ok(true) => start_session(&st, user, Some(&mut sub)).await.map(Some),
+            Ok(true) => match start_session(&st, user, Some(&mut sub)).await {
+                // Ghost mode, read after the inbox is subscribed: a change
+                // made meanwhile is queued there.
+                Ok(started) => st
+                    .backends
+                    .users
+                    .ghost_until(user, now_ms())
+                    .await
+                    .map(|ghost| Some((started, ghost))),
+                Err(e) => Err(e),
+            },
             Ok(false) => Ok(None),
             Err(e) => Err(e),
         },
         Err(e) => Err(e),
     };
     let mut conn = match started {
-        Ok(Some((session, snapshot))) => {
+        Ok(Some(((session, snapshot), ghost_until))) => {
             crate::metrics::observe(&st.metrics.session_start, opened);
             st.metrics.connections.increment(1.0);
             let frame = ServerFrame::Snapshot {
@@ -193,6 +203,7 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
                 closing: None,
                 revalidate_failed: false,
                 slot,
+                ghost_until,
             }
         }
         Ok(None) => {
@@ -318,6 +329,9 @@ struct Conn {
     /// This socket's place among its user's sockets on this node, and
     /// their shared update bucket.
     slot: SocketSlot,
+    /// The user's ghost mode, as last read from the store: while now is
+    /// before it, positions are neither cached nor published.
+    ghost_until: Option<i64>,
 }
 
 impl Conn {
@@ -573,14 +587,27 @@ impl Conn {
         let loc = Location { point, ts_ms: now };
         let events = self.session.on_own_location(loc, now);
         self.out.extend(events.into_iter().map(ServerFrame::from));
+        self.st.metrics.updates_in.increment(1);
+        self.st.history.push(HistoryEntry { user, loc });
+        match self.ghost_until {
+            // Hidden: the user's own view moves, nobody else learns of it.
+            Some(until) if now < until => return,
+            Some(_) => {
+                // Ghost mode ran out: friends re-read the store, which
+                // shows this user again from this position on.
+                self.ghost_until = None;
+                if let Err(e) = crate::rest::announce_shown(&self.st, user).await {
+                    tracing::warn!(%user, error = %e, "could not announce the end of ghost mode");
+                }
+            }
+            None => {}
+        }
         let (b, m) = (&self.st.backends, &self.st.metrics);
-        m.updates_in.increment(1);
         let started = std::time::Instant::now();
         if let Err(e) = b.cache.put(user, loc, self.st.cfg.location_ttl).await {
             tracing::warn!(%user, error = %e, "location cache write failed");
         }
         crate::metrics::observe(&m.cache_put, started);
-        self.st.history.push(HistoryEntry { user, loc });
         let started = std::time::Instant::now();
         let published = b
             .bus
@@ -629,16 +656,26 @@ impl Conn {
         let read = async {
             let token = users.token_user(&self.token_hash, now_ms()).await?;
             let valid = token.is_some_and(|(id, _)| id == me);
-            let visible = if valid {
-                users.visible_friends(me, now_ms()).await?
+            let (visible, ghost) = if valid {
+                let now = now_ms();
+                (
+                    users.visible_friends(me, now).await?,
+                    users.ghost_until(me, now).await?,
+                )
             } else {
-                Vec::new()
+                (Vec::new(), None)
             };
-            StoreResult::Ok((valid, visible))
+            StoreResult::Ok((valid, visible, ghost))
         };
         match read.await {
-            Ok((false, _)) => self.revoke(),
-            Ok((true, visible)) => self.apply_visible(visible).await,
+            Ok((false, _, _)) => self.revoke(),
+            Ok((true, visible, ghost)) => {
+                // A ghost mode that ran out is kept until the next position,
+                // which tells friends to look again (see `on_location`).
+                let lapsed = self.ghost_until.filter(|u| *u <= now_ms());
+                self.ghost_until = ghost.or(lapsed);
+                self.apply_visible(visible).await;
+            }
             Err(e) => {
                 tracing::warn!(user = %me, error = %e, "re-reading the user store failed; retrying soon");
                 self.revalidate_failed = true;
@@ -671,11 +708,15 @@ impl Conn {
                     .collect(),
                 Err(_) => Vec::new(),
             };
+            let now = now_ms();
             for f in &gone {
-                let reason = if still_friends.contains(f) {
-                    LeftReason::Unshared
-                } else {
+                let reason = if !still_friends.contains(f) {
                     LeftReason::Unfriended
+                } else if matches!(b.users.ghost_until(*f, now).await, Ok(Some(_))) {
+                    // Ghost mode looks like going quiet, nothing more.
+                    LeftReason::Inactive
+                } else {
+                    LeftReason::Unshared
                 };
                 let event = self.session.remove_friend(*f, reason);
                 self.out.extend(event.map(ServerFrame::from));

@@ -5,8 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, TwoNodes, User};
-use reqwest::StatusCode;
+use common::{assert_left, north_of, until_seen, Server, TwoNodes, User};
+use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 const SEOUL: (f64, f64) = (37.5665, 126.978);
@@ -92,4 +92,164 @@ async fn own_location_everywhere(one: &Server, two: &Server) {
     assert_eq!(st, StatusCode::OK, "{theirs}");
     assert_self_location(&theirs["self_location"], SEOUL.0, SEOUL.1 + 0.001);
     phone.expect_silence(QUIET).await;
+}
+
+/// `method path` on `server` with `user`'s token.
+async fn on(
+    server: &Server,
+    user: &User,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    common::call(
+        &reqwest::Client::new(),
+        method,
+        &format!("{}{path}", server.base),
+        Some(&user.token),
+        body,
+    )
+    .await
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[tokio::test]
+async fn ghost_mode_hides_you_from_every_friend_until_it_ends() {
+    let server = Server::start(&[]);
+    ghost_mode(&server, &server).await;
+}
+
+#[tokio::test]
+async fn ghost_mode_set_on_one_node_holds_for_a_viewer_on_another() {
+    let Some(nodes) = TwoNodes::start().await else {
+        return;
+    };
+    ghost_mode(&nodes.a, &nodes.b).await;
+}
+
+/// Alice's socket is on `one` and she turns ghost mode on through `two`;
+/// Bob watches from `two`.
+async fn ghost_mode(one: &Server, two: &Server) {
+    let (alice, bob) = one.friends("alice", "bob").await;
+    let (mut a, _) = alice.connect(one).await;
+    let (mut b, _) = bob.connect(two).await;
+    b.send_location(SEOUL.0, SEOUL.1).await;
+    until_seen(&mut a, &mut b, &alice.id, Duration::from_secs(5)).await;
+
+    // On, with no end: Bob is told Alice went quiet, nothing more.
+    let (st, body) = on(two, &alice, Method::PUT, "/v1/me/ghost", Some(json!({}))).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({ "ghost": true, "until": null }));
+    let left = loop {
+        let f = b.next_json().await;
+        if f["type"] != "friend_location" {
+            break f;
+        }
+    };
+    assert_left(&left, &alice.id, "inactive");
+    // Her moves reach nobody, and her position is gone from every view.
+    let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 300.0);
+    a.send_location(lat, lon).await;
+    b.expect_silence(QUIET).await;
+    let (st, near) = on(two, &bob, Method::GET, "/v1/nearby", None).await;
+    assert_eq!(
+        (st, &near["friends"]),
+        (StatusCode::OK, &json!([])),
+        "{near}"
+    );
+    let (_fresh, snap) = bob.connect(two).await;
+    assert_eq!(
+        snap["friends"],
+        json!([]),
+        "a new session does not see her: {snap}"
+    );
+    // Her own session still works: she sees Bob move.
+    let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 100.0);
+    b.send_location(lat, lon).await;
+    let seen = loop {
+        let f = a.next_json().await;
+        if f["type"] == "friend_location" && f["id"] == bob.id.as_str() {
+            break f;
+        }
+    };
+    assert!(seen["distance_m"].as_f64().is_some(), "{seen}");
+    let (st, state) = on(one, &alice, Method::GET, "/v1/me/ghost", None).await;
+    assert_eq!(
+        (st, state),
+        (StatusCode::OK, json!({ "ghost": true, "until": null }))
+    );
+
+    // Off: Bob sees her again from her next position.
+    let (st, _) = on(one, &alice, Method::DELETE, "/v1/me/ghost", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    until_seen(&mut a, &mut b, &alice.id, Duration::from_secs(5)).await;
+
+    // For a while: it ends by itself, on every node.
+    let until = now_ms() + 1500;
+    let (st, body) = on(
+        one,
+        &alice,
+        Method::PUT,
+        "/v1/me/ghost",
+        Some(json!({ "until": until })),
+    )
+    .await;
+    assert_eq!(
+        (st, body),
+        (StatusCode::OK, json!({ "ghost": true, "until": until }))
+    );
+    let left = loop {
+        let f = b.next_json().await;
+        if f["type"] != "friend_location" {
+            break f;
+        }
+    };
+    assert_left(&left, &alice.id, "inactive");
+    a.send_location(SEOUL.0, SEOUL.1).await;
+    b.expect_silence(QUIET).await;
+    tokio::time::sleep(Duration::from_millis(
+        u64::try_from(until - now_ms()).unwrap_or(0) + 100,
+    ))
+    .await;
+    until_seen(&mut a, &mut b, &alice.id, Duration::from_secs(5)).await;
+    let (st, state) = on(two, &alice, Method::GET, "/v1/me/ghost", None).await;
+    assert_eq!(
+        (st, state),
+        (StatusCode::OK, json!({ "ghost": false, "until": null }))
+    );
+
+    // Bad input: a clear error, nothing changed.
+    let (st, body) = on(
+        one,
+        &alice,
+        Method::PUT,
+        "/v1/me/ghost",
+        Some(json!({ "until": now_ms() - 1 })),
+    )
+    .await;
+    assert_eq!(
+        (st, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_until")),
+        "{body}"
+    );
+    let (st, body) = on(
+        one,
+        &alice,
+        Method::PUT,
+        "/v1/me/ghost",
+        Some(json!({ "until": "soon" })),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    let (st, state) = on(one, &alice, Method::GET, "/v1/me/ghost", None).await;
+    assert_eq!(
+        (st, state),
+        (StatusCode::OK, json!({ "ghost": false, "until": null }))
+    );
+    until_seen(&mut a, &mut b, &alice.id, Duration::from_secs(5)).await;
 }
