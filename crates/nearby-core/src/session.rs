@@ -275,6 +275,18 @@ impl Session {
         t.shown.map(|_| FriendEvent::Left { id, reason })
     }
 
+    /// A friend's position is gone (they logged out): they leave as
+    /// `inactive` if shown, as if it had gone stale, and stay followed, so
+    /// their next update shows them again.
+    pub fn forget_location(&mut self, id: UserId) -> Option<FriendEvent> {
+        let t = self.friends.get_mut(id)?;
+        t.last = None;
+        t.shown.take().map(|_| FriendEvent::Left {
+            id,
+            reason: LeftReason::Inactive,
+        })
+    }
+
     /// When to call [`Session::on_tick`] next, Unix milliseconds: never
     /// later than the moment the next shown friend goes stale, possibly
     /// earlier (a tick that finds nothing stale is harmless). O(1), so a
@@ -504,6 +516,23 @@ mod tests {
         // Out of range and still out: nothing, not a second `Left`.
         assert_eq!(s.on_friend_location(BOB, at(2000.0, 4), 4), None);
         assert!(s.on_friend_location(BOB, at(10.0, 5), 5).is_some());
+    }
+
+    #[test]
+    fn a_forgotten_friend_leaves_as_inactive_and_comes_back_on_the_next_move() {
+        let (mut s, _) = Session::start(ME, cfg(), Some(at(0.0, 0)), [(BOB, None)], 0);
+        assert!(s.on_friend_location(BOB, at(100.0, 10), 10).is_some());
+        assert_eq!(s.forget_location(BOB), left(BOB, LeftReason::Inactive));
+        assert!(s.snapshot().is_empty());
+        assert_eq!(s.forget_location(BOB), None, "not shown: no second Left");
+        assert_eq!(
+            s.on_own_location(at(10.0, 11), 11),
+            vec![],
+            "no position to show"
+        );
+        assert!(s.tracks(BOB), "still followed");
+        assert!(s.on_friend_location(BOB, at(200.0, 12), 12).is_some());
+        assert_eq!(s.forget_location(CAROL), None, "not a friend");
     }
 
     #[test]

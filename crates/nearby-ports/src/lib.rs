@@ -139,6 +139,17 @@ pub enum BusMessage {
         /// [`token_tag`] of the revoked token's hash.
         tag: u64,
     },
+    /// The inbox owner logged out and their cached position was removed:
+    /// each of their sessions that still reports puts its latest report
+    /// back (published on `Inbox`, after `TokenRevoked`).
+    PresenceCheck,
+    /// `friend` logged out and none of their devices reports: drop their
+    /// position as if it had gone stale (`inactive`), and keep following
+    /// them (published on the viewer's `Inbox`).
+    FriendQuiet {
+        /// Who went quiet.
+        friend: UserId,
+    },
 }
 
 /// A short, non-secret tag of a token hash: enough to tell one user's tokens

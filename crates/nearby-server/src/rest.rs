@@ -311,7 +311,46 @@ pub async fn log_out(State(st): St, me: AuthUser) -> ApiResult<StatusCode> {
     st.backends.users.delete_token(&me.token_hash).await?;
     let tag = nearby_ports::token_tag(&me.token_hash);
     announce(&st, &[(me.id, BusMessage::TokenRevoked { tag })]).await;
+    hide_after_logout(st, me.id).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// How long a logout waits for another device of the user to put its
+/// position back before friends are told the user went quiet.
+const LOGOUT_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Logout hides you: the cached position goes, and unless another of the
+/// user's sessions (on any node) still reports and puts its own back within
+/// [`LOGOUT_GRACE`], friends get `friend_left` (`inactive`) and keep
+/// following the user (their next position shows them again). A dropped
+/// connection does none of this: the TTL ages the position out.
+async fn hide_after_logout(st: Arc<AppState>, me: UserId) {
+    if let Err(e) = st.backends.cache.remove(me).await {
+        tracing::warn!(user = %me, error = %e, "could not remove a logged-out position");
+        return;
+    }
+    announce(&st, &[(me, BusMessage::PresenceCheck)]).await;
+    // After the reply: the logout itself does not wait for the grace.
+    tokio::spawn(async move {
+        tokio::time::sleep(LOGOUT_GRACE).await;
+        match st.backends.cache.get(me).await {
+            Ok(None) => {}
+            Ok(Some(_)) => return, // another device still reports
+            Err(e) => {
+                tracing::warn!(user = %me, error = %e, "could not check for another device after logout");
+                return;
+            }
+        }
+        match viewers(&st, me).await {
+            Ok(list) => {
+                let quiet = BusMessage::FriendQuiet { friend: me };
+                let msgs: Vec<(UserId, BusMessage)> =
+                    list.into_iter().map(|v| (v, quiet)).collect();
+                announce(&st, &msgs).await;
+            }
+            Err(e) => tracing::warn!(user = %me, error = %e, "could not tell friends of a logout"),
+        }
+    });
 }
 
 /// `GET /v1/friends`. The user's own pending requests come last, by id,

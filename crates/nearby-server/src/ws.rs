@@ -204,6 +204,7 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
                 revalidate_failed: false,
                 slot,
                 ghost_until,
+                last_reported: None,
             }
         }
         Ok(None) => {
@@ -332,6 +333,8 @@ struct Conn {
     /// The user's ghost mode, as last read from the store: while now is
     /// before it, positions are neither cached nor published.
     ghost_until: Option<i64>,
+    /// The latest position this connection reported and published.
+    last_reported: Option<Location>,
 }
 
 impl Conn {
@@ -602,6 +605,7 @@ impl Conn {
             }
             None => {}
         }
+        self.last_reported = Some(loc);
         let (b, m) = (&self.st.backends, &self.st.metrics);
         let started = std::time::Instant::now();
         if let Err(e) = b.cache.put(user, loc, self.st.cfg.location_ttl).await {
@@ -621,6 +625,33 @@ impl Conn {
                 "unavailable",
                 "your location was saved but friends may not see it yet",
             ));
+        }
+    }
+
+    /// Another device of this user logged out and its position was
+    /// removed: if this connection still reports (its latest report is
+    /// fresh, it is not closing, not hidden), that report goes back in the
+    /// cache and on the bus, and friends keep seeing the user.
+    async fn reassert(&mut self, now: i64) {
+        let ttl = self.st.cfg.location_ttl;
+        let Some(loc) = self.last_reported else {
+            return;
+        };
+        let age = Duration::from_millis(u64::try_from(now.saturating_sub(loc.ts_ms)).unwrap_or(0));
+        let hidden = self.ghost_until.is_some_and(|u| now < u);
+        if self.closing.is_some() || hidden || age >= ttl {
+            return;
+        }
+        let (user, b) = (self.session.user(), &self.st.backends);
+        if let Err(e) = b.cache.put(user, loc, ttl - age).await {
+            tracing::warn!(%user, error = %e, "location cache write failed");
+        }
+        if let Err(e) = b
+            .bus
+            .publish(Channel::Location(user), BusMessage::Location { user, loc })
+            .await
+        {
+            tracing::warn!(%user, error = %e, "publish failed");
         }
     }
 
@@ -820,6 +851,11 @@ impl Conn {
                 }
                 None
             }
+            BusMessage::PresenceCheck => {
+                self.reassert(now).await;
+                None
+            }
+            BusMessage::FriendQuiet { friend } => self.session.forget_location(friend),
         };
         self.out.extend(event.map(ServerFrame::from));
     }

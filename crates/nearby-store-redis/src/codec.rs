@@ -12,6 +12,8 @@ const LOCATION: u8 = 1;
 const VISIBLE: u8 = 2;
 const HIDDEN: u8 = 3;
 const REVOKED: u8 = 4;
+const PRESENCE: u8 = 5;
+const QUIET: u8 = 6;
 
 /// Size of an encoded [`Location`].
 pub const LOCATION_LEN: usize = 24;
@@ -81,6 +83,11 @@ pub fn encode_message(msg: &BusMessage) -> Vec<u8> {
             out.push(REVOKED);
             out.extend_from_slice(&tag.to_le_bytes());
         }
+        BusMessage::PresenceCheck => out.push(PRESENCE),
+        BusMessage::FriendQuiet { friend } => {
+            out.push(QUIET);
+            out.extend_from_slice(&friend.0.to_le_bytes());
+        }
     }
     out
 }
@@ -102,6 +109,8 @@ pub fn decode_message(b: &[u8]) -> Option<BusMessage> {
         (REVOKED, 8) => Some(BusMessage::TokenRevoked {
             tag: u64::from_le_bytes(word(rest, 0)?),
         }),
+        (PRESENCE, 0) => Some(BusMessage::PresenceCheck),
+        (QUIET, 8) => Some(BusMessage::FriendQuiet { friend: id()? }),
         _ => None,
     }
 }
@@ -148,6 +157,8 @@ mod tests {
                 .prop_map(|friend| BusMessage::FriendVisible { friend }),
             (id, reason).prop_map(|(friend, reason)| BusMessage::FriendHidden { friend, reason }),
             any::<u64>().prop_map(|tag| BusMessage::TokenRevoked { tag }),
+            Just(BusMessage::PresenceCheck),
+            any::<i64>().prop_map(|f| BusMessage::FriendQuiet { friend: UserId(f) }),
         ]
     }
 

@@ -253,3 +253,78 @@ async fn ghost_mode(one: &Server, two: &Server) {
     );
     until_seen(&mut a, &mut b, &alice.id, Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn logout_hides_you_unless_another_device_still_reports() {
+    let server = Server::start(&[]);
+    logout_hides(&server, &server).await;
+}
+
+#[tokio::test]
+async fn logout_hides_you_across_nodes() {
+    let Some(nodes) = TwoNodes::start().await else {
+        return;
+    };
+    logout_hides(&nodes.a, &nodes.b).await;
+}
+
+/// Alice's phone is on `one`, her laptop and Bob on `two`.
+async fn logout_hides(one: &Server, two: &Server) {
+    let (alice, bob) = one.friends("alice", "bob").await;
+    let (mut b, _) = bob.connect(two).await;
+    b.send_location(SEOUL.0, SEOUL.1).await;
+
+    // A dropped connection does not hide her: the TTL's job.
+    let (mut phone, _) = alice.connect(one).await;
+    until_seen(&mut phone, &mut b, &alice.id, Duration::from_secs(5)).await;
+    drop(phone);
+    b.expect_silence(Duration::from_millis(800)).await;
+    let (_, snap) = bob.connect(two).await;
+    assert_eq!(snap["friends"][0]["id"], alice.id.as_str(), "{snap}");
+
+    // Two devices report; the phone logs out: the laptop keeps her seen.
+    let phone_user = another_device(&alice, one).await;
+    let (mut phone, _) = phone_user.connect(one).await;
+    let laptop_user = another_device(&alice, two).await;
+    let (mut laptop, _) = laptop_user.connect(two).await;
+    until_seen(&mut laptop, &mut b, &alice.id, Duration::from_secs(5)).await;
+    until_seen(&mut phone, &mut b, &alice.id, Duration::from_secs(5)).await;
+    let (st, _) = on(one, &phone_user, Method::DELETE, "/v1/sessions", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    // Only positions (her laptop putting its own back), never a departure.
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(1000);
+    while let Some(m) = b
+        .next_message(quiet_until - tokio::time::Instant::now())
+        .await
+    {
+        let text = m.into_text().expect("text");
+        let f: Value = serde_json::from_str(text.as_str()).expect("json");
+        assert_eq!(f["type"], "friend_location", "{f}");
+    }
+    let (_, snap) = bob.connect(two).await;
+    assert_eq!(snap["friends"][0]["id"], alice.id.as_str(), "{snap}");
+
+    // The last reporting device logs out: friends see her go at once.
+    let (st, _) = on(two, &laptop_user, Method::DELETE, "/v1/sessions", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let left = loop {
+        let f = b.next_json().await;
+        if f["type"] != "friend_location" {
+            break f;
+        }
+    };
+    assert_left(&left, &alice.id, "inactive");
+    let (st, near) = on(two, &bob, Method::GET, "/v1/nearby", None).await;
+    assert_eq!(
+        (st, &near["friends"]),
+        (StatusCode::OK, &json!([])),
+        "{near}"
+    );
+    let (_, snap) = bob.connect(two).await;
+    assert_eq!(snap["friends"], json!([]), "{snap}");
+    drop(laptop);
+
+    // Logging in again and reporting shows her again, to the same session.
+    let (mut back, _) = alice.connect(one).await;
+    until_seen(&mut back, &mut b, &alice.id, Duration::from_secs(5)).await;
+}
