@@ -374,7 +374,8 @@ async def scenario(http):
     for who, tok, other_id, other_name in ((a_name, a_tok, b_id, b_name), (b_name, b_tok, a_id, a_name)):
         st, body, text = await http.acall("GET", "/v1/friends", token=tok)
         R.check(st == 200 and body == {"friends": [{"id": other_id, "username": other_name,
-                                                    "status": "friends", "sharing": True}]},
+                                                    "status": "friends", "sharing": True,
+                                                    "shares_with_you": True}]},
                 f"{who}: GET /v1/friends lists the friend, sharing on", f"{st} {text}")
 
     step("connect all three over the WebSocket")

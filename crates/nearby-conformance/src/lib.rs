@@ -184,8 +184,9 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
     let bobs = store.friends(bob).await.expect("list");
     assert_eq!(bobs.len(), 1);
     assert_eq!(
-        (bobs[0].id, bobs[0].status),
-        (alice, FriendStatus::Incoming)
+        (bobs[0].id, bobs[0].status, bobs[0].shares_with_me),
+        (alice, FriendStatus::Incoming, false),
+        "nobody shares through a pending request"
     );
     assert!(
         store
@@ -207,8 +208,12 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
     let alices = store.friends(alice).await.expect("list");
     assert_eq!(alices[0].username, name("bob"));
     assert_eq!(
-        (alices[0].status, alices[0].sharing),
-        (FriendStatus::Friends, true)
+        (
+            alices[0].status,
+            alices[0].sharing,
+            alices[0].shares_with_me
+        ),
+        (FriendStatus::Friends, true, true)
     );
     assert_eq!(
         store.visible_friends(bob, NOW).await.expect("visible"),
@@ -280,6 +285,9 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
         "revoking is one-way"
     );
     assert!(!store.friends(alice).await.expect("list")[0].sharing);
+    // Both directions: Bob still shares with Alice, Alice no longer with Bob.
+    assert!(store.friends(alice).await.expect("list")[0].shares_with_me);
+    assert!(!store.friends(bob).await.expect("list")[0].shares_with_me);
 
     store.request_friend(carol, alice).await.expect("request");
     assert_eq!(

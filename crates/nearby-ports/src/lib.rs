@@ -787,6 +787,10 @@ pub struct FriendEntry {
     pub status: FriendStatus,
     /// Whether the owner shares their location with this user.
     pub sharing: bool,
+    /// Whether this user shares their location with the owner (false
+    /// unless mutual friends). Ghost mode does not show here: it must look
+    /// like going quiet.
+    pub shares_with_me: bool,
 }
 
 /// Users, bearer tokens, friendships and sharing permissions.

@@ -44,6 +44,10 @@ pub struct FriendView {
     pub status: FriendStatus,
     /// Whether the caller shares their location with this user.
     pub sharing: bool,
+    /// Whether this user shares their location with the caller (only ever
+    /// true between friends). Absent from older servers.
+    #[serde(default)]
+    pub shares_with_you: bool,
 }
 
 impl FriendView {

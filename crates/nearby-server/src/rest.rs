@@ -369,6 +369,7 @@ pub async fn list_friends(State(st): St, me: AuthUser) -> ApiResult<Json<FriendL
             username: (f.status != FriendStatus::Outgoing).then_some(f.username),
             status: f.status,
             sharing: f.sharing,
+            shares_with_you: f.shares_with_me,
         })
         .collect();
     // Stable: the others keep the store's order by username.

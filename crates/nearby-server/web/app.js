@@ -527,6 +527,9 @@ function renderFriends() {
       h('span', { class: 'avatar', style: `background:${colourOf(f.id)}` }, f.username.slice(0, 1).toUpperCase()),
       h('span', { class: 'name' }, f.username),
       h('span', { class: `badge ${f.status}` }, STATUS_TEXT[f.status] ?? f.status),
+      f.status === 'friends'
+        ? h('span', { class: 'they-share' }, f.shares_with_you ? 'shares with you' : 'not sharing with you')
+        : '',
       h('span', { class: 'actions' }, ...actions));
   }));
   $('#friends-empty').hidden = state.friends.size > 0;

@@ -343,8 +343,10 @@ impl UserStore for PgUserStore {
 
     async fn friends(&self, user: UserId) -> StoreResult<Vec<FriendEntry>> {
         let rows = sqlx::query(
-            "SELECT e.friend_id, u.username, e.status, e.sharing
+            "SELECT e.friend_id, u.username, e.status, e.sharing,
+                    e.status = 'friends' AND coalesce(r.status = 'friends' AND r.sharing, false)
              FROM friend_edges e JOIN users u ON u.id = e.friend_id
+             LEFT JOIN friend_edges r ON r.user_id = e.friend_id AND r.friend_id = e.user_id
              WHERE e.user_id = $1 ORDER BY u.username COLLATE \"C\"",
         )
         .bind(user.0)
@@ -359,6 +361,7 @@ impl UserStore for PgUserStore {
                     username: r.try_get(1).map_err(backend)?,
                     status: parse_status(&status)?,
                     sharing: r.try_get(3).map_err(backend)?,
+                    shares_with_me: r.try_get(4).map_err(backend)?,
                 })
             })
             .collect()

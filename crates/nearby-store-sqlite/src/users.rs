@@ -406,8 +406,10 @@ impl UserStore for SqliteUserStore {
 
     async fn friends(&self, user: UserId) -> StoreResult<Vec<FriendEntry>> {
         let rows = sqlx::query(
-            "SELECT e.friend_id, u.username, e.status, e.sharing
+            "SELECT e.friend_id, u.username, e.status, e.sharing,
+                    e.status = 0 AND coalesce(r.status = 0 AND r.sharing = 1, 0)
              FROM friend_edges e JOIN users u ON u.id = e.friend_id
+             LEFT JOIN friend_edges r ON r.user_id = e.friend_id AND r.friend_id = e.user_id
              WHERE e.user_id = ? ORDER BY u.username",
         )
         .bind(user.0)
@@ -421,6 +423,7 @@ impl UserStore for SqliteUserStore {
                     username: r.try_get(1).map_err(backend)?,
                     status: status_of(r.try_get(2).map_err(backend)?)?,
                     sharing: r.try_get(3).map_err(backend)?,
+                    shares_with_me: r.try_get(4).map_err(backend)?,
                 })
             })
             .collect()

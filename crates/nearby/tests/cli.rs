@@ -237,7 +237,7 @@ fn two_users_befriend_share_and_watch_each_other_from_the_command_line() {
         serde_json::from_str(&alice.ok(&["friends", "list", "--json"])).expect("JSON");
     assert_eq!(
         list,
-        json!({ "friends": [{ "id": bob_id, "username": "bob", "status": "friends", "sharing": true }] })
+        json!({ "friends": [{ "id": bob_id, "username": "bob", "status": "friends", "sharing": true, "shares_with_you": true }] })
     );
 
     // Alice stands in Seoul and watches.

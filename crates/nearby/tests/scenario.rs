@@ -62,7 +62,7 @@ async fn full_scenario(nodes: [&Server; 3]) {
     let (_, list) = bob.req(Method::GET, "/v1/friends", None).await;
     assert_eq!(
         list,
-        json!({ "friends": [{ "id": alice.id, "username": "alice", "status": "incoming", "sharing": true }] })
+        json!({ "friends": [{ "id": alice.id, "username": "alice", "status": "incoming", "sharing": true, "shares_with_you": false }] })
     );
     assert_eq!(bob.befriend(&alice).await["status"], "friends");
 

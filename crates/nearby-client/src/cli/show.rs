@@ -103,7 +103,7 @@ fn age(updated_at: i64, now_ms: i64) -> String {
     }
 }
 
-/// The friend list as aligned rows: name, relation, sharing.
+/// The friend list as aligned rows: name, relation, sharing both ways.
 pub(crate) fn friends_table(friends: &[FriendView]) -> Vec<String> {
     if friends.is_empty() {
         return vec!["no friends yet: add one with `nearby client friends add NAME`".to_owned()];
@@ -116,17 +116,18 @@ pub(crate) fn friends_table(friends: &[FriendView]) -> Vec<String> {
     friends
         .iter()
         .map(|f| {
+            let yes = |b: bool| if b { "yes" } else { "no" };
             let (status, sharing) = match f.status {
                 FriendStatus::Friends => (
                     "friends",
-                    if f.sharing {
-                        "sharing your location"
-                    } else {
-                        "not sharing your location"
-                    },
+                    format!(
+                        "you share: {}, they share with you: {}",
+                        yes(f.sharing),
+                        yes(f.shares_with_you)
+                    ),
                 ),
-                FriendStatus::Incoming => ("incoming", "asked you: `friends accept` them"),
-                FriendStatus::Outgoing => ("outgoing", "you asked; waiting for them"),
+                FriendStatus::Incoming => ("incoming", "asked you: `friends accept` them".into()),
+                FriendStatus::Outgoing => ("outgoing", "you asked; waiting for them".into()),
             };
             format!("{:<width$}  {status:<8}  {sharing}", f.display_name())
         })
@@ -144,6 +145,7 @@ mod tests {
             username: Some("bob".into()),
             status: FriendStatus::Friends,
             sharing: true,
+            shares_with_you: true,
         }])
     }
 
@@ -208,6 +210,7 @@ mod tests {
             username: Some(name.into()),
             status,
             sharing,
+            shares_with_you: true,
         };
         let rows = friends_table(&[
             f("bob", FriendStatus::Friends, false),
@@ -216,7 +219,7 @@ mod tests {
         assert_eq!(
             rows,
             [
-                "bob      friends   not sharing your location",
+                "bob      friends   you share: no, they share with you: yes",
                 "carolyn  incoming  asked you: `friends accept` them"
             ]
         );
