@@ -195,23 +195,31 @@ class Client:
         self.id = user_id
         self.token = token
         self.ws = ws
-        self.all_frames = []  # every frame ever received, in order
+        self.all_frames = []  # every frame ever received, in order (but account events)
+        self.account_frames = []  # friend_update / friend_removed, kept apart
         self.sent_points = []  # (lat, lon) of every valid location sent
         self.last_sent = None  # time.monotonic() of the last valid location sent
 
     async def recv(self, timeout):
-        raw = await asyncio.wait_for(self.ws.recv(), timeout)
-        if not isinstance(raw, str):
-            R.check(False, f"{self.name}: server frames are text", f"got binary {raw!r}")
-            frame = {"type": "<binary>", "raw": raw}
-        else:
-            try:
-                frame = json.loads(raw)
-            except ValueError:
-                R.check(False, f"{self.name}: server frame is JSON", raw)
-                frame = {"type": "<not-json>", "raw": raw}
-        self.all_frames.append(frame)
-        return frame
+        """The next frame; account events (friend list changes) are set aside
+        in account_frames, since the friend list is checked over REST."""
+        deadline = time.monotonic() + timeout
+        while True:
+            raw = await asyncio.wait_for(self.ws.recv(), max(0.001, deadline - time.monotonic()))
+            if not isinstance(raw, str):
+                R.check(False, f"{self.name}: server frames are text", f"got binary {raw!r}")
+                frame = {"type": "<binary>", "raw": raw}
+            else:
+                try:
+                    frame = json.loads(raw)
+                except ValueError:
+                    R.check(False, f"{self.name}: server frame is JSON", raw)
+                    frame = {"type": "<not-json>", "raw": raw}
+            if frame.get("type") in ("friend_update", "friend_removed"):
+                self.account_frames.append(frame)
+                continue
+            self.all_frames.append(frame)
+            return frame
 
     async def expect(self, pred, what, timeout=FRAME_TIMEOUT):
         """Wait for a frame matching pred; any other frame on the way is a failure."""
@@ -474,6 +482,9 @@ async def run_live(http, A, B, C, t_start):
     R.check(st == 200 and body == {"id": B.id, "status": "outgoing"}, "alice requests bob again → outgoing",
             f"{st} {text}")
     await B.quiet("nothing for a mere request")
+    R.check(any(f.get("type") == "friend_update" and f.get("id") == A.id and f.get("status") == "incoming"
+                for f in B.account_frames),
+            "bob is pushed alice's request as a friend_update", json.dumps(B.account_frames))
     st, body, text = await http.acall("PUT", f"/v1/friends/{A.id}", token=B.token)
     R.check(st == 200 and body == {"id": A.id, "status": "friends"}, "bob accepts again → friends", f"{st} {text}")
     f = await A.expect(is_type("friend_location", id=B.id), "friend_location for bob on refriending")

@@ -143,6 +143,13 @@ pub enum BusMessage {
     /// each of their sessions that still reports puts its latest report
     /// back (published on `Inbox`, after `TokenRevoked`).
     PresenceCheck,
+    /// The inbox owner's relation with `friend` changed (a request, an
+    /// acceptance, a removal, sharing either way): their sessions read the
+    /// row from the store and push it (published on `Inbox`).
+    FriendsChanged {
+        /// The other user of the relation.
+        friend: UserId,
+    },
     /// `friend` logged out and none of their devices reports: drop their
     /// position as if it had gone stale (`inactive`), and keep following
     /// them (published on the viewer's `Inbox`).

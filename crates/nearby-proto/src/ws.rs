@@ -134,6 +134,15 @@ pub enum ServerFrame {
     },
     /// Another of the user's devices reported this position.
     SelfLocation(SelfLocation),
+    /// A row of `GET /v1/friends` changed or appeared: a request to or from
+    /// this user, an acceptance, or sharing turned on or off either way.
+    FriendUpdate(crate::rest::FriendView),
+    /// A friendship or request is gone (removed, declined or cancelled, by
+    /// either side).
+    FriendRemoved {
+        /// The other user.
+        id: UserId,
+    },
     /// A friend is nearby (entered the radius, moved, or the user moved).
     FriendLocation(NearbyFriend),
     /// A friend is no longer nearby.
@@ -263,6 +272,25 @@ mod tests {
         assert_eq!(
             ServerFrame::SelfLocation(me).to_json(),
             r#"{"type":"self_location","lat":37.5,"lon":127.25,"updated_at":7}"#
+        );
+        let row = ServerFrame::FriendUpdate(crate::rest::FriendView {
+            id: UserId(3),
+            username: Some("bob".into()),
+            status: nearby_core::FriendStatus::Incoming,
+            sharing: true,
+            shares_with_you: false,
+        });
+        assert_eq!(
+            row.to_json(),
+            r#"{"type":"friend_update","id":"3","username":"bob","status":"incoming","sharing":true,"shares_with_you":false}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<ServerFrame>(&row.to_json()).ok(),
+            Some(row)
+        );
+        assert_eq!(
+            ServerFrame::FriendRemoved { id: UserId(3) }.to_json(),
+            r#"{"type":"friend_removed","id":"3"}"#
         );
         let f = ServerFrame::error("bad_json", "x");
         assert_eq!(

@@ -363,18 +363,32 @@ pub async fn list_friends(State(st): St, me: AuthUser) -> ApiResult<Json<FriendL
         .friends(me.id)
         .await?
         .into_iter()
-        .map(|f| FriendView {
-            id: f.id,
-            // A request made by id reveals nothing until it is accepted.
-            username: (f.status != FriendStatus::Outgoing).then_some(f.username),
-            status: f.status,
-            sharing: f.sharing,
-            shares_with_you: f.shares_with_me,
-        })
+        .map(friend_view)
         .collect();
     // Stable: the others keep the store's order by username.
     friends.sort_by_key(|f| (f.status == FriendStatus::Outgoing).then_some(f.id));
     Ok(Json(FriendList { friends }))
+}
+
+/// A stored relation as the user sees it (REST and `friend_update`).
+pub(crate) fn friend_view(f: nearby_ports::FriendEntry) -> FriendView {
+    FriendView {
+        id: f.id,
+        // A request made by id reveals nothing until it is accepted.
+        username: (f.status != FriendStatus::Outgoing).then_some(f.username),
+        status: f.status,
+        sharing: f.sharing,
+        shares_with_you: f.shares_with_me,
+    }
+}
+
+/// The relation between `a` and `b` changed: both users' sessions push
+/// the new row (`friend_update` or `friend_removed`).
+fn relation_changed(a: UserId, b: UserId) -> [(UserId, BusMessage); 2] {
+    [
+        (a, BusMessage::FriendsChanged { friend: b }),
+        (b, BusMessage::FriendsChanged { friend: a }),
+    ]
 }
 
 fn other_user(raw: &str, me: AuthUser) -> ApiResult<UserId> {
@@ -416,6 +430,9 @@ pub async fn request_friend(
             e => e.into(),
         })?;
     let after = FriendStatus::after_request(before);
+    if Some(after) != before {
+        announce(&st, &relation_changed(me.id, other)).await;
+    }
     if after == FriendStatus::Friends && before != Some(FriendStatus::Friends) {
         // Accepting starts sharing both ways (the default): each side's
         // sessions start following the other.
@@ -468,6 +485,7 @@ pub async fn remove_friend(
                 )
                 .await;
             }
+            announce(&st, &relation_changed(me.id, other)).await;
             Ok(StatusCode::NO_CONTENT)
         }
     }
@@ -504,6 +522,7 @@ pub async fn set_sharing(
             }
         };
         announce(&st, &[(other, msg)]).await;
+        announce(&st, &relation_changed(me.id, other)).await;
     }
     Ok(Json(
         serde_json::json!({ "id": other, "sharing": body.enabled }),

@@ -628,6 +628,29 @@ impl Conn {
         }
     }
 
+    /// Pushes the user's relation with `friend` as the store holds it now:
+    /// the row of `GET /v1/friends`, or its removal. On a store failure the
+    /// client is told to re-read the list.
+    async fn push_relation(&mut self, friend: UserId) {
+        let me = self.session.user();
+        match self.st.backends.users.friends(me).await {
+            Ok(list) => {
+                let frame = match list.into_iter().find(|f| f.id == friend) {
+                    Some(f) => ServerFrame::FriendUpdate(crate::rest::friend_view(f)),
+                    None => ServerFrame::FriendRemoved { id: friend },
+                };
+                self.out.push(frame);
+            }
+            Err(e) => {
+                tracing::warn!(user = %me, error = %e, "could not read a changed friend");
+                self.out.push(ServerFrame::error(
+                    "unavailable",
+                    "your friend list changed; read it again with GET /v1/friends",
+                ));
+            }
+        }
+    }
+
     /// Another device of this user logged out and its position was
     /// removed: if this connection still reports (its latest report is
     /// fresh, it is not closing, not hidden), that report goes back in the
@@ -856,6 +879,10 @@ impl Conn {
                 None
             }
             BusMessage::FriendQuiet { friend } => self.session.forget_location(friend),
+            BusMessage::FriendsChanged { friend } => {
+                self.push_relation(friend).await;
+                None
+            }
         };
         self.out.extend(event.map(ServerFrame::from));
     }

@@ -4,7 +4,6 @@
 const EARTH_RADIUS_M = 6371008.8; // protocol.md: mean Earth radius
 const MIN_SEND_GAP_MS = 1000;     // well under the 5 frames/s limit
 const RESEND_MS = 10000;          // stay fresh within the 600 s location TTL
-const FRIENDS_POLL_MS = 5000;     // requests are not pushed over the WebSocket
 // Reconnecting as docs/protocol.md asks: the server's reconnect_after_ms,
 // then full jitter over 0.5 s doubling to 20 s.
 const BACKOFF_BASE_MS = 500;
@@ -35,7 +34,6 @@ const state = {
   sendTimer: null,
   lastSent: 0,
   geoWatch: null,
-  pollTimer: null,
   lastPollError: null,
 };
 
@@ -157,9 +155,9 @@ function startSession(session) {
   $('#whoami').textContent = `signed in as ${session.username}`;
   state.attempt = 0;
   connect();
+  // Read once here and on every (re)connect's snapshot; changes in
+  // between are pushed over the WebSocket (friend_update, friend_removed).
   refreshFriends().catch((err) => report(err));
-  clearInterval(state.pollTimer);
-  state.pollTimer = setInterval(pollFriends, FRIENDS_POLL_MS);
   renderAll();
 }
 
@@ -168,7 +166,6 @@ function endSession(reason) {
   if (!state.session) return;
   state.session = null;
   localStorage.removeItem(SESSION_KEY);
-  clearInterval(state.pollTimer);
   clearTimeout(state.retryTimer);
   clearTimeout(state.sendTimer);
   stopGeo();
@@ -207,7 +204,7 @@ async function pollFriends() {
     state.lastPollError = null;
     clearNotes('poll');
   } catch (err) {
-    // Report a failing poll once, not every five seconds.
+    // Report a failing refresh once, not on every snapshot.
     if (state.lastPollError !== err.code && !err.handled) notify(`Could not refresh friends: ${describe(err)}`, 'error', 0, 'poll');
     state.lastPollError = err.code;
   }
@@ -385,7 +382,7 @@ function onFrame(data) {
     case 'snapshot':
       state.nearby = new Map(msg.friends.map((f) => [f.id, f]));
       if (msg.self_location) adoptRemoteLocation(msg.self_location, 'server');
-      if (msg.friends.some((f) => !state.friends.has(f.id))) refreshFriendsSoon();
+      refreshFriendsSoon(); // changes made while disconnected were not pushed
       state.live = true;
       state.attempt = 0;
       clearNotes('conn');
@@ -395,6 +392,23 @@ function onFrame(data) {
     case 'friend_location':
       state.nearby.set(msg.id, { id: msg.id, distance_m: msg.distance_m, bearing_deg: msg.bearing_deg, updated_at: msg.updated_at });
       if (state.friends.get(msg.id)?.status !== 'friends') refreshFriendsSoon(); // a request just accepted
+      break;
+    case 'friend_update': {
+      const { type: _type, ...row } = msg;
+      const before = state.friends.get(row.id);
+      state.friends.set(row.id, { ...row, username: row.username ?? lookedUp.get(row.id) ?? before?.username ?? `user #${row.id}` });
+      if (row.status === 'incoming' && before?.status !== 'incoming') {
+        notify(`${row.username ?? `user #${row.id}`} wants to be your friend.`, 'info', 6000);
+      }
+      renderFriends();
+      renderNearby();
+      break;
+    }
+    case 'friend_removed':
+      state.friends.delete(msg.id);
+      state.nearby.delete(msg.id);
+      renderFriends();
+      renderNearby();
       break;
     case 'self_location':
       adoptRemoteLocation(msg, 'elsewhere');

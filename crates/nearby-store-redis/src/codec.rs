@@ -14,6 +14,7 @@ const HIDDEN: u8 = 3;
 const REVOKED: u8 = 4;
 const PRESENCE: u8 = 5;
 const QUIET: u8 = 6;
+const CHANGED: u8 = 7;
 
 /// Size of an encoded [`Location`].
 pub const LOCATION_LEN: usize = 24;
@@ -84,6 +85,10 @@ pub fn encode_message(msg: &BusMessage) -> Vec<u8> {
             out.extend_from_slice(&tag.to_le_bytes());
         }
         BusMessage::PresenceCheck => out.push(PRESENCE),
+        BusMessage::FriendsChanged { friend } => {
+            out.push(CHANGED);
+            out.extend_from_slice(&friend.0.to_le_bytes());
+        }
         BusMessage::FriendQuiet { friend } => {
             out.push(QUIET);
             out.extend_from_slice(&friend.0.to_le_bytes());
@@ -111,6 +116,7 @@ pub fn decode_message(b: &[u8]) -> Option<BusMessage> {
         }),
         (PRESENCE, 0) => Some(BusMessage::PresenceCheck),
         (QUIET, 8) => Some(BusMessage::FriendQuiet { friend: id()? }),
+        (CHANGED, 8) => Some(BusMessage::FriendsChanged { friend: id()? }),
         _ => None,
     }
 }
@@ -159,6 +165,7 @@ mod tests {
             any::<u64>().prop_map(|tag| BusMessage::TokenRevoked { tag }),
             Just(BusMessage::PresenceCheck),
             any::<i64>().prop_map(|f| BusMessage::FriendQuiet { friend: UserId(f) }),
+            any::<i64>().prop_map(|f| BusMessage::FriendsChanged { friend: UserId(f) }),
         ]
     }
 

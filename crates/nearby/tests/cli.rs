@@ -277,13 +277,30 @@ fn two_users_befriend_share_and_watch_each_other_from_the_command_line() {
     // Bob stops sharing with Alice, then shares again.
     let out = bob.ok(&["share", "off", "alice"]);
     assert_eq!(out.trim(), "not sharing your location with alice any more");
-    assert_left(&watch.json(), &bob_id, "unshared");
+    // The watch shows him leave, and the pushed row of the friend list.
+    let frames = [watch.json(), watch.json()];
+    let of = |t: &str| {
+        frames
+            .iter()
+            .find(|f| f["type"] == t)
+            .unwrap_or_else(|| panic!("no {t} in {frames:?}"))
+    };
+    assert_left(of("friend_left"), &bob_id, "unshared");
+    assert_eq!(of("friend_update")["shares_with_you"], false, "{frames:?}");
     let out = bob.ok(&["share", "on", "alice", "--json"]);
     assert_eq!(
         serde_json::from_str::<Value>(&out).expect("JSON"),
         json!({ "id": alice_id, "sharing": true })
     );
-    assert_location(&watch.json(), &bob_id, 500.0);
+    let frames = [watch.json(), watch.json()];
+    let of = |t: &str| {
+        frames
+            .iter()
+            .find(|f| f["type"] == t)
+            .unwrap_or_else(|| panic!("no {t} in {frames:?}"))
+    };
+    assert_location(of("friend_location"), &bob_id, 500.0);
+    assert_eq!(of("friend_update")["shares_with_you"], true, "{frames:?}");
 
     // Bob walks north to 2 km in two steps; Alice sees each step.
     let from = format!("{},{}", half_km.0, half_km.1);

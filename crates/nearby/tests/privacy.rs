@@ -328,3 +328,120 @@ async fn logout_hides(one: &Server, two: &Server) {
     let (mut back, _) = alice.connect(one).await;
     until_seen(&mut back, &mut b, &alice.id, Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn friend_requests_and_sharing_changes_are_pushed() {
+    let server = Server::start(&[]);
+    account_events(&server, &server).await;
+}
+
+#[tokio::test]
+async fn friend_requests_and_sharing_changes_are_pushed_across_nodes() {
+    let Some(nodes) = TwoNodes::start().await else {
+        return;
+    };
+    account_events(&nodes.a, &nodes.b).await;
+}
+
+/// Alice on `one`, Bob on `two`; each change is made over REST on the
+/// asker's node and pushed to both.
+async fn account_events(one: &Server, two: &Server) {
+    let alice = one.user("alice").await;
+    let bob = two.user("bob").await;
+    let (mut a, _) = alice.connect(one).await;
+    let (mut b, _) = bob.connect(two).await;
+    let row = |id: &str, name: Value, status: &str, sharing: bool, theirs: bool| {
+        json!({ "type": "friend_update", "id": id, "username": name, "status": status,
+                "sharing": sharing, "shares_with_you": theirs })
+    };
+
+    let (st, _) = on(
+        one,
+        &alice,
+        Method::PUT,
+        &format!("/v1/friends/{}", bob.id),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        b.next_account().await,
+        row(&alice.id, json!("alice"), "incoming", true, false)
+    );
+    // Her own row withholds his name until he accepts, as GET does.
+    assert_eq!(
+        a.next_account().await,
+        row(&bob.id, Value::Null, "outgoing", true, false)
+    );
+
+    let (st, _) = on(
+        two,
+        &bob,
+        Method::PUT,
+        &format!("/v1/friends/{}", alice.id),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        a.next_account().await,
+        row(&bob.id, json!("bob"), "friends", true, true)
+    );
+    assert_eq!(
+        b.next_account().await,
+        row(&alice.id, json!("alice"), "friends", true, true)
+    );
+
+    let (st, _) = on(
+        one,
+        &alice,
+        Method::PUT,
+        &format!("/v1/friends/{}/sharing", bob.id),
+        Some(json!({ "enabled": false })),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(
+        b.next_account().await,
+        row(&alice.id, json!("alice"), "friends", true, false)
+    );
+    assert_eq!(
+        a.next_account().await,
+        row(&bob.id, json!("bob"), "friends", false, true)
+    );
+    let (_, list) = on(two, &bob, Method::GET, "/v1/friends", None).await;
+    assert_eq!(list["friends"][0]["shares_with_you"], false, "{list}");
+
+    let (st, _) = on(
+        two,
+        &bob,
+        Method::DELETE,
+        &format!("/v1/friends/{}", alice.id),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(
+        a.next_account().await,
+        json!({ "type": "friend_removed", "id": bob.id })
+    );
+    assert_eq!(
+        b.next_account().await,
+        json!({ "type": "friend_removed", "id": alice.id })
+    );
+    // A third user, not a friend, hears none of it.
+    let carol = one.user("carol").await;
+    let (mut c, _) = carol.connect(two).await;
+    let (st, _) = on(
+        one,
+        &alice,
+        Method::PUT,
+        &format!("/v1/friends/{}", bob.id),
+        None,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(b.next_account().await["status"], "incoming");
+    c.expect_silence(QUIET).await;
+    assert!(c.account.is_empty(), "{:?}", c.account);
+}

@@ -34,7 +34,7 @@ async fn small_buffer_ws(server: &Server, user: &User) -> Ws {
     let (stream, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(tcp))
         .await
         .expect("ws handshake");
-    let mut ws = Ws { stream };
+    let mut ws = Ws::new(stream);
     assert_eq!(ws.next_json().await["type"], "snapshot");
     ws
 }
@@ -266,7 +266,7 @@ async fn a_logout_racing_the_handshake_never_leaves_a_socket_open() {
                 match connect.await.expect("join") {
                     Err(_) => None,
                     Ok((stream, _)) => {
-                        let mut ws = Ws { stream };
+                        let mut ws = Ws::new(stream);
                         Some(drain(&mut ws, Duration::from_secs(5)).await)
                     }
                 }

@@ -74,7 +74,7 @@ async fn full_scenario(nodes: [&Server; 3]) {
     let (stream, _) = tokio_tungstenite::connect_async(url.into_client_request().unwrap())
         .await
         .expect("ws with ?token=");
-    let mut c = common::Ws { stream };
+    let mut c = common::Ws::new(stream);
     assert_eq!(c.next_json().await["type"], "snapshot");
     let (clat, clon) = north_of(SEOUL.0, SEOUL.1, 200.0);
     c.send_location(clat, clon).await;

@@ -38,7 +38,10 @@ pub(crate) fn ids(frame: &ServerFrame) -> Vec<UserId> {
         ServerFrame::Snapshot { friends, .. } => friends.iter().map(|f| f.id).collect(),
         ServerFrame::FriendLocation(f) => vec![f.id],
         ServerFrame::FriendLeft { id, .. } => vec![*id],
-        ServerFrame::SelfLocation(_) | ServerFrame::Error { .. } => vec![],
+        ServerFrame::SelfLocation(_)
+        | ServerFrame::FriendUpdate(_)
+        | ServerFrame::FriendRemoved { .. }
+        | ServerFrame::Error { .. } => vec![],
     }
 }
 
@@ -84,6 +87,24 @@ pub(crate) fn frame_line(frame: &ServerFrame, names: &Names, now_ms: i64) -> Str
             me.lon,
             age(me.updated_at, now_ms)
         ),
+        ServerFrame::FriendUpdate(f) => {
+            let name = f.display_name();
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            match f.status {
+                FriendStatus::Friends => format!(
+                    "{name}: friends; you share: {}, they share with you: {}",
+                    yes(f.sharing),
+                    yes(f.shares_with_you)
+                ),
+                FriendStatus::Incoming => {
+                    format!("{name} asked to be your friend (`friends accept {name}`)")
+                }
+                FriendStatus::Outgoing => format!("you asked {name} to be your friend"),
+            }
+        }
+        ServerFrame::FriendRemoved { id } => {
+            format!("{} is no longer a friend or request", names.name(*id))
+        }
         ServerFrame::Error { code, message, .. } => format!("server error {code}: {message}"),
     }
 }
@@ -196,6 +217,27 @@ mod tests {
                 updated_at: now - 30_000
             })),
             "you are at 37.56653, 126.97804, as another of your devices reported (seen 30 s ago)"
+        );
+        let row = |status, sharing, shares_with_you| {
+            ServerFrame::FriendUpdate(FriendView {
+                id: UserId(2),
+                username: Some("bob".into()),
+                status,
+                sharing,
+                shares_with_you,
+            })
+        };
+        assert_eq!(
+            line(row(FriendStatus::Incoming, true, false)),
+            "bob asked to be your friend (`friends accept bob`)"
+        );
+        assert_eq!(
+            line(row(FriendStatus::Friends, true, false)),
+            "bob: friends; you share: yes, they share with you: no"
+        );
+        assert_eq!(
+            line(ServerFrame::FriendRemoved { id: UserId(2) }),
+            "bob is no longer a friend or request"
         );
         assert_eq!(
             line(ServerFrame::error("rate_limited", "slow down")),

@@ -372,21 +372,55 @@ impl User {
         let (stream, _) = tokio_tungstenite::connect_async(req)
             .await
             .expect("ws connect");
-        let mut ws = Ws { stream };
+        let mut ws = Ws::new(stream);
         let snap = ws.next_json().await;
         assert_eq!(snap["type"], "snapshot", "{snap}");
         (ws, snap)
     }
 }
 
-/// A client WebSocket.
+/// A client WebSocket. Account events (`friend_update`, `friend_removed`)
+/// are set aside in `account` as they arrive, so tests of locations see
+/// only what they test; tests of account events read them with
+/// [`Ws::next_account`] and check `account` is empty where nothing is owed.
 pub struct Ws {
     pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub account: std::collections::VecDeque<Value>,
+}
+
+/// `text` parsed, if it is an account event.
+fn account_event(text: &str) -> Option<Value> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    matches!(v["type"].as_str(), Some("friend_update" | "friend_removed")).then_some(v)
 }
 
 pub const WAIT: Duration = Duration::from_secs(5);
 
 impl Ws {
+    pub fn new(stream: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
+        Self {
+            stream,
+            account: Default::default(),
+        }
+    }
+
+    /// The next account event (other frames on the way are skipped);
+    /// panics after [`WAIT`].
+    pub async fn next_account(&mut self) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(v) = self.account.pop_front() {
+                return v;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let other = self.next_until(left, true).await;
+            assert!(
+                other.is_some() || !self.account.is_empty(),
+                "no account event within {WAIT:?}"
+            );
+        }
+    }
+
     pub async fn send_text(&mut self, text: impl Into<String>) {
         self.stream
             .send(Message::text(text.into()))
@@ -401,10 +435,25 @@ impl Ws {
 
     /// The next message of any kind, or None on timeout / end of stream.
     pub async fn next_message(&mut self, within: Duration) -> Option<Message> {
+        self.next_until(within, false).await
+    }
+
+    /// The next message, or (with `stop_at_account`) the next account
+    /// event (set aside, `None` returned), or `None` at `within`.
+    async fn next_until(&mut self, within: Duration, stop_at_account: bool) -> Option<Message> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             match tokio::time::timeout_at(deadline, self.stream.next()).await {
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(Some(Ok(Message::Text(t)))) => match account_event(t.as_str()) {
+                    Some(v) => {
+                        self.account.push_back(v);
+                        if stop_at_account {
+                            return None;
+                        }
+                    }
+                    None => return Some(Message::Text(t)),
+                },
                 Ok(Some(Ok(m))) => return Some(m),
                 _ => return None,
             }
