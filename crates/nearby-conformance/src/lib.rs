@@ -341,6 +341,22 @@ pub async fn history_store(store: &dyn HistoryStore, ns: i64) {
         .await
         .expect("range")
         .is_empty());
+    // Deleting one user's history leaves everyone else's.
+    assert_eq!(store.delete_user(a).await.expect("delete"), 600);
+    assert!(store
+        .range(a, 0, i64::MAX, 10)
+        .await
+        .expect("range")
+        .is_empty());
+    assert_eq!(
+        store
+            .range(b, 0, i64::MAX, 10_000)
+            .await
+            .expect("range")
+            .len(),
+        600
+    );
+    assert_eq!(store.delete_user(a).await.expect("again"), 0);
 }
 
 /// After an adapter's `bulk_insert(users, friendships)` returned `ids`: every

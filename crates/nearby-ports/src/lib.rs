@@ -887,6 +887,8 @@ pub trait HistoryStore: Send + Sync + 'static {
         to_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<Location>>;
+    /// Deletes every location of `user` (the user asked); returns how many.
+    async fn delete_user(&self, user: UserId) -> StoreResult<u64>;
 
     /// Answers when the backend is reachable (for readiness checks).
     async fn ping(&self) -> StoreResult<()> {

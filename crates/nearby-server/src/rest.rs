@@ -675,6 +675,8 @@ pub struct HistoryQuery {
     /// At most this many points (default and maximum 10 000); any whole
     /// number is accepted and clamped into 1–10 000.
     pub limit: Option<String>,
+    /// `json` (the default) or `geojson` (a FeatureCollection of points).
+    pub format: Option<String>,
 }
 
 /// Most points one history request returns.
@@ -706,7 +708,7 @@ pub async fn history(
     State(st): St,
     me: AuthUser,
     q: Result<Query<HistoryQuery>, QueryRejection>,
-) -> ApiResult<Json<History>> {
+) -> ApiResult<Response> {
     let Query(q) = q.map_err(|_| {
         ApiError::bad_query("`from` and `to` must be whole numbers (Unix milliseconds)")
     })?;
@@ -717,7 +719,12 @@ pub async fn history(
         return Err(ApiError::bad_query("`from` is after `to`"));
     }
     let limit = clamp_limit(q.limit.as_deref())?;
-    let points = st
+    let geojson = match q.format.as_deref() {
+        None | Some("json") => false,
+        Some("geojson") => true,
+        Some(_) => return Err(ApiError::bad_query("`format` is `json` or `geojson`")),
+    };
+    let points: Vec<HistoryPoint> = st
         .backends
         .history
         .range(me.id, from, to, limit)
@@ -729,7 +736,44 @@ pub async fn history(
             ts: l.ts_ms,
         })
         .collect();
-    Ok(Json(History { points }))
+    if !geojson {
+        return Ok(Json(History { points }).into_response());
+    }
+    // RFC 7946: one Point feature per location, [lon, lat], its time in
+    // the properties.
+    let features: Vec<serde_json::Value> = points
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "type": "Feature",
+                "geometry": { "type": "Point", "coordinates": [p.lon, p.lat] },
+                "properties": { "ts": p.ts },
+            })
+        })
+        .collect();
+    let body = serde_json::json!({ "type": "FeatureCollection", "features": features });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/geo+json")],
+        body.to_string(),
+    )
+        .into_response())
+}
+
+/// History may still be in the write queue when it is deleted: the delete
+/// runs again once that queue has been flushed.
+const HISTORY_REDELETE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// `DELETE /v1/me/history`: deletes all of the caller's history.
+pub async fn delete_history(State(st): St, me: AuthUser) -> ApiResult<Json<serde_json::Value>> {
+    let deleted = st.backends.history.delete_user(me.id).await?;
+    let later = st.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(HISTORY_REDELETE).await;
+        if let Err(e) = later.backends.history.delete_user(me.id).await {
+            tracing::warn!(user = %me.id, error = %e, "second history delete failed");
+        }
+    });
+    Ok(Json(serde_json::json!({ "deleted": deleted })))
 }
 
 #[cfg(test)]

@@ -134,6 +134,15 @@ impl HistoryStore for PgHistoryStore {
             .collect()
     }
 
+    async fn delete_user(&self, user: UserId) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM location_history WHERE user_id = $1")
+            .bind(user.0)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         crate::ping(&self.pool).await
     }

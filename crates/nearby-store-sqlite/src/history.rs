@@ -78,4 +78,13 @@ impl HistoryStore for SqliteHistoryStore {
             })
             .collect()
     }
+
+    async fn delete_user(&self, user: UserId) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM history WHERE user_id = ?")
+            .bind(user.0)
+            .execute(&self.db.writer)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
+    }
 }

@@ -445,3 +445,109 @@ async fn account_events(one: &Server, two: &Server) {
     c.expect_silence(QUIET).await;
     assert!(c.account.is_empty(), "{:?}", c.account);
 }
+
+#[tokio::test]
+async fn history_is_yours_to_export_and_delete() {
+    let server = Server::start(&[]);
+    history_controls(&server).await;
+}
+
+#[tokio::test]
+async fn history_controls_on_postgres() {
+    let Some(nodes) = TwoNodes::start().await else {
+        return;
+    };
+    history_controls(&nodes.a).await;
+}
+
+async fn history_controls(server: &Server) {
+    let (alice, bob) = server.friends("alice", "bob").await;
+    let (mut a, _) = alice.connect(server).await;
+    a.send_location(SEOUL.0, SEOUL.1).await;
+    // Written asynchronously: within about a second.
+    let mut points = Value::Null;
+    for _ in 0..50 {
+        let (st, body) = on(server, &alice, Method::GET, "/v1/me/history", None).await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        if body["points"].as_array().is_some_and(|p| !p.is_empty()) {
+            points = body["points"].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(points[0]["lat"], SEOUL.0, "{points}");
+    // Nobody else reads it: a friend's own history call is about them.
+    let (st, theirs) = on(server, &bob, Method::GET, "/v1/me/history", None).await;
+    assert_eq!(
+        (st, &theirs["points"]),
+        (StatusCode::OK, &json!([])),
+        "{theirs}"
+    );
+
+    // GeoJSON export: [lon, lat] points with their time.
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/me/history?format=geojson", server.base))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("application/geo+json")
+    );
+    let geo: Value = resp.json().await.expect("json");
+    assert_eq!(geo["type"], "FeatureCollection", "{geo}");
+    assert_eq!(
+        geo["features"][0]["geometry"],
+        json!({ "type": "Point", "coordinates": [SEOUL.1, SEOUL.0] }),
+        "{geo}"
+    );
+    assert_eq!(
+        geo["features"][0]["properties"]["ts"], points[0]["ts"],
+        "{geo}"
+    );
+    let (st, body) = on(
+        server,
+        &alice,
+        Method::GET,
+        "/v1/me/history?format=kml",
+        None,
+    )
+    .await;
+    assert_eq!(
+        (st, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_query")),
+        "{body}"
+    );
+
+    // Deleting: all of it, and only hers.
+    b_moves_once(server, &bob).await;
+    let (st, body) = on(server, &alice, Method::DELETE, "/v1/me/history", None).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert!(body["deleted"].as_u64().is_some_and(|n| n >= 1), "{body}");
+    let (_, after) = on(server, &alice, Method::GET, "/v1/me/history", None).await;
+    assert_eq!(after["points"], json!([]), "{after}");
+    let (_, theirs) = on(server, &bob, Method::GET, "/v1/me/history", None).await;
+    assert_eq!(
+        theirs["points"].as_array().map(Vec::len),
+        Some(1),
+        "{theirs}"
+    );
+}
+
+/// Bob reports one position and it reaches his history.
+async fn b_moves_once(server: &Server, bob: &User) {
+    let (mut b, _) = bob.connect(server).await;
+    b.send_location(SEOUL.0, SEOUL.1 + 0.01).await;
+    for _ in 0..50 {
+        let (_, body) = on(server, bob, Method::GET, "/v1/me/history", None).await;
+        if body["points"].as_array().is_some_and(|p| !p.is_empty()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("bob's position never reached his history");
+}
