@@ -187,9 +187,19 @@ function endSession(reason) {
 
 // ---------- friends ----------
 
+// Bumped by every pushed friend change: a list read while one arrived may
+// predate it, and would overwrite the pushed row with the older one.
+let friendPushes = 0;
+
 async function refreshFriends() {
+  let res;
+  for (let tries = 0; ; tries++) {
+    if (!state.session) return;
+    const seen = friendPushes;
+    res = await api('GET', '/v1/friends');
+    if (seen === friendPushes || tries === 4) break;
+  }
   if (!state.session) return;
-  const res = await api('GET', '/v1/friends');
   // The server withholds the name of someone you asked until they accept;
   // this page remembers the names it looked up itself.
   state.friends = new Map(res.friends.map((f) =>
@@ -394,6 +404,7 @@ function onFrame(data) {
       if (state.friends.get(msg.id)?.status !== 'friends') refreshFriendsSoon(); // a request just accepted
       break;
     case 'friend_update': {
+      friendPushes++;
       const { type: _type, ...row } = msg;
       const before = state.friends.get(row.id);
       state.friends.set(row.id, { ...row, username: row.username ?? lookedUp.get(row.id) ?? before?.username ?? `user #${row.id}` });
@@ -405,6 +416,7 @@ function onFrame(data) {
       break;
     }
     case 'friend_removed':
+      friendPushes++;
       state.friends.delete(msg.id);
       state.nearby.delete(msg.id);
       renderFriends();
