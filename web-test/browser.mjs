@@ -188,7 +188,7 @@ async function main() {
     await friendRow(A, userB.name, 'outgoing');
 
     step = 'B sees the request and accepts';
-    await friendRow(B, userA.name, 'incoming'); // arrives by the page's periodic refresh
+    await friendRow(B, userA.name, 'incoming'); // pushed over B's WebSocket (friend_update)
     await B.click(`#friends li[data-username="${userA.name}"] [data-action="accept"]`);
     await friendRow(B, userA.name, 'friends');
     await friendRow(A, userB.name, 'friends');
@@ -210,6 +210,50 @@ async function main() {
     const age1 = await A.textContent(ageSel);
     await A.waitForFunction(([sel, before]) => document.querySelector(sel)?.textContent !== before, [ageSel, age1]);
     log(`age ticks: "${age1}" → "${await A.textContent(ageSel)}"`);
+
+    // Privacy controls, each seen from the other side.
+    const rowOf = (page, name) => `#friends li[data-username="${name}"]`;
+    const aRowB = rowOf(A, userB.name);
+    const bRowA = rowOf(B, userA.name);
+    const bSeesA = `#nearby li[data-username="${userA.name}"]`;
+    const theyShare = (page) => page.textContent(`${bRowA} .they-share`);
+
+    step = 'A shares only an approximate position with B';
+    await A.selectOption(`${aRowB} select[data-action="precision"]`, 'approximate');
+    await B.waitForSelector(`${bSeesA}[data-approximate="true"]`);
+    const approx = await B.textContent(`${bSeesA} .distance`);
+    if (!/^(about \d+ km|within ~3 km)$/.test(approx)) fail(`B shows A's approximate distance as ${JSON.stringify(approx)}`);
+    await B.waitForFunction((sel) => /approximately/.test(document.querySelector(sel)?.textContent ?? ''), `${bRowA} .they-share`);
+    log(`B sees A as "${approx}"; B's row: "${await theyShare(B)}"`);
+
+    step = 'A shares with B for one hour';
+    await A.selectOption(`${aRowB} select[data-action="share-for"]`, '3600000');
+    await A.waitForSelector(`${aRowB}:not([data-until=""])`);
+    await B.waitForFunction((sel) => /until/.test(document.querySelector(sel)?.textContent ?? ''), `${bRowA} .they-share`);
+    const precisionKept = await A.getAttribute(aRowB, 'data-precision');
+    if (precisionKept !== 'approximate') fail(`choosing a duration changed the precision to ${precisionKept}`);
+    log(`A's row: until ${await A.getAttribute(aRowB, 'data-until')}; B's row: "${await theyShare(B)}"`);
+    const privacyShots = [SHOT.replace(/\.png$/, '-privacy-a.png'), SHOT.replace(/\.png$/, '-privacy-b.png')];
+    await A.screenshot({ path: privacyShots[0] });
+    await B.screenshot({ path: privacyShots[1] });
+    log(`screenshots of the privacy controls saved to ${privacyShots.join(', ')}`);
+
+    step = 'A shares her exact distance with B again, for good';
+    await A.selectOption(`${aRowB} select[data-action="precision"]`, 'precise');
+    await B.waitForSelector(`${bSeesA}[data-approximate="false"]`);
+    await A.selectOption(`${aRowB} select[data-action="share-for"]`, '');
+    await A.waitForSelector(`${aRowB}[data-until=""]`);
+    await B.waitForFunction((sel) => document.querySelector(sel)?.textContent === 'shares with you', `${bRowA} .they-share`);
+    checkDistance('B sees A exactly again', await nearbyDistance(B, userA.name));
+
+    step = 'A turns ghost mode on, then off';
+    await A.check('#ghost');
+    await A.waitForSelector('#privacy[data-ghost="true"]');
+    await B.waitForSelector(bSeesA, { state: 'detached' });
+    log(`ghost: B no longer sees A; A's page says "${await A.textContent('#ghost-info')}"`);
+    await A.uncheck('#ghost');
+    await A.waitForSelector('#privacy[data-ghost="false"]');
+    checkDistance('B sees A after ghost mode', await nearbyDistance(B, userA.name));
 
     step = 'screenshot';
     await A.screenshot({ path: SHOT });

@@ -460,6 +460,29 @@ async def run_live(http, A, B, C, t_start):
     await A.quiet()
     await B.quiet()
 
+    step("alice shares only an approximate position with bob, then a precise one again")
+    # both move (in place) so that their positions stay fresh for the TTL
+    await A.locate(A_POS)
+    await B.expect(is_type("friend_location", id=A.id), "friend_location for alice, refreshed")
+    await B.locate(B_BACK)
+    await A.expect(is_type("friend_location", id=B.id), "friend_location for bob, refreshed")
+    st, body, text = await http.acall("PUT", f"/v1/friends/{B.id}/sharing",
+                                      {"enabled": True, "precision": "approximate"}, token=A.token)
+    R.check(st == 200 and body == {"id": B.id, "sharing": True, "sharing_precision": "approximate"},
+            "alice shares approximately → 200", f"{st} {text}")
+    f = await B.expect(is_type("friend_location", id=A.id), "friend_location for alice, approximate")
+    R.check(f.get("approximate") is True and f["distance_m"] % 1000 == 0 and f["bearing_deg"] % 45 == 0,
+            "bob: approximate, whole kilometres, a bearing in eighths", json.dumps(f))
+    st, body, text = await http.acall("PUT", f"/v1/friends/{B.id}/sharing",
+                                      {"enabled": True, "precision": "precise"}, token=A.token)
+    R.check(st == 200 and body == {"id": B.id, "sharing": True}, "alice shares precisely again → 200",
+            f"{st} {text}")
+    f = await B.expect(is_type("friend_location", id=A.id), "friend_location for alice, precise again")
+    check_friend_location(f, B.name, A.name, d_back, 0)
+    R.check("approximate" not in f, "bob: precise again", json.dumps(f))
+    await A.quiet()
+    await B.quiet()
+
     step("bob unfriends alice")
     st, _, text = await http.acall("DELETE", f"/v1/friends/{A.id}", token=B.token)
     R.check(st == 204, "bob DELETE /v1/friends/alice → 204", f"{st} {text}")

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use nearby_core::{FriendStatus, UserId};
 use nearby_proto::rest::{
-    ErrorBody, FriendList, FriendView, History, HistoryPoint, SessionCreated, UserView,
+    ErrorBody, FriendList, FriendView, History, HistoryPoint, SessionCreated, SharingUpdate,
+    UserView,
 };
 use nearby_proto::ws::{NearbyFriend, ServerFrame};
 use reqwest::{Method, Url};
@@ -170,24 +171,23 @@ impl Client {
             .await
     }
 
-    /// `PUT /v1/friends/{id}/sharing`: share my location with `id`, or stop.
-    /// Returns the sharing state after the call.
-    pub async fn set_sharing(&self, id: UserId, enabled: bool) -> Result<bool, ClientError> {
-        #[derive(Deserialize)]
-        struct Answer {
-            sharing: bool,
-        }
+    /// `PUT /v1/friends/{id}/sharing`: share my location with `id` (for a
+    /// while, approximately), or stop. Returns the server's answer
+    /// (`{"id", "sharing", "sharing_until"?, "sharing_precision"?}`).
+    pub async fn set_sharing(
+        &self,
+        id: UserId,
+        update: SharingUpdate,
+    ) -> Result<serde_json::Value, ClientError> {
         let id = id.to_string();
-        let body = serde_json::json!({ "enabled": enabled });
-        let a: Answer = self
-            .json(
-                Method::PUT,
-                &["v1", "friends", &id, "sharing"],
-                Some(body),
-                true,
-            )
-            .await?;
-        Ok(a.sharing)
+        let body = serde_json::to_value(update).map_err(|e| ClientError::Invalid(e.to_string()))?;
+        self.json(
+            Method::PUT,
+            &["v1", "friends", &id, "sharing"],
+            Some(body),
+            true,
+        )
+        .await
     }
 
     /// `GET /v1/nearby`: the friends near now, nearest first (the snapshot a

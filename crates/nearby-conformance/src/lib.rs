@@ -12,10 +12,10 @@ pub mod services;
 
 use std::time::Duration;
 
-use nearby_core::{FriendStatus, LeftReason, Location, Point, UserId};
+use nearby_core::{FriendStatus, Grant, LeftReason, Location, Point, Precision, Share, UserId};
 use nearby_ports::{
     BusMessage, Channel, HistoryEntry, HistoryStore, LocationCache, Mail, Mailbox, PubSub,
-    StoreError, Subscriber, UserStore, GHOST_FOREVER,
+    ShareChange, StoreError, Subscriber, UserStore, GHOST_FOREVER,
 };
 
 fn loc(lat: f64, ts_ms: i64) -> Location {
@@ -23,6 +23,18 @@ fn loc(lat: f64, ts_ms: i64) -> Location {
         point: Point::new(lat, 10.0).expect("valid test coordinate"),
         ts_ms,
     }
+}
+
+/// Turns sharing off.
+const OFF: ShareChange = ShareChange {
+    enabled: false,
+    until_ms: None,
+    precision: None,
+};
+
+/// The ids of visible friends.
+fn grant_ids(grants: Vec<Grant>) -> Vec<UserId> {
+    grants.into_iter().map(|g| g.id).collect()
 }
 
 /// [`LocationCache`]: latest wins, batch reads keep order, entries expire.
@@ -184,7 +196,7 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
     let bobs = store.friends(bob).await.expect("list");
     assert_eq!(bobs.len(), 1);
     assert_eq!(
-        (bobs[0].id, bobs[0].status, bobs[0].shares_with_me),
+        (bobs[0].id, bobs[0].status, bobs[0].shares_with_me.enabled),
         (alice, FriendStatus::Incoming, false),
         "nobody shares through a pending request"
     );
@@ -197,7 +209,7 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
         "pending is not friends"
     );
     assert!(matches!(
-        store.set_sharing(alice, bob, false).await,
+        store.set_sharing(alice, bob, OFF).await,
         Err(StoreError::NotFound(_))
     ));
 
@@ -213,14 +225,14 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
             alices[0].sharing,
             alices[0].shares_with_me
         ),
-        (FriendStatus::Friends, true, true)
+        (FriendStatus::Friends, Share::DEFAULT, Share::DEFAULT)
     );
     assert_eq!(
-        store.visible_friends(bob, NOW).await.expect("visible"),
+        grant_ids(store.visible_friends(bob, NOW).await.expect("visible")),
         vec![alice]
     );
     assert_eq!(
-        store.visible_friends(alice, NOW).await.expect("visible"),
+        grant_ids(store.visible_friends(alice, NOW).await.expect("visible")),
         vec![bob]
     );
 
@@ -236,7 +248,7 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
         .expect("visible")
         .is_empty());
     assert_eq!(
-        store.visible_friends(bob, NOW + 5).await.expect("visible"),
+        grant_ids(store.visible_friends(bob, NOW + 5).await.expect("visible")),
         vec![alice],
         "ghost mode ends by itself"
     );
@@ -245,7 +257,7 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
         None
     );
     assert_eq!(
-        store.visible_friends(alice, NOW).await.expect("visible"),
+        grant_ids(store.visible_friends(alice, NOW).await.expect("visible")),
         vec![bob],
         "one-way"
     );
@@ -261,7 +273,7 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
     store.set_ghost(alice, None).await.expect("end ghost");
     assert_eq!(store.ghost_until(alice, NOW).await.expect("ghost"), None);
     assert_eq!(
-        store.visible_friends(bob, NOW).await.expect("visible"),
+        grant_ids(store.visible_friends(bob, NOW).await.expect("visible")),
         vec![alice]
     );
     assert!(matches!(
@@ -269,25 +281,91 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
         Err(StoreError::NotFound(_))
     ));
 
-    assert!(store.set_sharing(alice, bob, false).await.expect("revoke"));
-    assert!(!store
-        .set_sharing(alice, bob, false)
+    // Sharing for a while, approximately: the grant's terms reach the
+    // viewer, it ends by itself, and an omitted precision is kept.
+    let timed = ShareChange {
+        enabled: true,
+        until_ms: Some(NOW + 10),
+        precision: Some(Precision::Approximate),
+    };
+    let (before, after) = store.set_sharing(alice, bob, timed).await.expect("timed");
+    assert_eq!(before, Share::DEFAULT);
+    let want = Share {
+        enabled: true,
+        until_ms: Some(NOW + 10),
+        precision: Precision::Approximate,
+    };
+    assert_eq!(after, want);
+    assert_eq!(
+        store.visible_friends(bob, NOW).await.expect("visible"),
+        vec![Grant {
+            id: alice,
+            until_ms: Some(NOW + 10),
+            precision: Precision::Approximate
+        }]
+    );
+    assert!(
+        store
+            .visible_friends(bob, NOW + 10)
+            .await
+            .expect("visible")
+            .is_empty(),
+        "a timed grant ends by itself"
+    );
+    assert_eq!(store.friends(alice).await.expect("list")[0].sharing, want);
+    assert_eq!(
+        store.friends(bob).await.expect("list")[0].shares_with_me,
+        want
+    );
+    let for_good = ShareChange {
+        enabled: true,
+        until_ms: None,
+        precision: None,
+    };
+    let (_, after) = store
+        .set_sharing(alice, bob, for_good)
         .await
-        .expect("revoke again"));
+        .expect("for good");
+    assert_eq!(after.precision, Precision::Approximate, "precision kept");
+    assert_eq!(after.until_ms, None);
+    let precise = ShareChange {
+        precision: Some(Precision::Precise),
+        ..for_good
+    };
+    store
+        .set_sharing(alice, bob, precise)
+        .await
+        .expect("precise");
+
+    let (before, _) = store.set_sharing(alice, bob, OFF).await.expect("revoke");
+    assert!(before.enabled);
+    let (before, after) = store
+        .set_sharing(alice, bob, OFF)
+        .await
+        .expect("revoke again");
+    assert!(!before.enabled && !after.enabled);
     assert!(store
         .visible_friends(bob, NOW)
         .await
         .expect("visible")
         .is_empty());
     assert_eq!(
-        store.visible_friends(alice, NOW).await.expect("visible"),
+        grant_ids(store.visible_friends(alice, NOW).await.expect("visible")),
         vec![bob],
         "revoking is one-way"
     );
-    assert!(!store.friends(alice).await.expect("list")[0].sharing);
+    assert!(!store.friends(alice).await.expect("list")[0].sharing.enabled);
     // Both directions: Bob still shares with Alice, Alice no longer with Bob.
-    assert!(store.friends(alice).await.expect("list")[0].shares_with_me);
-    assert!(!store.friends(bob).await.expect("list")[0].shares_with_me);
+    assert!(
+        store.friends(alice).await.expect("list")[0]
+            .shares_with_me
+            .enabled
+    );
+    assert!(
+        !store.friends(bob).await.expect("list")[0]
+            .shares_with_me
+            .enabled
+    );
 
     store.request_friend(carol, alice).await.expect("request");
     assert_eq!(
@@ -392,7 +470,7 @@ pub async fn bulk_loaded(
             })
             .collect();
         want.sort();
-        let mut got = store.visible_friends(*id, NOW).await.expect("visible");
+        let mut got = grant_ids(store.visible_friends(*id, NOW).await.expect("visible"));
         got.sort();
         assert_eq!(got, want, "friends of user #{i}");
     }

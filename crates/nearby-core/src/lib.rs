@@ -1,7 +1,8 @@
 //! The `nearby` domain, free of I/O.
 //!
 //! This crate decides; it never waits. It owns the vocabulary shared by every
-//! other crate ([`UserId`], [`Location`], [`FriendStatus`], [`LeftReason`]),
+//! other crate ([`UserId`], [`Location`], [`FriendStatus`], [`LeftReason`],
+//! what a friend grants: [`Share`], [`Grant`], [`Precision`]),
 //! the account rules ([`account`]) and the heart of the product, the
 //! per-connection [`session::Session`] state machine that turns "my friend
 //! moved", "I moved", "time passed" and "a friendship changed" into the events
@@ -94,6 +95,93 @@ impl FriendStatus {
             "incoming" => Some(Self::Incoming),
             "outgoing" => Some(Self::Outgoing),
             _ => None,
+        }
+    }
+}
+
+/// How precisely a user shares their position with one friend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Distance to the metre and the exact bearing.
+    #[default]
+    Precise,
+    /// Only what follows from both users' cells of about 3 km
+    /// ([`Point::cell_centre`]): the distance between the two centres,
+    /// rounded to the kilometre, and a bearing in eighths of a circle.
+    Approximate,
+}
+
+impl Precision {
+    /// The wire name (`precise`, `approximate`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Precise => "precise",
+            Self::Approximate => "approximate",
+        }
+    }
+
+    /// Whether this is the default, [`Precision::Precise`] (wire formats
+    /// leave it out).
+    pub fn is_precise(&self) -> bool {
+        *self == Self::Precise
+    }
+
+    /// Parses [`Precision::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "precise" => Some(Self::Precise),
+            "approximate" => Some(Self::Approximate),
+            _ => None,
+        }
+    }
+}
+
+/// What one user grants one friend: whether they share, until when, and
+/// how precisely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Share {
+    /// Sharing is on (it still ends at `until_ms`).
+    pub enabled: bool,
+    /// When sharing ends by itself, Unix ms; `None`: until turned off.
+    pub until_ms: Option<i64>,
+    /// What the friend may learn.
+    pub precision: Precision,
+}
+
+impl Share {
+    /// Sharing as a new friendship starts: on, precise, for good.
+    pub const DEFAULT: Self = Self {
+        enabled: true,
+        until_ms: None,
+        precision: Precision::Precise,
+    };
+
+    /// Whether the friend may see the user at `now_ms`.
+    pub fn active_at(&self, now_ms: i64) -> bool {
+        self.enabled && self.until_ms.is_none_or(|u| now_ms < u)
+    }
+}
+
+/// A friend a viewer may see right now, with the terms of the friend's
+/// grant: the session ends it by itself at `until_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// The friend.
+    pub id: UserId,
+    /// When the friend's sharing ends, Unix ms, if it ends by itself.
+    pub until_ms: Option<i64>,
+    /// What the viewer may learn of the friend.
+    pub precision: Precision,
+}
+
+impl Grant {
+    /// Sharing for good, precisely (what a new friendship grants).
+    pub fn precise(id: UserId) -> Self {
+        Self {
+            id,
+            until_ms: None,
+            precision: Precision::Precise,
         }
     }
 }

@@ -78,6 +78,34 @@ impl Point {
     }
 }
 
+/// Side of an approximate-location cell, in degrees of latitude (about
+/// 3.3 km).
+pub const CELL_DEG: f64 = 0.03;
+
+impl Point {
+    /// The centre of the cell of about [`CELL_DEG`] × [`CELL_DEG`] (3.3 km
+    /// square) that holds this point, on a grid of latitude rows each cut
+    /// into as many columns as fit its circumference: cells stay about
+    /// square from the equator to the poles (a plain lat/lon grid narrows to
+    /// nothing there). Every point of a cell gives the same centre, which
+    /// is all an approximate viewer may ever learn.
+    pub fn cell_centre(self) -> Point {
+        let rows = (180.0 / CELL_DEG).round();
+        let row = ((self.lat + 90.0) / CELL_DEG)
+            .floor()
+            .clamp(0.0, rows - 1.0);
+        let lat = -90.0 + (row + 0.5) * CELL_DEG;
+        let width = lat.to_radians().cos() * 360.0;
+        let cols = (width / CELL_DEG).floor().max(1.0);
+        let step = 360.0 / cols;
+        let col = ((self.lon + 180.0) / step).floor().clamp(0.0, cols - 1.0);
+        Point {
+            lat,
+            lon: -180.0 + (col + 0.5) * step,
+        }
+    }
+}
+
 /// Haversine great-circle distance between two coordinates in degrees, in
 /// metres. Inputs are expected in range (see [`Point::new`]).
 pub fn haversine_m(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
@@ -180,6 +208,61 @@ mod tests {
         fn validation_accepts_exactly_the_range(lat in proptest::num::f64::ANY, lon in proptest::num::f64::ANY) {
             let ok = (-90.0..=90.0).contains(&lat) && (-180.0..=180.0).contains(&lon);
             prop_assert_eq!(Point::new(lat, lon).is_ok(), ok);
+        }
+    }
+}
+
+#[cfg(test)]
+mod cell_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn p(lat: f64, lon: f64) -> Point {
+        Point::new(lat, lon).unwrap()
+    }
+
+    #[test]
+    fn cells_are_about_three_kilometres_everywhere() {
+        for lat in [0.0, 37.5, 60.0, 80.0] {
+            let c = p(lat, 10.0).cell_centre();
+            // The next cell north and east have other centres about 3.3 km away.
+            let north = p(c.lat() + CELL_DEG, c.lon()).cell_centre();
+            let east_step = CELL_DEG / c.lat().to_radians().cos();
+            let east = p(c.lat(), c.lon() + east_step * 1.01).cell_centre();
+            for (name, other) in [("north", north), ("east", east)] {
+                let d = c.distance_m(other);
+                assert!((3000.0..3700.0).contains(&d), "{name} of {lat}: {d} m");
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_centre_is_near_its_point_and_its_own_centre(lat in -90.0..=90.0f64, lon in -180.0..=180.0f64) {
+            let pt = p(lat, lon);
+            let c = pt.cell_centre();
+            prop_assert!(Point::new(c.lat(), c.lon()).is_ok());
+            // Half the diagonal of a 3.3 km square, with room for the
+            // polar caps' rounding of the column count.
+            if lat.abs() < 89.0 {
+                prop_assert!(pt.distance_m(c) < 2_500.0, "{} m", pt.distance_m(c));
+            }
+            prop_assert_eq!(c.cell_centre(), c);
+        }
+
+        #[test]
+        fn nearby_points_of_a_cell_share_its_centre(lat in -85.0..85.0f64, lon in -179.0..179.0f64, dlat in 0.0..1.0f64, dlon in 0.0..1.0f64) {
+            // Any point between a cell's corners snaps to the same centre.
+            let c = p(lat, lon).cell_centre();
+            let half_lon = {
+                let cols = (c.lat().to_radians().cos() * 360.0 / CELL_DEG).floor().max(1.0);
+                180.0 / cols
+            };
+            let inside = p(
+                c.lat() + (dlat - 0.5) * CELL_DEG * 0.999,
+                c.lon() + (dlon - 0.5) * 2.0 * half_lon * 0.999,
+            );
+            prop_assert_eq!(inside.cell_centre(), c);
         }
     }
 }

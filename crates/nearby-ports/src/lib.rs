@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::task::AtomicWaker;
-use nearby_core::{FriendStatus, LeftReason, Location, UserId};
+use nearby_core::{FriendStatus, Grant, LeftReason, Location, Precision, Share, UserId};
 
 /// What every adapter may fail with.
 #[derive(Debug, thiserror::Error)]
@@ -792,12 +792,24 @@ pub struct FriendEntry {
     pub username: String,
     /// Relation, from the owner's side.
     pub status: FriendStatus,
-    /// Whether the owner shares their location with this user.
-    pub sharing: bool,
-    /// Whether this user shares their location with the owner (false
-    /// unless mutual friends). Ghost mode does not show here: it must look
-    /// like going quiet.
-    pub shares_with_me: bool,
+    /// What the owner grants this user (as stored: an `until` in the past
+    /// means it has ended, see [`Share::active_at`]).
+    pub sharing: Share,
+    /// What this user grants the owner (disabled unless mutual friends).
+    /// Ghost mode does not show here: it must look like going quiet.
+    pub shares_with_me: Share,
+}
+
+/// A change of what one user grants a friend
+/// ([`UserStore::set_sharing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShareChange {
+    /// On or off.
+    pub enabled: bool,
+    /// When it ends by itself (only while on; ignored when off).
+    pub until_ms: Option<i64>,
+    /// The new precision; `None` keeps the current one.
+    pub precision: Option<Precision>,
 }
 
 /// Users, bearer tokens, friendships and sharing permissions.
@@ -840,14 +852,20 @@ pub trait UserStore: Send + Sync + 'static {
     /// Removes the relation between `a` and `b` whatever its state (unfriend,
     /// decline or cancel). Returns what it was, from `a`'s side.
     async fn remove_friend(&self, a: UserId, b: UserId) -> StoreResult<Option<FriendStatus>>;
-    /// Sets whether `from` shares their location with friend `to`. Returns
-    /// the previous value; `NotFound` unless they are friends.
-    async fn set_sharing(&self, from: UserId, to: UserId, enabled: bool) -> StoreResult<bool>;
+    /// Changes what `from` grants friend `to`. Returns the grant before and
+    /// after; `NotFound` unless they are mutual friends.
+    async fn set_sharing(
+        &self,
+        from: UserId,
+        to: UserId,
+        change: ShareChange,
+    ) -> StoreResult<(Share, Share)>;
     /// The user's friends and pending requests, ordered by username.
     async fn friends(&self, user: UserId) -> StoreResult<Vec<FriendEntry>>;
-    /// The friends whose locations `viewer` may see at `now_ms`: mutual
-    /// friends who share with `viewer` and are not in ghost mode.
-    async fn visible_friends(&self, viewer: UserId, now_ms: i64) -> StoreResult<Vec<UserId>>;
+    /// The friends whose locations `viewer` may see at `now_ms`, with the
+    /// terms of their grant: mutual friends whose sharing with `viewer` is
+    /// on and has not ended, and who are not in ghost mode.
+    async fn visible_friends(&self, viewer: UserId, now_ms: i64) -> StoreResult<Vec<Grant>>;
     /// Ghost mode: hides `user` from every friend until `until_ms`
     /// ([`GHOST_FOREVER`]: until turned off), or ends it (`None`).
     /// `NotFound` if the user does not exist.

@@ -1,6 +1,6 @@
 //! REST request and response bodies. `docs/openapi.json` describes the same.
 
-use nearby_core::{FriendStatus, UserId};
+use nearby_core::{FriendStatus, Precision, UserId};
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/users` and `POST /v1/sessions` body.
@@ -42,12 +42,27 @@ pub struct FriendView {
     pub username: Option<String>,
     /// Relation, from the caller's side.
     pub status: FriendStatus,
-    /// Whether the caller shares their location with this user.
+    /// Whether the caller shares their location with this user now.
     pub sharing: bool,
-    /// Whether this user shares their location with the caller (only ever
-    /// true between friends). Absent from older servers.
+    /// When the caller's sharing ends by itself, Unix ms; absent when it
+    /// does not (or is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharing_until: Option<i64>,
+    /// What this user may learn of the caller while sharing is on; absent
+    /// when `precise`.
+    #[serde(default, skip_serializing_if = "Precision::is_precise")]
+    pub sharing_precision: Precision,
+    /// Whether this user shares their location with the caller now (only
+    /// ever true between friends). Absent from older servers.
     #[serde(default)]
     pub shares_with_you: bool,
+    /// When their sharing with the caller ends by itself, Unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares_with_you_until: Option<i64>,
+    /// What the caller learns of this user while they share; absent when
+    /// `precise`.
+    #[serde(default, skip_serializing_if = "Precision::is_precise")]
+    pub shares_with_you_precision: Precision,
 }
 
 impl FriendView {
@@ -68,9 +83,18 @@ pub struct FriendList {
 
 /// `PUT /v1/friends/{id}/sharing` body.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SharingUpdate {
     /// Share my location with this friend?
     pub enabled: bool,
+    /// When sharing ends by itself, Unix ms in the future; absent or null:
+    /// until turned off. Only with `enabled: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<i64>,
+    /// `precise` or `approximate`; absent: keep the current one (new
+    /// friendships start precise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
 }
 
 /// `PUT /v1/me/ghost` body.

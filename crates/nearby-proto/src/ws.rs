@@ -80,6 +80,11 @@ pub struct NearbyFriend {
     pub bearing_deg: f64,
     /// When the friend's location was accepted, Unix milliseconds.
     pub updated_at: i64,
+    /// The friend shares only an approximate position: `distance_m` is
+    /// whole kilometres between the centres of both users' ~3 km cells and
+    /// `bearing_deg` a multiple of 45. Absent when precise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approximate: bool,
 }
 
 impl From<Nearby> for NearbyFriend {
@@ -92,6 +97,7 @@ impl From<Nearby> for NearbyFriend {
                 .filter(|b| *b < 360.0)
                 .unwrap_or(0.0),
             updated_at: n.updated_at,
+            approximate: n.approximate,
         }
     }
 }
@@ -238,6 +244,7 @@ mod tests {
             distance_m: 12.3,
             bearing_deg: 45.0,
             updated_at: 1000,
+            approximate: false,
         });
         assert_eq!(
             f.to_json(),
@@ -278,11 +285,15 @@ mod tests {
             username: Some("bob".into()),
             status: nearby_core::FriendStatus::Incoming,
             sharing: true,
+            sharing_until: Some(9),
+            sharing_precision: nearby_core::Precision::Approximate,
             shares_with_you: false,
+            shares_with_you_until: None,
+            shares_with_you_precision: nearby_core::Precision::Precise,
         });
         assert_eq!(
             row.to_json(),
-            r#"{"type":"friend_update","id":"3","username":"bob","status":"incoming","sharing":true,"shares_with_you":false}"#
+            r#"{"type":"friend_update","id":"3","username":"bob","status":"incoming","sharing":true,"sharing_until":9,"sharing_precision":"approximate","shares_with_you":false}"#
         );
         assert_eq!(
             serde_json::from_str::<ServerFrame>(&row.to_json()).ok(),

@@ -363,7 +363,7 @@ pub async fn list_friends(State(st): St, me: AuthUser) -> ApiResult<Json<FriendL
         .friends(me.id)
         .await?
         .into_iter()
-        .map(friend_view)
+        .map(|f| friend_view(f, now_ms()))
         .collect();
     // Stable: the others keep the store's order by username.
     friends.sort_by_key(|f| (f.status == FriendStatus::Outgoing).then_some(f.id));
@@ -371,15 +371,33 @@ pub async fn list_friends(State(st): St, me: AuthUser) -> ApiResult<Json<FriendL
 }
 
 /// A stored relation as the user sees it (REST and `friend_update`).
-pub(crate) fn friend_view(f: nearby_ports::FriendEntry) -> FriendView {
+/// Sharing that ran out shows as off (the store keeps the row as set).
+pub(crate) fn friend_view(f: nearby_ports::FriendEntry, now_ms: i64) -> FriendView {
+    let (mine, theirs) = (f.sharing, f.shares_with_me);
+    let (sharing, shares_with_you) = (mine.active_at(now_ms), theirs.active_at(now_ms));
     FriendView {
         id: f.id,
         // A request made by id reveals nothing until it is accepted.
         username: (f.status != FriendStatus::Outgoing).then_some(f.username),
         status: f.status,
-        sharing: f.sharing,
-        shares_with_you: f.shares_with_me,
+        sharing,
+        sharing_until: mine.until_ms.filter(|_| sharing),
+        sharing_precision: mine.precision,
+        shares_with_you,
+        shares_with_you_until: theirs.until_ms.filter(|_| shares_with_you),
+        shares_with_you_precision: theirs.precision,
     }
+}
+
+/// A `bad_until` unless `until` is absent or in the future.
+fn check_until(until: Option<i64>, now: i64) -> ApiResult<()> {
+    if until.is_some_and(|u| u <= now) {
+        return Err(ApiError::bad_request(
+            "bad_until",
+            format!("`until` must be in the future (Unix ms; now is {now}), or null for no end"),
+        ));
+    }
+    Ok(())
 }
 
 /// The relation between `a` and `b` changed: both users' sessions push
@@ -491,7 +509,10 @@ pub async fn remove_friend(
     }
 }
 
-/// `PUT /v1/friends/{id}/sharing`: share my location with this friend, or stop.
+/// `PUT /v1/friends/{id}/sharing`: share my location with this friend
+/// (for good or until a moment, precisely or approximately), or stop.
+/// Viewers' sessions end a timed grant by themselves; this only announces
+/// what changed now.
 pub async fn set_sharing(
     State(st): St,
     me: AuthUser,
@@ -499,10 +520,23 @@ pub async fn set_sharing(
     JsonBody(body): JsonBody<SharingUpdate>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let other = other_user(&raw, me)?;
-    let before = st
+    let now = now_ms();
+    check_until(body.until, now)?;
+    if body.until.is_some() && !body.enabled {
+        return Err(ApiError::bad_request(
+            "bad_until",
+            "`until` goes with `enabled: true` (sharing that is off has no end)",
+        ));
+    }
+    let change = nearby_ports::ShareChange {
+        enabled: body.enabled,
+        until_ms: body.until,
+        precision: body.precision,
+    };
+    let (before, after) = st
         .backends
         .users
-        .set_sharing(me.id, other, body.enabled)
+        .set_sharing(me.id, other, change)
         .await
         .map_err(|e| match e {
             nearby_ports::StoreError::NotFound(_) => ApiError::new(
@@ -512,8 +546,10 @@ pub async fn set_sharing(
             ),
             e => e.into(),
         })?;
-    if before != body.enabled {
-        let msg = if body.enabled {
+    if before != after {
+        let msg = if after.active_at(now) {
+            // Shown again, or new terms (an end, a precision): the
+            // friend's sessions read them from the store.
             BusMessage::FriendVisible { friend: me.id }
         } else {
             BusMessage::FriendHidden {
@@ -524,9 +560,16 @@ pub async fn set_sharing(
         announce(&st, &[(other, msg)]).await;
         announce(&st, &relation_changed(me.id, other)).await;
     }
-    Ok(Json(
-        serde_json::json!({ "id": other, "sharing": body.enabled }),
-    ))
+    let sharing = after.active_at(now);
+    // The row's fields, with the same defaults left out.
+    let mut reply = serde_json::json!({ "id": other, "sharing": sharing });
+    if let (true, Some(until)) = (sharing, after.until_ms) {
+        reply["sharing_until"] = until.into();
+    }
+    if !after.precision.is_precise() {
+        reply["sharing_precision"] = after.precision.as_str().into();
+    }
+    Ok(Json(reply))
 }
 
 /// The friends who may see `me` when `me` is not hidden: mutual friends
@@ -538,7 +581,7 @@ async fn viewers(st: &AppState, me: UserId) -> Result<Vec<UserId>, nearby_ports:
         .friends(me)
         .await?
         .into_iter()
-        .filter(|f| f.status == FriendStatus::Friends && f.sharing)
+        .filter(|f| f.status == FriendStatus::Friends && f.sharing.active_at(now_ms()))
         .map(|f| f.id)
         .collect())
 }
@@ -582,13 +625,7 @@ pub async fn start_ghost(
     me: AuthUser,
     JsonBody(body): JsonBody<GhostUpdate>,
 ) -> ApiResult<Json<GhostState>> {
-    let now = now_ms();
-    if body.until.is_some_and(|u| u <= now) {
-        return Err(ApiError::bad_request(
-            "bad_until",
-            format!("`until` must be in the future (Unix ms; now is {now}), or null for no end"),
-        ));
-    }
+    check_until(body.until, now_ms())?;
     let until = body.until.unwrap_or(nearby_ports::GHOST_FOREVER);
     let users = &st.backends.users;
     users.set_ghost(me.id, Some(until)).await?;
@@ -630,12 +667,12 @@ pub async fn start_session(
     subscription: Option<&mut Subscription>,
 ) -> Result<(Session, Vec<nearby_core::session::Nearby>), nearby_ports::StoreError> {
     let friends = st.backends.users.visible_friends(me, now_ms()).await?;
-    let channels: Vec<Channel> = friends.iter().map(|f| Channel::Location(*f)).collect();
+    let channels: Vec<Channel> = friends.iter().map(|f| Channel::Location(f.id)).collect();
     let mut subscription = subscription;
     if let Some(sub) = subscription.as_deref_mut() {
         sub.add(&channels).await?;
     }
-    let mut ids = friends.clone();
+    let mut ids: Vec<UserId> = friends.iter().map(|f| f.id).collect();
     ids.push(me);
     let mut locs = match st.backends.cache.get_many(&ids).await {
         Ok(locs) => locs,

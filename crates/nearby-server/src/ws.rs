@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
 use nearby_core::rate::TokenBucket;
 use nearby_core::session::Session;
-use nearby_core::{FriendStatus, LeftReason, Location, Point, UserId};
+use nearby_core::{FriendStatus, Grant, LeftReason, Location, Point, UserId};
 use nearby_ports::{
     BusMessage, Channel, HistoryEntry, Mail, Mailbox, StoreResult, Subscriber, Subscription,
 };
@@ -440,8 +440,10 @@ impl Conn {
                 _ = revalidate.tick() => self.revalidate().await,
                 _ = &mut friend_expiry, if armed.is_some() => {
                     armed = None;
-                    let events = self.session.on_tick(now_ms());
+                    let now = now_ms();
+                    let events = self.session.on_tick(now);
                     self.out.extend(events.into_iter().map(ServerFrame::from));
+                    self.end_expired_grants(now).await;
                 }
             }
             if !self.out.is_empty() && self.flush(socket).await.is_err() {
@@ -587,7 +589,16 @@ impl Conn {
             return;
         }
         let user = self.session.user();
-        let loc = Location { point, ts_ms: now };
+        // Stamped after the user's latest position, so that two reports of
+        // this connection never share a millisecond: the bus echoes each
+        // back on the user's own channel, and an echo of an earlier report
+        // must read as older, not as another device's move (which would
+        // put this session back where it was).
+        let ts_ms = self
+            .session
+            .own_location()
+            .map_or(now, |o| now.max(o.ts_ms.saturating_add(1)));
+        let loc = Location { point, ts_ms };
         let events = self.session.on_own_location(loc, now);
         self.out.extend(events.into_iter().map(ServerFrame::from));
         self.st.metrics.updates_in.increment(1);
@@ -628,6 +639,22 @@ impl Conn {
         }
     }
 
+    /// Friends whose sharing with this user ran out leave as `unshared`,
+    /// their channels are dropped, and their rows are pushed again (they
+    /// no longer share): no message is needed, every node does this alone.
+    async fn end_expired_grants(&mut self, now: i64) {
+        let (events, ended) = self.session.end_expired(now);
+        if ended.is_empty() {
+            return;
+        }
+        self.out.extend(events.into_iter().map(ServerFrame::from));
+        let channels: Vec<Channel> = ended.iter().copied().map(Channel::Location).collect();
+        self.sub.remove(&channels);
+        for friend in ended {
+            self.push_relation(friend).await;
+        }
+    }
+
     /// Pushes the user's relation with `friend` as the store holds it now:
     /// the row of `GET /v1/friends`, or its removal. On a store failure the
     /// client is told to re-read the list.
@@ -636,7 +663,7 @@ impl Conn {
         match self.st.backends.users.friends(me).await {
             Ok(list) => {
                 let frame = match list.into_iter().find(|f| f.id == friend) {
-                    Some(f) => ServerFrame::FriendUpdate(crate::rest::friend_view(f)),
+                    Some(f) => ServerFrame::FriendUpdate(crate::rest::friend_view(f, now_ms())),
                     None => ServerFrame::FriendRemoved { id: friend },
                 };
                 self.out.push(frame);
@@ -737,19 +764,30 @@ impl Conn {
         }
     }
 
-    /// Makes the tracked friends exactly `visible` (as read from the store).
-    async fn apply_visible(&mut self, mut visible: Vec<UserId>) {
-        visible.sort_unstable();
+    /// Makes the tracked friends exactly `visible` (as read from the
+    /// store), on the terms of their grants.
+    async fn apply_visible(&mut self, mut visible: Vec<Grant>) {
+        visible.sort_unstable_by_key(|g| g.id);
         let me = self.session.user();
         let gone: Vec<UserId> = self
             .session
             .tracked()
-            .filter(|f| visible.binary_search(f).is_err())
+            .filter(|f| visible.binary_search_by_key(f, |g| g.id).is_err())
             .collect();
-        let new: Vec<UserId> = visible
-            .into_iter()
-            .filter(|f| *f != me && !self.session.tracks(*f))
-            .collect();
+        let now = now_ms();
+        let mut new = Vec::new();
+        for g in visible {
+            match self.session.grant(g.id) {
+                // New terms of a friend already followed (an end, a precision).
+                Some(old) if old != g => {
+                    let event = self.session.add_friend(g, None, now);
+                    self.out.extend(event.map(ServerFrame::from));
+                }
+                Some(_) => {}
+                None if g.id != me => new.push(g),
+                None => {}
+            }
+        }
         let b = &self.st.backends;
         if !gone.is_empty() {
             // Still a friend means they stopped sharing; otherwise the
@@ -781,7 +819,7 @@ impl Conn {
         if new.is_empty() {
             return;
         }
-        let channels: Vec<Channel> = new.iter().copied().map(Channel::Location).collect();
+        let channels: Vec<Channel> = new.iter().map(|g| Channel::Location(g.id)).collect();
         if let Err(e) = self.sub.add(&channels).await {
             // Neither tracked nor held (the guard released what the bus did
             // not confirm): the next re-read tries again.
@@ -789,7 +827,8 @@ impl Conn {
             self.revalidate_failed = true;
             return;
         }
-        let locs = b.cache.get_many(&new).await.unwrap_or_else(|e| {
+        let ids: Vec<UserId> = new.iter().map(|g| g.id).collect();
+        let locs = b.cache.get_many(&ids).await.unwrap_or_else(|e| {
             tracing::warn!(user = %me, error = %e, "location cache read failed");
             vec![None; new.len()]
         });
@@ -808,12 +847,13 @@ impl Conn {
         };
         let now = now_ms();
         let mut dropped = Vec::new();
-        for (f, last) in new.into_iter().zip(locs) {
-            if !still.contains(&f) {
-                dropped.push(Channel::Location(f));
+        for (g, last) in new.into_iter().zip(locs) {
+            // On the terms read last.
+            let Some(g) = still.iter().find(|s| s.id == g.id).copied() else {
+                dropped.push(Channel::Location(g.id));
                 continue;
-            }
-            let event = self.session.add_friend(f, last, now);
+            };
+            let event = self.session.add_friend(g, last, now);
             self.out.extend(event.map(ServerFrame::from));
         }
         self.sub.remove(&dropped);

@@ -175,6 +175,9 @@ function endSession(reason) {
   if (ws) ws.close(1000, 'logged out');
   state.friends.clear();
   state.nearby.clear();
+  clearTimeout(state.shareTimer);
+  state.ghost = null;
+  renderGhost();
   state.me = null;
   $('#app-view').hidden = true;
   $('#auth-view').hidden = false;
@@ -260,8 +263,60 @@ async function friendAction(event) {
       button.checked = !button.checked;
       throw err;
     }
+  } else if (action === 'precision' || action === 'share-for') {
+    // The terms are sent whole: an omitted `until` means "for good".
+    const row = state.friends.get(id);
+    const body = { enabled: true };
+    if (action === 'precision') {
+      body.precision = button.value;
+      if (row?.sharing_until > Date.now() + 1000) body.until = row.sharing_until;
+    } else {
+      if (button.value === 'keep') return;
+      if (button.value) body.until = Date.now() + Number(button.value);
+    }
+    try {
+      await api('PUT', `${path}/sharing`, body);
+    } catch (err) {
+      renderFriends();
+      throw err;
+    }
   } else return;
   await refreshFriends();
+}
+
+// ---------- ghost mode ----------
+
+async function loadGhost() {
+  if (!state.session) return;
+  state.ghost = await api('GET', '/v1/me/ghost');
+  renderGhost();
+}
+
+async function setGhost() {
+  const on = $('#ghost').checked;
+  try {
+    if (on) {
+      const ms = Number($('#ghost-for').value);
+      state.ghost = await api('PUT', '/v1/me/ghost', { until: ms ? Date.now() + ms : null });
+    } else {
+      await api('DELETE', '/v1/me/ghost');
+      state.ghost = { ghost: false, until: null };
+      if (state.live) sendLocation(); // friends see you again from your next position: now
+    }
+  } finally {
+    renderGhost();
+  }
+}
+
+function renderGhost() {
+  const g = state.ghost ?? { ghost: false, until: null };
+  $('#ghost').checked = g.ghost;
+  $('#privacy').dataset.ghost = String(g.ghost);
+  $('#ghost-info').textContent = g.ghost
+    ? `Hidden from every friend ${g.until ? `until ${fmtClock(g.until)}` : 'until you turn it off'}; they see you as gone quiet. Your history still records.`
+    : 'Friends you share with see your distance.';
+  clearTimeout(state.ghostTimer);
+  if (g.ghost && g.until) state.ghostTimer = setTimeout(() => loadGhost().catch((err) => report(err)), Math.max(0, g.until - Date.now()) + 500);
 }
 
 // ---------- location ----------
@@ -393,6 +448,7 @@ function onFrame(data) {
       state.nearby = new Map(msg.friends.map((f) => [f.id, f]));
       if (msg.self_location) adoptRemoteLocation(msg.self_location, 'server');
       refreshFriendsSoon(); // changes made while disconnected were not pushed
+      loadGhost().catch((err) => report(err)); // another device may have changed it
       state.live = true;
       state.attempt = 0;
       clearNotes('conn');
@@ -400,7 +456,7 @@ function onFrame(data) {
       if (state.me) queueSend();
       break;
     case 'friend_location':
-      state.nearby.set(msg.id, { id: msg.id, distance_m: msg.distance_m, bearing_deg: msg.bearing_deg, updated_at: msg.updated_at });
+      state.nearby.set(msg.id, { id: msg.id, distance_m: msg.distance_m, bearing_deg: msg.bearing_deg, updated_at: msg.updated_at, approximate: msg.approximate === true });
       if (state.friends.get(msg.id)?.status !== 'friends') refreshFriendsSoon(); // a request just accepted
       break;
     case 'friend_update': {
@@ -495,6 +551,21 @@ function tickConn() {
 
 // ---------- rendering ----------
 
+// An approximate friend's distance is whole kilometres between the
+// centres of both users' ~3 km cells.
+function fmtFriendDistance(f) {
+  if (!f.approximate) return fmtDistance(f.distance_m);
+  return f.distance_m < 1000 ? 'within ~3 km' : `about ${Math.round(f.distance_m / 1000)} km`;
+}
+
+// A moment as the clock shows it; the day too when it is not today.
+function fmtClock(ms) {
+  const d = new Date(ms);
+  const time = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  return d.toDateString() === new Date().toDateString()
+    ? time : `${d.toLocaleDateString([], { weekday: 'short', day: 'numeric', month: 'short' })} ${time}`;
+}
+
 function fmtDistance(m) {
   if (m < 1000) return `${Math.round(m)} m`;
   if (m < 10000) return `${(m / 1000).toFixed(2)} km`;
@@ -514,10 +585,10 @@ function renderNearby() {
   const list = $('#nearby');
   list.replaceChildren(...sortedNearby().map((f) => {
     const name = nameOf(f.id);
-    return h('li', { 'data-id': f.id, 'data-username': name, 'data-distance-m': f.distance_m },
+    return h('li', { 'data-id': f.id, 'data-username': name, 'data-distance-m': f.distance_m, 'data-approximate': String(Boolean(f.approximate)) },
       h('span', { class: 'avatar', style: `background:${colourOf(f.id)}` }, name.slice(0, 1).toUpperCase()),
       h('span', { class: 'name' }, name),
-      h('span', { class: 'distance' }, fmtDistance(f.distance_m)),
+      h('span', { class: 'distance', title: f.approximate ? 'They share only which ~3 km area they are in' : '' }, fmtFriendDistance(f)),
       h('span', { class: 'age', 'data-updated-at': f.updated_at }, fmtAge(Date.now() - f.updated_at)));
   }));
   list.classList.toggle('stale', !state.live);
@@ -545,20 +616,42 @@ function renderFriends() {
     } else if (f.status === 'outgoing') {
       actions.push(h('button', { type: 'button', class: 'secondary', 'data-action': 'remove' }, 'Cancel'));
     } else {
+      const precision = f.sharing_precision ?? 'precise';
+      const spans = SHARE_SPANS.map(([ms, text]) => h('option', { value: ms, selected: !f.sharing_until && ms === '' }, text));
+      if (f.sharing_until) spans.unshift(h('option', { value: 'keep', selected: true }, `until ${fmtClock(f.sharing_until)}`));
       actions.push(h('label', { class: 'toggle', title: 'Share my location with this friend' },
         h('input', { type: 'checkbox', 'data-action': 'sharing', checked: Boolean(f.sharing) }), 'sharing'),
+      h('select', { 'data-action': 'share-for', title: 'How long they see you', disabled: !f.sharing }, ...spans),
+      h('select', { 'data-action': 'precision', title: 'What they see of you', disabled: !f.sharing },
+        h('option', { value: 'precise', selected: precision === 'precise' }, 'exact distance'),
+        h('option', { value: 'approximate', selected: precision === 'approximate' }, 'only ~3 km area')),
       h('button', { type: 'button', class: 'secondary', 'data-action': 'remove' }, 'Remove'));
     }
-    return h('li', { 'data-id': f.id, 'data-username': f.username, 'data-status': f.status, 'data-sharing': String(f.sharing) },
+    return h('li', {
+      'data-id': f.id, 'data-username': f.username, 'data-status': f.status, 'data-sharing': String(f.sharing),
+      'data-precision': f.sharing_precision ?? 'precise', 'data-until': f.sharing_until ?? '',
+    },
       h('span', { class: 'avatar', style: `background:${colourOf(f.id)}` }, f.username.slice(0, 1).toUpperCase()),
       h('span', { class: 'name' }, f.username),
       h('span', { class: `badge ${f.status}` }, STATUS_TEXT[f.status] ?? f.status),
-      f.status === 'friends'
-        ? h('span', { class: 'they-share' }, f.shares_with_you ? 'shares with you' : 'not sharing with you')
-        : '',
+      f.status === 'friends' ? h('span', { class: 'they-share' }, theyShare(f)) : '',
       h('span', { class: 'actions' }, ...actions));
   }));
   $('#friends-empty').hidden = state.friends.size > 0;
+  // A grant that ends is not pushed to the granter: read the list again then.
+  const ends = [...state.friends.values()].flatMap((f) => [f.sharing_until, f.shares_with_you_until]).filter(Boolean);
+  clearTimeout(state.shareTimer);
+  if (ends.length) state.shareTimer = setTimeout(refreshFriendsSoon, Math.max(0, Math.min(...ends) - Date.now()) + 300);
+}
+
+const SHARE_SPANS = [['', 'for good'], ['3600000', 'for 1 hour'], ['28800000', 'for 8 hours'], ['86400000', 'for 1 day']];
+
+function theyShare(f) {
+  if (!f.shares_with_you) return 'not sharing with you';
+  let text = 'shares with you';
+  if (f.shares_with_you_precision === 'approximate') text += ' approximately';
+  if (f.shares_with_you_until) text += ` until ${fmtClock(f.shares_with_you_until)}`;
+  return text;
 }
 
 function renderLocationInfo() {
@@ -590,9 +683,11 @@ const MAP_R = 180; // SVG units from centre to the outer ring
 const toUnits = (m, range) => MAP_R * Math.sqrt(Math.min(m, range) / range);
 const toMetres = (u, range) => range * (u / MAP_R) ** 2;
 const SCALES = [200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000];
+const APPROX_M = 2000; // how far from the point shown an approximate friend may be
 
 function mapScale() {
-  const far = Math.max(0, ...[...state.nearby.values()].map((f) => f.distance_m));
+  // An approximate friend is somewhere within ~2 km of the point shown.
+  const far = Math.max(0, ...[...state.nearby.values()].map((f) => f.distance_m + (f.approximate ? APPROX_M : 0)));
   const want = Math.max(far * 1.15, state.nearby.size ? 500 : 2000);
   return SCALES.find((r) => r >= want) ?? SCALES[SCALES.length - 1];
 }
@@ -618,9 +713,12 @@ function renderMap() {
     const d = toUnits(f.distance_m, range);
     const x = d * Math.sin(angle);
     const y = -d * Math.cos(angle);
-    const g = s('g', { class: 'friend', 'data-id': f.id, 'data-username': nameOf(f.id) });
+    const g = s('g', { class: f.approximate ? 'friend approximate' : 'friend', 'data-id': f.id, 'data-username': nameOf(f.id) });
+    // Where an approximate friend may be: a shaded area (on the square-root
+    // scale, its radius as seen from the friend's distance).
+    if (f.approximate) g.append(s('circle', { cx: x, cy: y, r: Math.max(12, toUnits(f.distance_m + APPROX_M, range) - d), class: 'area', fill: colourOf(f.id) }));
     g.append(s('circle', { cx: x, cy: y, r: 8, fill: colourOf(f.id) }),
-      s('text', { x, y: y - 12, class: 'friend-label' }, `${nameOf(f.id)} · ${fmtDistance(f.distance_m)}`));
+      s('text', { x, y: y - 12, class: 'friend-label' }, `${nameOf(f.id)} · ${fmtFriendDistance(f)}`));
     parts.push(s('line', { x1: 0, y1: 0, x2: x, y2: y, class: 'spoke' }));
     friends.push(g);
   }
@@ -676,6 +774,8 @@ function init() {
   });
   $('#friends').addEventListener('change', guard(friendAction));
   $('#friends-refresh').addEventListener('click', guard(refreshFriends));
+  $('#ghost').addEventListener('change', guard(setGhost));
+  $('#ghost-for').addEventListener('change', guard(async () => { if ($('#ghost').checked) await setGhost(); }));
   $('#location-form').addEventListener('submit', guard(setFromInputs));
   $('#use-geo').addEventListener('click', guard(toggleGeo));
   $('#map').addEventListener('click', guard(placeOnMap));

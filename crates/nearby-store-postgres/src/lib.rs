@@ -73,6 +73,10 @@ CREATE TABLE location_history_default PARTITION OF location_history DEFAULT;
     // Ghost mode: hidden from every friend while `now < ghost_until`
     // (`GHOST_FOREVER` until turned off); NULL when off.
     "ALTER TABLE users ADD COLUMN ghost_until BIGINT;",
+    // Sharing for a while (`share_until`, NULL: until turned off) and only
+    // an approximate position (`approximate`), per granting edge.
+    "ALTER TABLE friend_edges ADD COLUMN share_until BIGINT;
+     ALTER TABLE friend_edges ADD COLUMN approximate BOOLEAN NOT NULL DEFAULT FALSE;",
 ];
 
 /// Connects to `url` (`postgres://…`), runs pending migrations, and returns

@@ -1,9 +1,9 @@
 use async_trait::async_trait;
-use nearby_core::{FriendStatus, UserId};
+use nearby_core::{FriendStatus, Grant, Precision, Share, UserId};
 use nearby_ports::{
-    BulkLoad, BulkUser, FriendEntry, StoreError, StoreResult, UserRecord, UserStore,
+    BulkLoad, BulkUser, FriendEntry, ShareChange, StoreError, StoreResult, UserRecord, UserStore,
 };
-use nearby_store_sql::EdgeTx;
+use nearby_store_sql::{entry_of, grant_of, share_of, EdgeTx, EntryRow, ShareRow};
 use sqlx::postgres::PgPool;
 use sqlx::{Postgres, Row, Transaction};
 
@@ -187,25 +187,32 @@ impl EdgeTx for Tx<'_> {
         Ok(())
     }
 
-    async fn sharing(&mut self, from: UserId, to: UserId) -> StoreResult<Option<bool>> {
-        sqlx::query_scalar(
-            "SELECT sharing FROM friend_edges WHERE user_id = $1 AND friend_id = $2 AND status = 'friends'",
+    async fn sharing(&mut self, from: UserId, to: UserId) -> StoreResult<Option<Share>> {
+        let row: Option<ShareRow> = sqlx::query_as(
+            "SELECT sharing, share_until, approximate FROM friend_edges
+             WHERE user_id = $1 AND friend_id = $2 AND status = 'friends'",
         )
         .bind(from.0)
         .bind(to.0)
         .fetch_optional(&mut *self.0)
         .await
-        .map_err(backend)
+        .map_err(backend)?;
+        Ok(row.map(share_of))
     }
 
-    async fn set_sharing(&mut self, from: UserId, to: UserId, enabled: bool) -> StoreResult<()> {
-        sqlx::query("UPDATE friend_edges SET sharing = $1 WHERE user_id = $2 AND friend_id = $3")
-            .bind(enabled)
-            .bind(from.0)
-            .bind(to.0)
-            .execute(&mut *self.0)
-            .await
-            .map_err(backend)?;
+    async fn set_sharing(&mut self, from: UserId, to: UserId, share: Share) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE friend_edges SET sharing = $1, share_until = $2, approximate = $3
+             WHERE user_id = $4 AND friend_id = $5",
+        )
+        .bind(share.enabled)
+        .bind(share.until_ms)
+        .bind(share.precision == Precision::Approximate)
+        .bind(from.0)
+        .bind(to.0)
+        .execute(&mut *self.0)
+        .await
+        .map_err(backend)?;
         Ok(())
     }
 }
@@ -334,17 +341,24 @@ impl UserStore for PgUserStore {
         Ok(before)
     }
 
-    async fn set_sharing(&self, from: UserId, to: UserId, enabled: bool) -> StoreResult<bool> {
+    async fn set_sharing(
+        &self,
+        from: UserId,
+        to: UserId,
+        change: ShareChange,
+    ) -> StoreResult<(Share, Share)> {
         let mut tx = self.begin().await?;
-        let before = nearby_store_sql::set_sharing(&mut tx, from, to, enabled).await?;
+        let done = nearby_store_sql::set_sharing(&mut tx, from, to, change).await?;
         tx.0.commit().await.map_err(backend)?;
-        Ok(before)
+        Ok(done)
     }
 
     async fn friends(&self, user: UserId) -> StoreResult<Vec<FriendEntry>> {
-        let rows = sqlx::query(
-            "SELECT e.friend_id, u.username, e.status, e.sharing,
-                    e.status = 'friends' AND coalesce(r.status = 'friends' AND r.sharing, false)
+        let rows: Vec<EntryRow<String>> = sqlx::query_as(
+            "SELECT e.friend_id, u.username, e.status, e.sharing, e.share_until, e.approximate,
+                    e.status = 'friends' AND coalesce(r.status = 'friends' AND r.sharing, false),
+                    CASE WHEN e.status = 'friends' THEN r.share_until END,
+                    coalesce(r.approximate, false)
              FROM friend_edges e JOIN users u ON u.id = e.friend_id
              LEFT JOIN friend_edges r ON r.user_id = e.friend_id AND r.friend_id = e.user_id
              WHERE e.user_id = $1 ORDER BY u.username COLLATE \"C\"",
@@ -354,23 +368,16 @@ impl UserStore for PgUserStore {
         .await
         .map_err(backend)?;
         rows.into_iter()
-            .map(|r| {
-                let status: String = r.try_get(2).map_err(backend)?;
-                Ok(FriendEntry {
-                    id: UserId(r.try_get(0).map_err(backend)?),
-                    username: r.try_get(1).map_err(backend)?,
-                    status: parse_status(&status)?,
-                    sharing: r.try_get(3).map_err(backend)?,
-                    shares_with_me: r.try_get(4).map_err(backend)?,
-                })
-            })
+            .map(|r| entry_of(r, |code| parse_status(&code)))
             .collect()
     }
 
-    async fn visible_friends(&self, viewer: UserId, now_ms: i64) -> StoreResult<Vec<UserId>> {
-        let rows = sqlx::query(
-            "SELECT e.user_id FROM friend_edges e JOIN users u ON u.id = e.user_id
+    async fn visible_friends(&self, viewer: UserId, now_ms: i64) -> StoreResult<Vec<Grant>> {
+        let rows: Vec<(i64, Option<i64>, bool)> = sqlx::query_as(
+            "SELECT e.user_id, e.share_until, e.approximate
+             FROM friend_edges e JOIN users u ON u.id = e.user_id
              WHERE e.friend_id = $1 AND e.status = 'friends' AND e.sharing
+               AND (e.share_until IS NULL OR e.share_until > $2)
                AND (u.ghost_until IS NULL OR u.ghost_until <= $2)",
         )
         .bind(viewer.0)
@@ -378,9 +385,7 @@ impl UserStore for PgUserStore {
         .fetch_all(&self.pool)
         .await
         .map_err(backend)?;
-        rows.into_iter()
-            .map(|r| r.try_get(0).map(UserId).map_err(backend))
-            .collect()
+        Ok(rows.into_iter().map(grant_of).collect())
     }
 
     async fn set_ghost(&self, user: UserId, until_ms: Option<i64>) -> StoreResult<()> {

@@ -17,8 +17,8 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use nearby_core::{FriendStatus, UserId};
-use nearby_ports::{BulkUser, StoreError, StoreResult};
+use nearby_core::{FriendStatus, Grant, Precision, Share, UserId};
+use nearby_ports::{BulkUser, FriendEntry, ShareChange, StoreError, StoreResult};
 
 /// The statements of the friend graph, inside one transaction a dialect
 /// opened (and will commit).
@@ -37,10 +37,10 @@ pub trait EdgeTx: Send {
         -> StoreResult<()>;
     /// Deletes both sides of the relation between `a` and `b`.
     async fn delete_pair(&mut self, a: UserId, b: UserId) -> StoreResult<()>;
-    /// Whether `from` shares with `to`, if they are mutual friends.
-    async fn sharing(&mut self, from: UserId, to: UserId) -> StoreResult<Option<bool>>;
-    /// Sets whether `from` shares with `to`.
-    async fn set_sharing(&mut self, from: UserId, to: UserId, enabled: bool) -> StoreResult<()>;
+    /// What `from` grants `to`, if they are mutual friends.
+    async fn sharing(&mut self, from: UserId, to: UserId) -> StoreResult<Option<Share>>;
+    /// Stores what `from` grants `to`.
+    async fn set_sharing(&mut self, from: UserId, to: UserId, share: Share) -> StoreResult<()>;
 }
 
 /// `UserStore::request_friend`: `from` asks `to`, or accepts `to`'s
@@ -78,21 +78,89 @@ pub async fn remove_friend(
     Ok(before)
 }
 
-/// `UserStore::set_sharing`: sets whether `from` shares with friend `to`.
-/// Returns the value before; `NotFound` unless they are mutual friends.
+/// `UserStore::set_sharing`: changes what `from` grants friend `to`.
+/// Returns the grant before and after; `NotFound` unless they are mutual
+/// friends.
 pub async fn set_sharing(
     tx: &mut dyn EdgeTx,
     from: UserId,
     to: UserId,
-    enabled: bool,
-) -> StoreResult<bool> {
+    change: ShareChange,
+) -> StoreResult<(Share, Share)> {
     let Some(before) = tx.sharing(from, to).await? else {
         return Err(StoreError::NotFound(format!("user {to} is not a friend")));
     };
-    if before != enabled {
-        tx.set_sharing(from, to, enabled).await?;
+    let after = changed(before, change);
+    if after != before {
+        tx.set_sharing(from, to, after).await?;
     }
-    Ok(before)
+    Ok((before, after))
+}
+
+/// The grant `change` makes of `before`: turning sharing off clears its
+/// end; the precision stays unless given.
+pub fn changed(before: Share, change: ShareChange) -> Share {
+    Share {
+        enabled: change.enabled,
+        until_ms: change.until_ms.filter(|_| change.enabled),
+        precision: change.precision.unwrap_or(before.precision),
+    }
+}
+
+/// A grant as both dialects store it: the `sharing`, `share_until` (NULL:
+/// no end) and `approximate` columns of the granting edge.
+pub type ShareRow = (bool, Option<i64>, bool);
+
+/// The grant of a [`ShareRow`].
+pub fn share_of((enabled, until_ms, approximate): ShareRow) -> Share {
+    Share {
+        enabled,
+        until_ms,
+        precision: if approximate {
+            Precision::Approximate
+        } else {
+            Precision::Precise
+        },
+    }
+}
+
+/// A row of `visible_friends`: the friend's id, and the `share_until` and
+/// `approximate` of their grant.
+pub fn grant_of((id, until_ms, approximate): (i64, Option<i64>, bool)) -> Grant {
+    Grant {
+        id: UserId(id),
+        until_ms,
+        precision: share_of((true, until_ms, approximate)).precision,
+    }
+}
+
+/// A row of `friends`: the other user's id, name and relation (in the
+/// dialect's spelling, read by `status`), what the owner grants them, then
+/// what they grant the owner.
+pub type EntryRow<S> = (
+    i64,
+    String,
+    S,
+    bool,
+    Option<i64>,
+    bool,
+    bool,
+    Option<i64>,
+    bool,
+);
+
+/// The [`FriendEntry`] of an [`EntryRow`].
+pub fn entry_of<S>(
+    (id, username, code, e1, u1, a1, e2, u2, a2): EntryRow<S>,
+    status: impl Fn(S) -> StoreResult<FriendStatus>,
+) -> StoreResult<FriendEntry> {
+    Ok(FriendEntry {
+        id: UserId(id),
+        username,
+        status: status(code)?,
+        sharing: share_of((e1, u1, a1)),
+        shares_with_me: share_of((e2, u2, a2)),
+    })
 }
 
 /// The ids of `users`, in their order, from the `(id, username)` rows an
@@ -146,7 +214,7 @@ mod tests {
     #[derive(Default)]
     struct Graph {
         users: BTreeSet<UserId>,
-        edges: BTreeMap<(UserId, UserId), (FriendStatus, bool)>,
+        edges: BTreeMap<(UserId, UserId), (FriendStatus, Share)>,
     }
 
     #[async_trait]
@@ -158,7 +226,7 @@ mod tests {
             Ok(self.edges.get(&(f, t)).map(|e| e.0))
         }
         async fn set_edge(&mut self, f: UserId, t: UserId, s: FriendStatus) -> StoreResult<()> {
-            self.edges.entry((f, t)).or_insert((s, true)).0 = s;
+            self.edges.entry((f, t)).or_insert((s, Share::DEFAULT)).0 = s;
             Ok(())
         }
         async fn delete_pair(&mut self, a: UserId, b: UserId) -> StoreResult<()> {
@@ -166,16 +234,16 @@ mod tests {
             self.edges.remove(&(b, a));
             Ok(())
         }
-        async fn sharing(&mut self, f: UserId, t: UserId) -> StoreResult<Option<bool>> {
+        async fn sharing(&mut self, f: UserId, t: UserId) -> StoreResult<Option<Share>> {
             Ok(self
                 .edges
                 .get(&(f, t))
                 .filter(|e| e.0 == FriendStatus::Friends)
                 .map(|e| e.1))
         }
-        async fn set_sharing(&mut self, f: UserId, t: UserId, on: bool) -> StoreResult<()> {
+        async fn set_sharing(&mut self, f: UserId, t: UserId, share: Share) -> StoreResult<()> {
             if let Some(e) = self.edges.get_mut(&(f, t)) {
-                e.1 = on;
+                e.1 = share;
             }
             Ok(())
         }
@@ -185,7 +253,22 @@ mod tests {
     enum Op {
         Request(i64, i64),
         Remove(i64, i64),
-        Share(i64, i64, bool),
+        Share(i64, i64, ShareChange),
+    }
+
+    fn change() -> impl Strategy<Value = ShareChange> {
+        let precision = prop_oneof![
+            Just(None),
+            Just(Some(nearby_core::Precision::Precise)),
+            Just(Some(nearby_core::Precision::Approximate)),
+        ];
+        (any::<bool>(), proptest::option::of(0i64..100), precision).prop_map(
+            |(enabled, until_ms, precision)| ShareChange {
+                enabled,
+                until_ms,
+                precision,
+            },
+        )
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -193,7 +276,7 @@ mod tests {
         prop_oneof![
             (u.clone(), u.clone()).prop_map(|(a, b)| Op::Request(a, b)),
             (u.clone(), u.clone()).prop_map(|(a, b)| Op::Remove(a, b)),
-            (u.clone(), u, any::<bool>()).prop_map(|(a, b, s)| Op::Share(a, b, s)),
+            (u.clone(), u, change()).prop_map(|(a, b, c)| Op::Share(a, b, c)),
         ]
     }
 
@@ -230,11 +313,19 @@ mod tests {
                             prop_assert!(remove_friend(&mut g, UserId(a), UserId(b)).await.is_ok());
                             prop_assert!(!g.edges.contains_key(&(UserId(a), UserId(b))));
                         }
-                        Op::Share(a, b, on) => {
-                            let friends = g.edges.get(&(UserId(a), UserId(b)))
+                        Op::Share(a, b, change) => {
+                            let key = (UserId(a), UserId(b));
+                            let friends = g.edges.get(&key)
                                 .is_some_and(|e| e.0 == FriendStatus::Friends);
-                            let r = set_sharing(&mut g, UserId(a), UserId(b), on).await;
+                            let r = set_sharing(&mut g, UserId(a), UserId(b), change).await;
                             prop_assert_eq!(r.is_ok(), friends);
+                            if let Ok((before, after)) = r {
+                                prop_assert_eq!(g.edges.get(&key).map(|e| e.1), Some(after));
+                                prop_assert_eq!(after.enabled, change.enabled);
+                                // An end only while on; the precision kept unless given.
+                                prop_assert!(after.enabled || after.until_ms.is_none());
+                                prop_assert_eq!(after.precision, change.precision.unwrap_or(before.precision));
+                            }
                         }
                     }
                     for (&(x, y), &(s, _)) in &g.edges {

@@ -1,11 +1,11 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use nearby_core::{FriendStatus, UserId};
+use nearby_core::{FriendStatus, Grant, Share, UserId};
 use nearby_ports::{
-    BulkLoad, BulkUser, FriendEntry, StoreError, StoreResult, UserRecord, UserStore,
+    BulkLoad, BulkUser, FriendEntry, ShareChange, StoreError, StoreResult, UserRecord, UserStore,
 };
-use nearby_store_sql::EdgeTx;
+use nearby_store_sql::{entry_of, grant_of, share_of, EdgeTx, EntryRow, ShareRow};
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 
 /// Rows per statement of [`BulkLoad::bulk_insert`] (at most 3
@@ -73,6 +73,10 @@ ALTER TABLE friend_edges_v3 RENAME TO friend_edges;
     // Ghost mode: hidden from every friend while `now < ghost_until`
     // (`GHOST_FOREVER` until turned off); NULL when off.
     "ALTER TABLE users ADD COLUMN ghost_until INTEGER;",
+    // Sharing for a while (`share_until`, NULL: until turned off) and only
+    // an approximate position (`approximate`), per granting edge.
+    "ALTER TABLE friend_edges ADD COLUMN share_until INTEGER;
+     ALTER TABLE friend_edges ADD COLUMN approximate INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// `friend_edges.status` of a mutual friendship (migration 3), spelled as
@@ -256,25 +260,32 @@ impl EdgeTx for Tx<'_> {
         Ok(())
     }
 
-    async fn sharing(&mut self, from: UserId, to: UserId) -> StoreResult<Option<bool>> {
-        sqlx::query_scalar(
-            "SELECT sharing FROM friend_edges WHERE user_id = ? AND friend_id = ? AND status = 0",
+    async fn sharing(&mut self, from: UserId, to: UserId) -> StoreResult<Option<Share>> {
+        let row: Option<ShareRow> = sqlx::query_as(
+            "SELECT sharing, share_until, approximate FROM friend_edges
+             WHERE user_id = ? AND friend_id = ? AND status = 0",
         )
         .bind(from.0)
         .bind(to.0)
         .fetch_optional(&mut *self.0)
         .await
-        .map_err(backend)
+        .map_err(backend)?;
+        Ok(row.map(share_of))
     }
 
-    async fn set_sharing(&mut self, from: UserId, to: UserId, enabled: bool) -> StoreResult<()> {
-        sqlx::query("UPDATE friend_edges SET sharing = ? WHERE user_id = ? AND friend_id = ?")
-            .bind(enabled)
-            .bind(from.0)
-            .bind(to.0)
-            .execute(&mut *self.0)
-            .await
-            .map_err(backend)?;
+    async fn set_sharing(&mut self, from: UserId, to: UserId, share: Share) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE friend_edges SET sharing = ?, share_until = ?, approximate = ?
+             WHERE user_id = ? AND friend_id = ?",
+        )
+        .bind(share.enabled)
+        .bind(share.until_ms)
+        .bind(share.precision == nearby_core::Precision::Approximate)
+        .bind(from.0)
+        .bind(to.0)
+        .execute(&mut *self.0)
+        .await
+        .map_err(backend)?;
         Ok(())
     }
 }
@@ -397,17 +408,24 @@ impl UserStore for SqliteUserStore {
         Ok(before)
     }
 
-    async fn set_sharing(&self, from: UserId, to: UserId, enabled: bool) -> StoreResult<bool> {
+    async fn set_sharing(
+        &self,
+        from: UserId,
+        to: UserId,
+        change: ShareChange,
+    ) -> StoreResult<(Share, Share)> {
         let mut tx = self.begin().await?;
-        let before = nearby_store_sql::set_sharing(&mut tx, from, to, enabled).await?;
+        let done = nearby_store_sql::set_sharing(&mut tx, from, to, change).await?;
         tx.0.commit().await.map_err(backend)?;
-        Ok(before)
+        Ok(done)
     }
 
     async fn friends(&self, user: UserId) -> StoreResult<Vec<FriendEntry>> {
-        let rows = sqlx::query(
-            "SELECT e.friend_id, u.username, e.status, e.sharing,
-                    e.status = 0 AND coalesce(r.status = 0 AND r.sharing = 1, 0)
+        let rows: Vec<EntryRow<i64>> = sqlx::query_as(
+            "SELECT e.friend_id, u.username, e.status, e.sharing, e.share_until, e.approximate,
+                    e.status = 0 AND coalesce(r.status = 0 AND r.sharing = 1, 0),
+                    CASE WHEN e.status = 0 THEN r.share_until END,
+                    coalesce(r.approximate, 0)
              FROM friend_edges e JOIN users u ON u.id = e.friend_id
              LEFT JOIN friend_edges r ON r.user_id = e.friend_id AND r.friend_id = e.user_id
              WHERE e.user_id = ? ORDER BY u.username",
@@ -416,37 +434,26 @@ impl UserStore for SqliteUserStore {
         .fetch_all(&self.db.reader)
         .await
         .map_err(backend)?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(FriendEntry {
-                    id: UserId(r.try_get(0).map_err(backend)?),
-                    username: r.try_get(1).map_err(backend)?,
-                    status: status_of(r.try_get(2).map_err(backend)?)?,
-                    sharing: r.try_get(3).map_err(backend)?,
-                    shares_with_me: r.try_get(4).map_err(backend)?,
-                })
-            })
-            .collect()
+        rows.into_iter().map(|r| entry_of(r, status_of)).collect()
     }
 
-    async fn visible_friends(&self, viewer: UserId, now_ms: i64) -> StoreResult<Vec<UserId>> {
-        let rows = sqlx::query(
-            // The viewer's friends whose own edge back shares and who are
-            // not in ghost mode: all three by primary key.
-            "SELECT e.friend_id FROM friend_edges e
+    async fn visible_friends(&self, viewer: UserId, now_ms: i64) -> StoreResult<Vec<Grant>> {
+        let rows: Vec<(i64, Option<i64>, bool)> = sqlx::query_as(
+            // The viewer's friends whose own edge back shares (and has not
+            // ended) and who are not in ghost mode: all three by primary key.
+            "SELECT e.friend_id, r.share_until, r.approximate FROM friend_edges e
              JOIN friend_edges r ON r.user_id = e.friend_id AND r.friend_id = e.user_id
              JOIN users u ON u.id = e.friend_id
-             WHERE e.user_id = ? AND e.status = 0 AND r.status = 0 AND r.sharing = 1
-               AND (u.ghost_until IS NULL OR u.ghost_until <= ?)",
+             WHERE e.user_id = ?1 AND e.status = 0 AND r.status = 0 AND r.sharing = 1
+               AND (r.share_until IS NULL OR r.share_until > ?2)
+               AND (u.ghost_until IS NULL OR u.ghost_until <= ?2)",
         )
         .bind(viewer.0)
         .bind(now_ms)
         .fetch_all(&self.db.reader)
         .await
         .map_err(backend)?;
-        rows.into_iter()
-            .map(|r| r.try_get(0).map(UserId).map_err(backend))
-            .collect()
+        Ok(rows.into_iter().map(grant_of).collect())
     }
     async fn set_ghost(&self, user: UserId, until_ms: Option<i64>) -> StoreResult<()> {
         let done = sqlx::query("UPDATE users SET ghost_until = ? WHERE id = ?")

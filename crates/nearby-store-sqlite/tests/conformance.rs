@@ -51,20 +51,24 @@ async fn a_large_bulk_insert_is_read_by_primary_key_and_leaves_checks_on() {
     let (users, ring) = nearby_conformance::bulk_sample("big", 60_000);
     let ids = store.bulk_insert(&users, &ring).await.expect("bulk");
     for i in [0usize, 1, 30_000, 59_999] {
-        let mut got = store.visible_friends(ids[i], 0).await.expect("visible");
+        let visible = store.visible_friends(ids[i], 0).await.expect("visible");
+        let mut got: Vec<_> = visible.into_iter().map(|g| g.id).collect();
         got.sort();
         let mut want = vec![ids[(i + 1) % 60_000], ids[(i + 59_999) % 60_000]];
         want.sort();
         assert_eq!(got, want, "friends of #{i}");
     }
     // Sharing is read from the friend's own edge.
-    assert!(store
-        .set_sharing(ids[1], ids[0], false)
-        .await
-        .expect("share"));
+    let off = nearby_ports::ShareChange {
+        enabled: false,
+        until_ms: None,
+        precision: None,
+    };
+    let (before, _) = store.set_sharing(ids[1], ids[0], off).await.expect("share");
+    assert!(before.enabled);
     assert_eq!(
         store.visible_friends(ids[0], 0).await.expect("visible"),
-        vec![ids[59_999]]
+        vec![nearby_core::Grant::precise(ids[59_999])]
     );
     // The load turned foreign-key checks off on the single writer
     // connection; they are back on: a token for nobody is refused.
@@ -132,7 +136,7 @@ async fn a_database_with_text_statuses_migrates_to_status_codes() {
                 .await
                 .expect("friends")
                 .into_iter()
-                .map(|f| (f.id.0, f.status, f.sharing))
+                .map(|f| (f.id.0, f.status, f.sharing.enabled))
                 .collect::<Vec<_>>()
         }
     };
@@ -153,7 +157,7 @@ async fn a_database_with_text_statuses_migrates_to_status_codes() {
         .is_empty());
     assert_eq!(
         store.visible_friends(UserId(2), 0).await.expect("v"),
-        vec![UserId(1)]
+        vec![nearby_core::Grant::precise(UserId(1))]
     );
     // The migrated table takes new relations: Cy accepts.
     assert_eq!(

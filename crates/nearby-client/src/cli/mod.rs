@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use nearby_core::{FriendStatus, UserId};
+use nearby_core::{FriendStatus, Precision, UserId};
 use nearby_geo::Point;
+use nearby_proto::rest::SharingUpdate;
 use nearby_proto::ws::ServerFrame;
 use tokio::time::Instant;
 
@@ -77,6 +78,15 @@ pub enum ClientCmd {
         state: OnOff,
         /// The friend's username.
         name: String,
+        /// Stop by itself after this long (`90s`, `30m`, `2h`, `1d`); only with `on`.
+        #[arg(long = "for", value_parser = parse_span, value_name = "SPAN")]
+        span: Option<Duration>,
+        /// Let them see only an approximate position (which ~3 km cell you are in).
+        #[arg(long, conflicts_with = "precise")]
+        approximate: bool,
+        /// Let them see your exact distance again.
+        #[arg(long)]
+        precise: bool,
     },
     /// Print the live feed of nearby friends until Ctrl-C.
     Watch,
@@ -131,6 +141,28 @@ pub enum FriendsCmd {
         /// Their username.
         name: String,
     },
+}
+
+/// `90s`, `30m`, `2h`, `1d`: a positive whole number and a unit.
+fn parse_span(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit, like 30m"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    if n == 0 {
+        return Err(format!("{s:?}: must be more than nothing"));
+    }
+    n.checked_mul(secs)
+        .filter(|t| *t <= 10 * 365 * 86_400)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?}: at most ten years"))
 }
 
 /// `share on|off`.
@@ -270,20 +302,46 @@ async fn execute(args: ClientArgs) -> Result<(), ClientError> {
             }
         }
         ClientCmd::Friends(cmd) => friends(&client, &out, cmd).await,
-        ClientCmd::Share { state, name } => {
-            let user = client.user_by_name(&name).await?;
+        ClientCmd::Share {
+            state,
+            name,
+            span,
+            approximate,
+            precise,
+        } => {
             let enabled = state == OnOff::On;
-            let sharing = client.set_sharing(user.id, enabled).await?;
-            out.value_or(
-                &serde_json::json!({ "id": user.id, "sharing": sharing }),
-                || {
-                    if sharing {
-                        format!("sharing your location with {name}")
-                    } else {
-                        format!("not sharing your location with {name} any more")
-                    }
+            if span.is_some() && !enabled {
+                return Err(ClientError::Invalid(
+                    "--for goes with `share on` (sharing that is off has no end)".into(),
+                ));
+            }
+            let user = client.user_by_name(&name).await?;
+            let update = SharingUpdate {
+                enabled,
+                until: span.map(|d| now_ms().saturating_add(d.as_millis() as i64)),
+                precision: match (approximate, precise) {
+                    (true, _) => Some(Precision::Approximate),
+                    (_, true) => Some(Precision::Precise),
+                    _ => None,
                 },
-            )
+            };
+            let answer = client.set_sharing(user.id, update).await?;
+            out.value_or(&answer, || {
+                let Some(true) = answer["sharing"].as_bool() else {
+                    return format!("not sharing your location with {name} any more");
+                };
+                let mut line = format!("sharing your location with {name}");
+                if answer["sharing_precision"] == "approximate" {
+                    line.push_str(", approximately (which ~3 km cell you are in)");
+                }
+                if let Some(until) = answer["sharing_until"].as_i64() {
+                    line.push_str(&format!(
+                        ", for {}",
+                        duration_words(until.saturating_sub(now_ms()))
+                    ));
+                }
+                line
+            })
         }
         ClientCmd::Watch => watch(&client, &out).await,
         ClientCmd::Move { lat, lon, wait_ms } => {
@@ -352,7 +410,7 @@ async fn friends(client: &Client, out: &Out, cmd: FriendsCmd) -> Result<(), Clie
             if out.json {
                 return out.value(&serde_json::json!({ "friends": list }));
             }
-            for row in show::friends_table(&list) {
+            for row in show::friends_table(&list, now_ms()) {
                 out.line(row)?;
             }
             Ok(())
@@ -728,6 +786,9 @@ mod tests {
             &["walk", "--from", "1", "--to", "0,0"],
             &["walk", "--from", "0,0", "--to", "0,0", "--steps", "0"],
             &["share", "maybe", "bob"],
+            &["share", "on", "bob", "--for", "soon"],
+            &["share", "on", "bob", "--for", "0m"],
+            &["share", "on", "bob", "--approximate", "--precise"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

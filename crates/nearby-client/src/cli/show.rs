@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use nearby_core::{FriendStatus, LeftReason, UserId};
+use nearby_core::{FriendStatus, LeftReason, Precision, UserId};
 use nearby_proto::rest::FriendView;
 use nearby_proto::ws::ServerFrame;
 
@@ -59,7 +59,7 @@ pub(crate) fn frame_line(frame: &ServerFrame, names: &Names, now_ms: i64) -> Str
                     format!(
                         "{} {}{}",
                         names.name(f.id),
-                        metres(f.distance_m),
+                        distance(f),
                         age(f.updated_at, now_ms)
                     )
                 })
@@ -69,7 +69,7 @@ pub(crate) fn frame_line(frame: &ServerFrame, names: &Names, now_ms: i64) -> Str
         ServerFrame::FriendLocation(f) => format!(
             "{} is {} away{}",
             names.name(f.id),
-            metres(f.distance_m),
+            distance(f),
             age(f.updated_at, now_ms)
         ),
         ServerFrame::FriendLeft { id, reason } => {
@@ -89,13 +89,10 @@ pub(crate) fn frame_line(frame: &ServerFrame, names: &Names, now_ms: i64) -> Str
         ),
         ServerFrame::FriendUpdate(f) => {
             let name = f.display_name();
-            let yes = |b: bool| if b { "yes" } else { "no" };
             match f.status {
-                FriendStatus::Friends => format!(
-                    "{name}: friends; you share: {}, they share with you: {}",
-                    yes(f.sharing),
-                    yes(f.shares_with_you)
-                ),
+                FriendStatus::Friends => {
+                    format!("{name}: friends; {}", sharing_both_ways(f, now_ms))
+                }
                 FriendStatus::Incoming => {
                     format!("{name} asked to be your friend (`friends accept {name}`)")
                 }
@@ -113,6 +110,50 @@ fn metres(m: f64) -> String {
     format!("{m:.1} m")
 }
 
+/// "12.3 m", or "about 3 km" for a friend who shares approximately.
+fn distance(f: &nearby_proto::ws::NearbyFriend) -> String {
+    match (f.approximate, f.distance_m) {
+        (false, m) => metres(m),
+        (true, m) if m < 1000.0 => "within about 3 km".into(),
+        (true, m) => format!("about {:.0} km", m / 1000.0),
+    }
+}
+
+/// "you share: yes, approximately, for 25 min more, they share with you: no".
+fn sharing_both_ways(f: &FriendView, now_ms: i64) -> String {
+    format!(
+        "you share: {}, they share with you: {}",
+        share_text(f.sharing, f.sharing_until, f.sharing_precision, now_ms),
+        share_text(
+            f.shares_with_you,
+            f.shares_with_you_until,
+            f.shares_with_you_precision,
+            now_ms
+        )
+    )
+}
+
+/// "no", "yes", "yes, approximately", "yes, for 2 h more", …
+fn share_text(on: bool, until: Option<i64>, precision: Precision, now_ms: i64) -> String {
+    if !on {
+        return "no".into();
+    }
+    let mut s = String::from("yes");
+    if precision == Precision::Approximate {
+        s.push_str(", approximately");
+    }
+    if let Some(u) = until {
+        let secs = u.saturating_sub(now_ms).max(0) / 1000;
+        let left = match secs {
+            ..=119 => format!("{secs} s"),
+            120..=7199 => format!("{} min", secs / 60),
+            _ => format!("{} h", secs / 3600),
+        };
+        s.push_str(&format!(", for {left} more"));
+    }
+    s
+}
+
 /// " (seen 42 s ago)" for a location older than a few seconds, else "".
 fn age(updated_at: i64, now_ms: i64) -> String {
     let secs = now_ms.saturating_sub(updated_at) / 1000;
@@ -125,7 +166,7 @@ fn age(updated_at: i64, now_ms: i64) -> String {
 }
 
 /// The friend list as aligned rows: name, relation, sharing both ways.
-pub(crate) fn friends_table(friends: &[FriendView]) -> Vec<String> {
+pub(crate) fn friends_table(friends: &[FriendView], now_ms: i64) -> Vec<String> {
     if friends.is_empty() {
         return vec!["no friends yet: add one with `nearby client friends add NAME`".to_owned()];
     }
@@ -137,16 +178,8 @@ pub(crate) fn friends_table(friends: &[FriendView]) -> Vec<String> {
     friends
         .iter()
         .map(|f| {
-            let yes = |b: bool| if b { "yes" } else { "no" };
             let (status, sharing) = match f.status {
-                FriendStatus::Friends => (
-                    "friends",
-                    format!(
-                        "you share: {}, they share with you: {}",
-                        yes(f.sharing),
-                        yes(f.shares_with_you)
-                    ),
-                ),
+                FriendStatus::Friends => ("friends", sharing_both_ways(f, now_ms)),
                 FriendStatus::Incoming => ("incoming", "asked you: `friends accept` them".into()),
                 FriendStatus::Outgoing => ("outgoing", "you asked; waiting for them".into()),
             };
@@ -160,14 +193,23 @@ mod tests {
     use super::*;
     use nearby_proto::ws::NearbyFriend;
 
-    fn names() -> Names {
-        Names::from_friends(&[FriendView {
+    /// A row of `name`, sharing precisely for good where on.
+    fn view(name: &str, status: FriendStatus, sharing: bool, shares_with_you: bool) -> FriendView {
+        FriendView {
             id: UserId(2),
-            username: Some("bob".into()),
-            status: FriendStatus::Friends,
-            sharing: true,
-            shares_with_you: true,
-        }])
+            username: Some(name.into()),
+            status,
+            sharing,
+            sharing_until: None,
+            sharing_precision: Precision::Precise,
+            shares_with_you,
+            shares_with_you_until: None,
+            shares_with_you_precision: Precision::Precise,
+        }
+    }
+
+    fn names() -> Names {
+        Names::from_friends(&[view("bob", FriendStatus::Friends, true, true)])
     }
 
     #[test]
@@ -178,6 +220,7 @@ mod tests {
             distance_m: d,
             bearing_deg: 0.0,
             updated_at: t,
+            approximate: false,
         };
         let n = names();
         let line = |f: ServerFrame| frame_line(&f, &n, now);
@@ -203,6 +246,14 @@ mod tests {
             line(ServerFrame::FriendLocation(near(2, 5.0, now - 600_000))),
             "bob is 5.0 m away (seen 10 min ago)"
         );
+        let approx = NearbyFriend {
+            approximate: true,
+            ..near(2, 4000.0, now)
+        };
+        assert_eq!(
+            line(ServerFrame::FriendLocation(approx)),
+            "bob is about 4 km away"
+        );
         assert_eq!(
             line(ServerFrame::FriendLeft {
                 id: UserId(2),
@@ -219,13 +270,7 @@ mod tests {
             "you are at 37.56653, 126.97804, as another of your devices reported (seen 30 s ago)"
         );
         let row = |status, sharing, shares_with_you| {
-            ServerFrame::FriendUpdate(FriendView {
-                id: UserId(2),
-                username: Some("bob".into()),
-                status,
-                sharing,
-                shares_with_you,
-            })
+            ServerFrame::FriendUpdate(view("bob", status, sharing, shares_with_you))
         };
         assert_eq!(
             line(row(FriendStatus::Incoming, true, false)),
@@ -234,6 +279,15 @@ mod tests {
         assert_eq!(
             line(row(FriendStatus::Friends, true, false)),
             "bob: friends; you share: yes, they share with you: no"
+        );
+        let timed = FriendView {
+            sharing_until: Some(now + 25 * 60_000),
+            sharing_precision: Precision::Approximate,
+            ..view("bob", FriendStatus::Friends, true, true)
+        };
+        assert_eq!(
+            line(ServerFrame::FriendUpdate(timed)),
+            "bob: friends; you share: yes, approximately, for 25 min more, they share with you: yes"
         );
         assert_eq!(
             line(ServerFrame::FriendRemoved { id: UserId(2) }),
@@ -247,17 +301,13 @@ mod tests {
 
     #[test]
     fn the_friend_table_is_aligned() {
-        let f = |name: &str, status, sharing| FriendView {
-            id: UserId(3),
-            username: Some(name.into()),
-            status,
-            sharing,
-            shares_with_you: true,
-        };
-        let rows = friends_table(&[
-            f("bob", FriendStatus::Friends, false),
-            f("carolyn", FriendStatus::Incoming, true),
-        ]);
+        let rows = friends_table(
+            &[
+                view("bob", FriendStatus::Friends, false, true),
+                view("carolyn", FriendStatus::Incoming, true, true),
+            ],
+            0,
+        );
         assert_eq!(
             rows,
             [
@@ -265,6 +315,6 @@ mod tests {
                 "carolyn  incoming  asked you: `friends accept` them"
             ]
         );
-        assert!(friends_table(&[])[0].starts_with("no friends yet"));
+        assert!(friends_table(&[], 0)[0].starts_with("no friends yet"));
     }
 }

@@ -286,6 +286,11 @@ impl TwoNodes {
     /// `None` (after reporting, which fails under `CI=true`) if a service
     /// is missing.
     pub async fn start() -> Option<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// Like [`TwoNodes::start`], with `extra` flags on both nodes.
+    pub async fn start_with(extra: &[&str]) -> Option<Self> {
         use nearby_conformance::services::{self, RedisProcess, TempDatabase};
         let redis = match RedisProcess::start() {
             Ok(r) => r,
@@ -302,7 +307,13 @@ impl TwoNodes {
             }
         };
         let url = redis.url();
-        let flags = ["--redis-url", &url, "--database-url", &db.url];
+        let mut flags = vec![
+            "--redis-url",
+            url.as_str(),
+            "--database-url",
+            db.url.as_str(),
+        ];
+        flags.extend_from_slice(extra);
         let (a, b) = (Server::start(&flags), Server::start(&flags));
         Some(Self { a, b, db, redis })
     }
