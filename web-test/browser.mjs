@@ -15,6 +15,7 @@
 // Exits 0 on success, 1 with a message on any failure.
 
 import { chromium } from 'playwright-core';
+import fs from 'node:fs';
 
 const EARTH_RADIUS_M = 6371008.8; // docs/protocol.md
 const WAIT_MS = 8000;
@@ -295,6 +296,24 @@ async function main() {
     await B.waitForSelector(`#nearby li[data-username="${userA.name}"]`, { state: 'detached' });
     await A.waitForSelector(`#map g.friend[data-username="${userB.name}"]`, { state: 'detached' });
     log('B left both lists');
+
+    step = 'B exports, then deletes, their history';
+    const download = B.waitForEvent('download');
+    await B.click('#history-export');
+    const file = await download;
+    const geo = JSON.parse(fs.readFileSync(await file.path(), 'utf8'));
+    if (geo.type !== 'FeatureCollection' || !(geo.features.length >= 2)) fail(`export: ${JSON.stringify(geo).slice(0, 200)}`);
+    log(`B's history export: ${geo.features.length} points (${file.suggestedFilename()})`);
+    B.once('dialog', (d) => d.accept());
+    await B.click('#history-delete');
+    await B.waitForFunction(() => [...document.querySelectorAll('#messages .msg')].some((m) => /Deleted \d+ point/.test(m.textContent)));
+
+    step = 'B deletes their account; A sees them go';
+    await B.fill('#account-delete-password', userB.password);
+    await B.click('#account-delete');
+    await B.waitForSelector('#auth-view', { state: 'visible' });
+    await A.waitForSelector(`#friends li[data-username="${userB.name}"]`, { state: 'detached' });
+    log('B deleted their account: back at the login form; A\'s friend list no longer has them');
 
     step = 'no error shown';
     for (const [who, page] of Object.entries(pages)) {

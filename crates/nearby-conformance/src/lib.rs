@@ -384,6 +384,37 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
         .await
         .expect("visible")
         .is_empty());
+
+    // Deleting an account takes its tokens and both sides of every
+    // relation, friends and requests alike; the name is free again.
+    store.request_friend(alice, bob).await.expect("request");
+    store.request_friend(bob, alice).await.expect("accept");
+    store.request_friend(carol, alice).await.expect("request");
+    let mut token = [7u8; 32];
+    for (t, b) in token.iter_mut().zip(ns.bytes()) {
+        *t = b;
+    }
+    store
+        .create_token(&token, alice, NOW + 1000)
+        .await
+        .expect("token");
+    let mut others = store.delete_user(alice).await.expect("delete");
+    others.sort();
+    let mut want = vec![bob, carol];
+    want.sort();
+    assert_eq!(others, want);
+    assert!(!store.user_exists(alice).await.expect("exists"));
+    assert_eq!(store.token_user(&token, NOW).await.expect("token"), None);
+    assert!(store.friends(bob).await.expect("list").is_empty());
+    assert!(store.friends(carol).await.expect("list").is_empty());
+    assert!(matches!(
+        store.delete_user(alice).await,
+        Err(StoreError::NotFound(_))
+    ));
+    store
+        .create_user(&name("alice"), "phc")
+        .await
+        .expect("the name is free again");
 }
 
 /// [`HistoryStore`]: batches land whole, ranges are half-open, ordered and
@@ -435,6 +466,32 @@ pub async fn history_store(store: &dyn HistoryStore, ns: i64) {
         600
     );
     assert_eq!(store.delete_user(a).await.expect("again"), 0);
+
+    // Retention: everything before the cutoff goes, whoever's, over
+    // several batches; what is newer stays.
+    let c = UserId(ns + 3);
+    let old: Vec<HistoryEntry> = (0..12_000)
+        .map(|i| HistoryEntry {
+            user: c,
+            loc: loc(1.0, 10_000 + i64::from(i)),
+        })
+        .collect();
+    store.append(&old).await.expect("append");
+    let pruned = store.prune(21_000).await.expect("prune");
+    // b's 600 points (ts < 2200) and c's first 11 000.
+    assert_eq!(pruned.rows + pruned.partitions, 11_600, "{pruned:?}");
+    let kept = store.range(c, 0, i64::MAX, 10_000).await.expect("range");
+    assert_eq!(kept.len(), 1000);
+    assert_eq!(kept[0].ts_ms, 21_000);
+    assert!(store
+        .range(b, 0, i64::MAX, 10)
+        .await
+        .expect("range")
+        .is_empty());
+    assert_eq!(
+        store.prune(21_000).await.expect("again"),
+        nearby_ports::Pruned::default()
+    );
 }
 
 /// After an adapter's `bulk_insert(users, friendships)` returned `ids`: every

@@ -872,6 +872,11 @@ pub trait UserStore: Send + Sync + 'static {
     async fn set_ghost(&self, user: UserId, until_ms: Option<i64>) -> StoreResult<()>;
     /// When `user`'s ghost mode ends, if it is on at `now_ms`.
     async fn ghost_until(&self, user: UserId, now_ms: i64) -> StoreResult<Option<i64>>;
+    /// Deletes the account and everything tied to it in this store (its
+    /// tokens, both sides of every relation), in one transaction; the
+    /// name is free again. Returns the users it had a relation with (to
+    /// tell them); `NotFound` if there is no such user.
+    async fn delete_user(&self, user: UserId) -> StoreResult<Vec<UserId>>;
 
     /// Answers when the backend is reachable (for readiness checks).
     async fn ping(&self) -> StoreResult<()> {
@@ -891,6 +896,15 @@ pub struct HistoryEntry {
     pub loc: Location,
 }
 
+/// What [`HistoryStore::prune`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Whole day partitions dropped (PostgreSQL).
+    pub partitions: u64,
+    /// Rows deleted one batch at a time.
+    pub rows: u64,
+}
+
 /// Append-only location history.
 #[async_trait]
 pub trait HistoryStore: Send + Sync + 'static {
@@ -907,6 +921,9 @@ pub trait HistoryStore: Send + Sync + 'static {
     ) -> StoreResult<Vec<Location>>;
     /// Deletes every location of `user` (the user asked); returns how many.
     async fn delete_user(&self, user: UserId) -> StoreResult<u64>;
+    /// Retention: deletes every location older than `before_ms`, in
+    /// batches short enough not to hold up appends.
+    async fn prune(&self, before_ms: i64) -> StoreResult<Pruned>;
 
     /// Answers when the backend is reachable (for readiness checks).
     async fn ping(&self) -> StoreResult<()> {

@@ -44,6 +44,9 @@ pub struct ServerConfig {
     /// store this often (default 60 s): the longest a revocation whose bus
     /// message was lost can go unnoticed.
     pub revalidate: Duration,
+    /// Days of location history kept (default 30; 0: for ever): every hour
+    /// older points are deleted (PostgreSQL drops whole day partitions).
+    pub history_retention_days: u32,
     /// How long a drain (the first SIGTERM) may take: sessions are told to
     /// go, spread over the first 80 % of it, and the process exits when the
     /// last is gone or at its end (default 30 s; 0: all at once).
@@ -106,6 +109,7 @@ impl Default for ServerConfig {
             history_batch: 1000,
             history_linger: Duration::from_millis(200),
             revalidate: Duration::from_secs(60),
+            history_retention_days: 30,
             drain: Duration::from_secs(30),
             max_connections: 0,
             max_connections_per_ip: 4096,
@@ -222,6 +226,12 @@ impl ServerConfig {
             "drain_secs",
             self.drain.as_secs(),
             "at most 3600",
+        )?;
+        check(
+            self.history_retention_days <= 36_500,
+            "history_retention_days",
+            self.history_retention_days,
+            "at most 36500 (a hundred years), or 0 to keep history for ever",
         )?;
         check(
             (SECOND..=DAY).contains(&self.revalidate),

@@ -113,6 +113,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/friends/{id}/sharing", put(rest::set_sharing))
         .route("/v1/nearby", get(rest::nearby))
+        .route("/v1/me", axum::routing::delete(rest::delete_me))
         .route(
             "/v1/me/history",
             get(rest::history).delete(rest::delete_history),

@@ -249,6 +249,28 @@ pub async fn log_in(
     ip: ClientIp,
     JsonBody(c): JsonBody<Credentials>,
 ) -> ApiResult<Json<SessionCreated>> {
+    let user = verify_credentials(&st, ip, c).await?;
+    let (token, hash) = auth::new_token();
+    let ttl_ms = i64::try_from(st.cfg.token_ttl.as_millis()).unwrap_or(i64::MAX);
+    let expires_at = now_ms().saturating_add(ttl_ms);
+    st.backends
+        .users
+        .create_token(&hash, user.id, expires_at)
+        .await?;
+    Ok(Json(SessionCreated {
+        token,
+        user_id: user.id,
+        expires_at,
+    }))
+}
+
+/// The user these credentials name, if the password is theirs: what a
+/// login checks, with its throttling of failed attempts.
+async fn verify_credentials(
+    st: &AppState,
+    ip: ClientIp,
+    c: Credentials,
+) -> ApiResult<nearby_ports::UserRecord> {
     // Lengths are checked before hashing so a megabyte password costs nothing.
     let password = account::normalize_password(&c.password);
     let (Ok(username), Ok(())) = (
@@ -292,18 +314,63 @@ pub async fn log_in(
         _ => return Err(bad_credentials()),
     };
     st.guards.login_succeeded(attempt, now_ms());
-    let (token, hash) = auth::new_token();
-    let ttl_ms = i64::try_from(st.cfg.token_ttl.as_millis()).unwrap_or(i64::MAX);
-    let expires_at = now_ms().saturating_add(ttl_ms);
-    st.backends
-        .users
-        .create_token(&hash, user.id, expires_at)
-        .await?;
-    Ok(Json(SessionCreated {
-        token,
-        user_id: user.id,
-        expires_at,
-    }))
+    Ok(user)
+}
+
+/// `DELETE /v1/me` body `{"username", "password"}`: deletes the account and
+/// everything tied to it. The credentials confirm it (a stolen token alone
+/// cannot). Friends and requesters get `friend_left` (`unfriended`) and
+/// `friend_removed`; the user's live sessions close (their token is gone);
+/// the cached position and the history go, the name is free again.
+pub async fn delete_me(
+    State(st): St,
+    me: AuthUser,
+    ip: ClientIp,
+    JsonBody(c): JsonBody<Credentials>,
+) -> ApiResult<StatusCode> {
+    let user = verify_credentials(&st, ip, c).await?;
+    if user.id != me.id {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_you",
+            "those credentials are another user's: give your own to delete your account",
+        ));
+    }
+    let b = &st.backends;
+    let others = b.users.delete_user(me.id).await?;
+    if let Err(e) = b.cache.remove(me.id).await {
+        tracing::warn!(user = %me.id, error = %e, "could not remove a deleted user's position");
+    }
+    let mut msgs = Vec::with_capacity(others.len() * 2 + 1);
+    for other in others {
+        msgs.push((
+            other,
+            BusMessage::FriendHidden {
+                friend: me.id,
+                reason: LeftReason::Unfriended,
+            },
+        ));
+        msgs.push((other, BusMessage::FriendsChanged { friend: me.id }));
+    }
+    // The user's own sessions re-read their token, find it gone and close.
+    msgs.push((me.id, BusMessage::FriendVisible { friend: me.id }));
+    announce(&st, &msgs).await;
+    let deleted = b.history.delete_user(me.id).await;
+    let later = st.clone();
+    tokio::spawn(async move {
+        // Points the history writer still held are written after the
+        // first delete: take them too.
+        tokio::time::sleep(HISTORY_REDELETE).await;
+        if let Err(e) = later.backends.history.delete_user(me.id).await {
+            tracing::warn!(user = %me.id, error = %e, "second history delete failed");
+        }
+    });
+    if let Err(e) = deleted {
+        // The account is gone; the points go at the second try, or by
+        // retention.
+        tracing::warn!(user = %me.id, error = %e, "deleting a deleted user's history failed");
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `DELETE /v1/sessions`: log out (revoke the token used).

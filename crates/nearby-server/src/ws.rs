@@ -749,7 +749,17 @@ impl Conn {
             StoreResult::Ok((valid, visible, ghost))
         };
         match read.await {
-            Ok((false, _, _)) => self.revoke(),
+            Ok((false, _, _)) => {
+                // A token gone with its account: say which.
+                if matches!(users.user_exists(me).await, Ok(false)) {
+                    self.out.push(ServerFrame::error(
+                        "account_deleted",
+                        "your account was deleted",
+                    ));
+                    self.closing = Some((close::POLICY, "account deleted"));
+                }
+                self.revoke();
+            }
             Ok((true, visible, ghost)) => {
                 // A ghost mode that ran out is kept until the next position,
                 // which tells friends to look again (see `on_location`).

@@ -319,6 +319,38 @@ function renderGhost() {
   if (g.ghost && g.until) state.ghostTimer = setTimeout(() => loadGhost().catch((err) => report(err)), Math.max(0, g.until - Date.now()) + 500);
 }
 
+// ---------- history and account ----------
+
+async function exportHistory() {
+  const from = Date.now() - 366 * 86400000;
+  const res = await fetch(`/v1/me/history?format=geojson&from=${from}`, {
+    headers: { Authorization: `Bearer ${state.session.token}` },
+  });
+  if (!res.ok) throw new ApiError(res.status, `http_${res.status}`, `Could not export your history (HTTP ${res.status}).`);
+  const blob = await res.blob();
+  const a = h('a', { href: URL.createObjectURL(blob), download: `nearby-history-${state.session.username}.geojson` });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+}
+
+async function deleteHistory() {
+  if (!window.confirm('Delete all of your location history? This cannot be undone.')) return;
+  const res = await api('DELETE', '/v1/me/history');
+  notify(`Deleted ${res.deleted} point(s) of your history.`, 'info');
+}
+
+async function deleteAccount(event) {
+  event.preventDefault();
+  const password = $('#account-delete-password').value;
+  if (!password) throw new Error('Type your password to confirm.');
+  await api('DELETE', '/v1/me', { username: state.session.username, password });
+  $('#account-delete-password').value = '';
+  endSession();
+  notify('Your account was deleted.', 'info', 8000);
+}
+
 // ---------- location ----------
 
 function validLatLon(lat, lon) {
@@ -493,7 +525,7 @@ function onFrame(data) {
         state.reconnectAfter = msg.reconnect_after_ms ?? 0;
         notify('The server is restarting; reconnecting shortly.', 'info', 5000, 'conn');
       }
-      else if (msg.code !== 'token_expired' && msg.code !== 'token_revoked') { // those: see onClose
+      else if (!['token_expired', 'token_revoked', 'account_deleted'].includes(msg.code)) { // those: see onClose
         notify(`Server: ${msg.message} (${msg.code})`);
       }
       break;
@@ -775,6 +807,9 @@ function init() {
   $('#friends').addEventListener('change', guard(friendAction));
   $('#friends-refresh').addEventListener('click', guard(refreshFriends));
   $('#ghost').addEventListener('change', guard(setGhost));
+  $('#history-export').addEventListener('click', guard(exportHistory));
+  $('#history-delete').addEventListener('click', guard(deleteHistory));
+  $('#account-delete-form').addEventListener('submit', guard(deleteAccount));
   $('#ghost-for').addEventListener('change', guard(async () => { if ($('#ghost').checked) await setGhost(); }));
   $('#location-form').addEventListener('submit', guard(setFromInputs));
   $('#use-geo').addEventListener('click', guard(toggleGeo));

@@ -2,7 +2,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use nearby_core::{Location, UserId};
-use nearby_ports::{HistoryEntry, HistoryStore, StoreError, StoreResult};
+use nearby_ports::{HistoryEntry, HistoryStore, Pruned, StoreError, StoreResult};
 use sqlx::postgres::PgPool;
 
 use crate::backend;
@@ -37,6 +37,36 @@ fn partition_name(day_start_ms: i64) -> String {
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("location_history_{y:04}{m:02}{d:02}")
 }
+
+/// The UTC day a `location_history_YYYYMMDD` partition holds, as the Unix
+/// ms of its start (the inverse of [`partition_name`]).
+fn partition_day(name: &str) -> Option<i64> {
+    let digits = name.strip_prefix("location_history_")?;
+    if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (y, m, d): (i64, i64, i64) = (
+        digits[..4].parse().ok()?,
+        digits[4..6].parse().ok()?,
+        digits[6..].parse().ok()?,
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Days since the epoch from a civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let start = (era * 146_097 + doe - 719_468) * DAY_MS;
+    // A name that is not a real date (Feb 30) does not round-trip.
+    (partition_name(start) == name).then_some(start)
+}
+
+/// Rows deleted per statement by [`HistoryStore::prune`].
+const PRUNE_BATCH: i64 = 5000;
 
 impl PgHistoryStore {
     pub(crate) fn new(pool: PgPool) -> Self {
@@ -143,6 +173,56 @@ impl HistoryStore for PgHistoryStore {
         Ok(done.rows_affected())
     }
 
+    /// Day partitions wholly before `before_ms` are dropped (no row by row
+    /// delete, no bloat); what remains older, in the default partition and
+    /// the day the cutoff falls in, is deleted in batches.
+    async fn prune(&self, before_ms: i64) -> StoreResult<Pruned> {
+        let mut pruned = Pruned::default();
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::TEXT FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             WHERE i.inhparent = 'location_history'::regclass",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        for name in names {
+            let Some(start) = partition_day(&name) else {
+                continue; // the default partition, or one an operator made
+            };
+            if start + DAY_MS > before_ms {
+                continue;
+            }
+            let mut tx = self.pool.begin().await.map_err(backend)?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(crate::MIGRATION_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            // The name comes from the catalogue and matched the pattern.
+            sqlx::query(&format!("DROP TABLE IF EXISTS {name}"))
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+            tx.commit().await.map_err(backend)?;
+            pruned.partitions += 1;
+        }
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM location_history WHERE (tableoid, ctid) IN
+                   (SELECT tableoid, ctid FROM location_history WHERE ts < $1 LIMIT $2)",
+            )
+            .bind(before_ms)
+            .bind(PRUNE_BATCH)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+            pruned.rows += done.rows_affected();
+            if done.rows_affected() < PRUNE_BATCH as u64 {
+                return Ok(pruned);
+            }
+        }
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         crate::ping(&self.pool).await
     }
@@ -161,5 +241,27 @@ mod tests {
             "location_history_20261125"
         );
         assert_eq!(partition_name(-DAY_MS), "location_history_19691231");
+    }
+
+    #[test]
+    fn partition_names_read_back_as_their_day() {
+        // Every day from 1900 to 2200 round-trips.
+        for day in -25_567..84_000 {
+            let start = day * DAY_MS;
+            assert_eq!(
+                partition_day(&partition_name(start)),
+                Some(start),
+                "day {day}"
+            );
+        }
+        for other in [
+            "location_history_default",
+            "location_history_20260230",
+            "location_history_2026113",
+            "location_history_2026-1-1",
+            "users",
+        ] {
+            assert_eq!(partition_day(other), None, "{other}");
+        }
     }
 }

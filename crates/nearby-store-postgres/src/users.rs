@@ -215,6 +215,24 @@ impl EdgeTx for Tx<'_> {
         .map_err(backend)?;
         Ok(())
     }
+
+    async fn execute_for(&mut self, sql: &str, user: UserId) -> StoreResult<u64> {
+        let done = sqlx::query(sql)
+            .bind(user.0)
+            .execute(&mut *self.0)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn ids_for(&mut self, sql: &str, user: UserId) -> StoreResult<Vec<UserId>> {
+        let ids: Vec<i64> = sqlx::query_scalar(sql)
+            .bind(user.0)
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(backend)?;
+        Ok(ids.into_iter().map(UserId).collect())
+    }
 }
 
 /// A `friend_edges.status` value.
@@ -399,6 +417,13 @@ impl UserStore for PgUserStore {
             return Err(StoreError::NotFound(format!("user {user}")));
         }
         Ok(())
+    }
+
+    async fn delete_user(&self, user: UserId) -> StoreResult<Vec<UserId>> {
+        let mut tx = self.begin().await?;
+        let others = nearby_store_sql::delete_user(&mut tx, user).await?;
+        tx.0.commit().await.map_err(backend)?;
+        Ok(others)
     }
 
     async fn ghost_until(&self, user: UserId, now_ms: i64) -> StoreResult<Option<i64>> {

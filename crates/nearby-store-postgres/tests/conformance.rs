@@ -88,6 +88,59 @@ async fn history_lands_in_daily_partitions_and_a_batch_is_one_statement() {
 }
 
 #[tokio::test]
+async fn retention_drops_whole_day_partitions_and_deletes_the_rest_in_batches() {
+    const DAY: i64 = 86_400_000;
+    let Some(db) = fresh().await else { return };
+    let (_, history) = nearby_store_postgres::connect(&db.url, 4)
+        .await
+        .expect("connect");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    // Partitions around ten days ago (days -11 to -7), as a node running
+    // then made them; points in each, and today.
+    history
+        .ensure_partitions(now - 10 * DAY)
+        .await
+        .expect("partitions");
+    let at = |ts_ms: i64| HistoryEntry {
+        user: nearby_core::UserId(1),
+        loc: nearby_core::Location {
+            point: nearby_core::Point::new(37.0, 127.0).expect("point"),
+            ts_ms,
+        },
+    };
+    let old: Vec<HistoryEntry> = (0..5).map(|d| at(now - (11 - d) * DAY)).collect();
+    history.append(&old).await.expect("append old");
+    // Older than any partition: the default one, deleted row by row.
+    history
+        .append(&[at(now - 40 * DAY), at(now)])
+        .await
+        .expect("append");
+
+    let pruned = history.prune(now - 5 * DAY).await.expect("prune");
+    assert_eq!(pruned.partitions, 5, "{pruned:?}");
+    assert_eq!(pruned.rows, 1, "{pruned:?}");
+    let left = history
+        .range(nearby_core::UserId(1), 0, i64::MAX, 100)
+        .await
+        .expect("range");
+    assert_eq!(left.iter().map(|l| l.ts_ms).collect::<Vec<_>>(), [now]);
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.expect("conn");
+    let (partitions,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_inherits WHERE inhparent = 'location_history'::regclass",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("partitions");
+    assert_eq!(partitions, 6, "yesterday..+3 days and default remain");
+    // Appending after a prune still works (today's partition is there).
+    history.append(&[at(now + 1)]).await.expect("append");
+}
+
+#[tokio::test]
 async fn postgres_bulk_insert_loads_users_tokens_and_friends() {
     let Some(db) = fresh().await else { return };
     let (users, _) = nearby_store_postgres::connect(&db.url, 4)

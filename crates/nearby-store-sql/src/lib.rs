@@ -41,6 +41,12 @@ pub trait EdgeTx: Send {
     async fn sharing(&mut self, from: UserId, to: UserId) -> StoreResult<Option<Share>>;
     /// Stores what `from` grants `to`.
     async fn set_sharing(&mut self, from: UserId, to: UserId, share: Share) -> StoreResult<()>;
+    /// Runs `sql`, whose one parameter `$1` is `user`'s id, and returns
+    /// how many rows it changed.
+    async fn execute_for(&mut self, sql: &str, user: UserId) -> StoreResult<u64>;
+    /// Runs `sql`, whose one parameter `$1` is `user`'s id, and returns the
+    /// ids it selects.
+    async fn ids_for(&mut self, sql: &str, user: UserId) -> StoreResult<Vec<UserId>>;
 }
 
 /// `UserStore::request_friend`: `from` asks `to`, or accepts `to`'s
@@ -163,6 +169,36 @@ pub fn entry_of<S>(
     })
 }
 
+/// `UserStore::delete_user`: the account, its tokens and both sides of
+/// every relation (see [`DELETE_USER`]). Returns the users it had a
+/// relation with; `NotFound` if there is no such user.
+pub async fn delete_user(tx: &mut dyn EdgeTx, user: UserId) -> StoreResult<Vec<UserId>> {
+    let [related, rest @ .., row] = DELETE_USER;
+    let others = tx.ids_for(related, user).await?;
+    for sql in rest {
+        tx.execute_for(sql, user).await?;
+    }
+    if tx.execute_for(row, user).await? == 0 {
+        return Err(StoreError::NotFound(format!("user {user}")));
+    }
+    Ok(others)
+}
+
+/// `UserStore::delete_user`, as statements both dialects read (`$1` is the
+/// user's id; SQLite takes `$1` as a named parameter bound first): the
+/// first lists the users related to them, the rest delete the other side
+/// of each relation by its primary key (edges come in pairs), the user's
+/// own side, their tokens, and (last, its row count telling whether the
+/// user existed) their row. Run them in one transaction.
+pub const DELETE_USER: [&str; 5] = [
+    "SELECT friend_id FROM friend_edges WHERE user_id = $1",
+    "DELETE FROM friend_edges WHERE friend_id = $1 AND user_id IN
+       (SELECT friend_id FROM friend_edges WHERE user_id = $1)",
+    "DELETE FROM friend_edges WHERE user_id = $1",
+    "DELETE FROM tokens WHERE user_id = $1",
+    "DELETE FROM users WHERE id = $1",
+];
+
 /// The ids of `users`, in their order, from the `(id, username)` rows an
 /// `INSERT … RETURNING` gave back in no promised order.
 pub fn ids_in_order(
@@ -246,6 +282,14 @@ mod tests {
                 e.1 = share;
             }
             Ok(())
+        }
+        // The model runs no SQL: account deletion is tested on the real
+        // stores (nearby-conformance).
+        async fn execute_for(&mut self, _: &str, _: UserId) -> StoreResult<u64> {
+            Err(StoreError::Invalid("the model runs no SQL".into()))
+        }
+        async fn ids_for(&mut self, _: &str, _: UserId) -> StoreResult<Vec<UserId>> {
+            Err(StoreError::Invalid("the model runs no SQL".into()))
         }
     }
 

@@ -2,7 +2,7 @@ use std::path::Path;
 
 use async_trait::async_trait;
 use nearby_core::{Location, UserId};
-use nearby_ports::{HistoryEntry, HistoryStore, StoreError, StoreResult};
+use nearby_ports::{HistoryEntry, HistoryStore, Pruned, StoreError, StoreResult};
 use sqlx::{QueryBuilder, Sqlite};
 
 use crate::{backend, Pools};
@@ -87,4 +87,31 @@ impl HistoryStore for SqliteHistoryStore {
             .map_err(backend)?;
         Ok(done.rows_affected())
     }
+
+    /// Batches of [`PRUNE_BATCH`] rows, oldest rowid first. History is
+    /// appended in time order, so the expired rows sit at the front of the
+    /// table and each batch stops after reading about its own rows: no
+    /// index on `ts` is needed (one would slow every append). The single
+    /// writer is free for appends between batches.
+    async fn prune(&self, before_ms: i64) -> StoreResult<Pruned> {
+        let mut pruned = Pruned::default();
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM history WHERE rowid IN
+                   (SELECT rowid FROM history WHERE ts < ? ORDER BY rowid LIMIT ?)",
+            )
+            .bind(before_ms)
+            .bind(PRUNE_BATCH)
+            .execute(&self.db.writer)
+            .await
+            .map_err(backend)?;
+            pruned.rows += done.rows_affected();
+            if done.rows_affected() < PRUNE_BATCH as u64 {
+                return Ok(pruned);
+            }
+        }
+    }
 }
+
+/// Rows deleted per statement by [`HistoryStore::prune`].
+const PRUNE_BATCH: i64 = 5000;

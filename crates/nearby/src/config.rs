@@ -65,6 +65,9 @@ pub struct ServeArgs {
     /// Seconds between re-reads of each session's friends and token from the user store [default: 60].
     #[arg(long, env = "NEARBY_REVALIDATE_SECS")]
     pub revalidate_secs: Option<u64>,
+    /// Days of location history kept; older points are deleted every hour (0: keep for ever) [default: 30].
+    #[arg(long, env = "NEARBY_HISTORY_RETENTION_DAYS")]
+    pub history_retention_days: Option<u32>,
     /// Connections served normally [default: 0, derived from the open-file limit].
     #[arg(long, env = "NEARBY_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -185,6 +188,7 @@ impl ServeArgs {
             history_batch,
             history_linger_ms,
             revalidate_secs,
+            history_retention_days,
             max_connections,
             max_connections_per_ip,
             connection_reserve,
@@ -245,6 +249,9 @@ impl ServeArgs {
             revalidate: merged
                 .revalidate_secs
                 .map_or(d.revalidate, Duration::from_secs),
+            history_retention_days: merged
+                .history_retention_days
+                .unwrap_or(d.history_retention_days),
             drain: merged.drain_secs.map_or(d.drain, Duration::from_secs),
             max_connections: merged.max_connections.unwrap_or(d.max_connections),
             max_connections_per_ip: merged

@@ -149,6 +149,17 @@ async fn serve_with(
             (Arc::new(users), Arc::new(history))
         }
     };
+    if let Some(days) = std::num::NonZeroU32::new(s.server.history_retention_days) {
+        let h = history.clone();
+        let keep_ms = i64::from(days.get()) * 86_400_000;
+        tokio::spawn(hourly("history retention", move || {
+            let h = h.clone();
+            async move {
+                let pruned = h.prune(now_ms() - keep_ms).await?;
+                Ok(pruned.rows + pruned.partitions)
+            }
+        }));
+    }
     let u = users.clone();
     tokio::spawn(hourly("expired token purge", move || {
         let u = u.clone();
