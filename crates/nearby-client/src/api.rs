@@ -224,6 +224,55 @@ impl Client {
         Ok(h.points)
     }
 
+    /// `GET /v1/me/history?format=geojson`: the same points as an RFC 7946
+    /// FeatureCollection, as the server wrote it.
+    pub async fn history_geojson(&self, from_ms: Option<i64>) -> Result<String, ClientError> {
+        let mut url = self.url(&["v1", "me", "history"])?;
+        url.query_pairs_mut().append_pair("format", "geojson");
+        if let Some(v) = from_ms {
+            url.query_pairs_mut().append_pair("from", &v.to_string());
+        }
+        self.exchange(Method::GET, url, None, true).await
+    }
+
+    /// `DELETE /v1/me/history`: deletes all of my history; how many points.
+    pub async fn delete_history(&self) -> Result<u64, ClientError> {
+        #[derive(Deserialize)]
+        struct Deleted {
+            deleted: u64,
+        }
+        let d: Deleted = self
+            .json(Method::DELETE, &["v1", "me", "history"], None, true)
+            .await?;
+        Ok(d.deleted)
+    }
+
+    /// `GET /v1/me/ghost`, or with `set` `PUT` (`Some(until)`: hide until
+    /// then, `Some(None)`: until turned off) or `DELETE` (`None` in `set`
+    /// is a read). Returns `{"ghost", "until"}`.
+    pub async fn ghost(&self, set: Option<Option<i64>>) -> Result<serde_json::Value, ClientError> {
+        let path = ["v1", "me", "ghost"];
+        match set {
+            None => self.json(Method::GET, &path, None, true).await,
+            Some(until) => {
+                let body = serde_json::json!({ "until": until });
+                self.json(Method::PUT, &path, Some(body), true).await
+            }
+        }
+    }
+
+    /// `DELETE /v1/me/ghost`: be seen again.
+    pub async fn end_ghost(&self) -> Result<(), ClientError> {
+        self.empty(Method::DELETE, &["v1", "me", "ghost"], None)
+            .await
+    }
+
+    /// `DELETE /v1/me`: deletes the account, confirmed by its credentials.
+    pub async fn delete_account(&self, username: &str, password: &str) -> Result<(), ClientError> {
+        let body = credentials(username, password);
+        self.empty(Method::DELETE, &["v1", "me"], Some(body)).await
+    }
+
     /// Opens the live WebSocket (`GET /v1/ws`) with this client's token.
     pub async fn connect(&self) -> Result<Live, ClientError> {
         Live::connect(self).await

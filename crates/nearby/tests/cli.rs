@@ -353,6 +353,96 @@ fn two_users_befriend_share_and_watch_each_other_from_the_command_line() {
 }
 
 #[test]
+fn privacy_from_the_command_line_ghost_terms_history_and_account() {
+    let server = Server::start(&[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alice = Term::new(&server.base, dir.path(), "alice");
+    let bob = Term::new(&server.base, dir.path(), "bob");
+    for (t, name) in [(&alice, "alice"), (&bob, "bob")] {
+        t.ok_on_server(&["signup", name, PASSWORD]);
+        t.ok_on_server(&["login", name, PASSWORD]);
+    }
+    alice.ok(&["friends", "add", "bob"]);
+    bob.ok(&["friends", "accept", "alice"]);
+
+    // Sharing terms, read back from both sides.
+    let out = alice.ok(&["share", "on", "bob", "--for", "2h", "--approximate"]);
+    assert_eq!(
+        out.trim(),
+        "sharing your location with bob, approximately (which ~3 km cell you are in), for 2 h"
+    );
+    let out = bob.ok(&["friends", "list"]);
+    assert!(
+        out.contains("they share with you: yes, approximately, for 119 min more")
+            || out.contains("they share with you: yes, approximately, for 2 h more"),
+        "{out}"
+    );
+    assert!(alice
+        .fails(&["share", "off", "bob", "--for", "1h"])
+        .contains("--for"));
+    assert_eq!(
+        alice.ok(&["share", "on", "bob", "--precise"]).trim(),
+        "sharing your location with bob"
+    );
+
+    // Ghost mode on for a while, status, off.
+    let out = alice.ok(&["ghost", "on", "--for", "30m"]);
+    assert_eq!(
+        out.trim(),
+        "ghost mode: hidden from every friend for 30 min more"
+    );
+    let status: Value =
+        serde_json::from_str(&alice.ok(&["--json", "ghost", "status"])).expect("JSON");
+    assert_eq!(status["ghost"], true, "{status}");
+    assert_eq!(
+        alice.ok(&["ghost", "off"]).trim(),
+        "ghost mode off: friends you share with see you"
+    );
+    assert_eq!(
+        alice.ok(&["ghost", "status"]).trim(),
+        "ghost mode off: friends you share with see you"
+    );
+
+    // History: one move, listed, exported, deleted.
+    alice.ok(&["move", "37.5665", "126.978", "--wait-ms", "200"]);
+    let mut listed = String::new();
+    for _ in 0..50 {
+        listed = alice.ok(&["history"]);
+        if listed.starts_with("37.56650, 126.97800") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(listed.starts_with("37.56650, 126.97800"), "{listed}");
+    let geo: Value = serde_json::from_str(&alice.ok(&["history", "--geojson"])).expect("GeoJSON");
+    assert_eq!(geo["type"], "FeatureCollection", "{geo}");
+    assert_eq!(
+        geo["features"][0]["geometry"]["coordinates"],
+        json!([126.978, 37.5665])
+    );
+    assert_eq!(
+        alice.ok(&["history", "--delete"]).trim(),
+        "deleted 1 point(s) of your history"
+    );
+    assert_eq!(
+        alice.ok(&["history"]).trim(),
+        "no history in the last 1 day(s)"
+    );
+
+    // The account: the wrong password changes nothing; the right one
+    // deletes it, and bob's list no longer has her.
+    let err = alice.fails(&["delete-account", "alice", "--password", "wrong horse"]);
+    assert!(err.contains("bad_credentials"), "{err}");
+    let out = alice.ok(&["delete-account", "alice", "--password", PASSWORD]);
+    assert_eq!(
+        out.trim(),
+        "deleted the account alice and everything tied to it"
+    );
+    assert!(bob.ok(&["friends", "list"]).starts_with("no friends yet"));
+    assert!(alice.fails(&["friends", "list"]).starts_with("error: "));
+}
+
+#[test]
 fn mistakes_give_one_line_errors_and_a_failure_status() {
     let server = Server::start(&[]);
     let dir = tempfile::tempdir().expect("tempdir");

@@ -88,6 +88,35 @@ pub enum ClientCmd {
         #[arg(long)]
         precise: bool,
     },
+    /// Ghost mode: hide from every friend at once (`on`, optionally `--for`
+    /// a while), be seen again (`off`), or show it (`status`).
+    Ghost {
+        /// on, off or status.
+        state: GhostState,
+        /// End by itself after this long (`90s`, `30m`, `2h`, `1d`); only with `on`.
+        #[arg(long = "for", value_parser = parse_span, value_name = "SPAN")]
+        span: Option<Duration>,
+    },
+    /// Your own location history: print it, export it, or delete it.
+    History {
+        /// How many days back [default: 1].
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        days: u32,
+        /// Print it as GeoJSON (a FeatureCollection of points).
+        #[arg(long, conflicts_with = "delete")]
+        geojson: bool,
+        /// Delete all of it instead.
+        #[arg(long)]
+        delete: bool,
+    },
+    /// Delete your account and everything tied to it (asks for the password on stdin if not given).
+    DeleteAccount {
+        /// Your username (confirms it, with the password).
+        username: String,
+        /// Your password.
+        #[arg(long)]
+        password: Option<String>,
+    },
     /// Print the live feed of nearby friends until Ctrl-C.
     Watch,
     /// Report one location and print what comes back for a moment.
@@ -163,6 +192,17 @@ fn parse_span(s: &str) -> Result<Duration, String> {
         .filter(|t| *t <= 10 * 365 * 86_400)
         .map(Duration::from_secs)
         .ok_or_else(|| format!("{s:?}: at most ten years"))
+}
+
+/// `ghost on|off|status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GhostState {
+    /// Hide.
+    On,
+    /// Be seen again.
+    Off,
+    /// Show whether you are hidden.
+    Status,
 }
 
 /// `share on|off`.
@@ -341,6 +381,79 @@ async fn execute(args: ClientArgs) -> Result<(), ClientError> {
                     ));
                 }
                 line
+            })
+        }
+        ClientCmd::Ghost { state, span } => {
+            if span.is_some() && state != GhostState::On {
+                return Err(ClientError::Invalid("--for goes with `ghost on`".into()));
+            }
+            let answer = match state {
+                GhostState::On => {
+                    let until = span.map(|d| now_ms().saturating_add(d.as_millis() as i64));
+                    client.ghost(Some(until)).await?
+                }
+                GhostState::Off => {
+                    client.end_ghost().await?;
+                    serde_json::json!({ "ghost": false, "until": null })
+                }
+                GhostState::Status => client.ghost(None).await?,
+            };
+            out.value_or(&answer, || {
+                match (answer["ghost"].as_bool(), answer["until"].as_i64()) {
+                    (Some(true), Some(until)) => format!(
+                        "ghost mode: hidden from every friend for {} more",
+                        duration_words(until.saturating_sub(now_ms()))
+                    ),
+                    (Some(true), None) => {
+                        "ghost mode: hidden from every friend until `ghost off`".into()
+                    }
+                    _ => "ghost mode off: friends you share with see you".into(),
+                }
+            })
+        }
+        ClientCmd::History {
+            days,
+            geojson,
+            delete,
+        } => {
+            if delete {
+                let n = client.delete_history().await?;
+                return out.value_or(&serde_json::json!({ "deleted": n }), || {
+                    format!("deleted {n} point(s) of your history")
+                });
+            }
+            let from = now_ms().saturating_sub(i64::from(days) * 86_400_000);
+            if geojson {
+                return out.line(client.history_geojson(Some(from)).await?);
+            }
+            let points = client.history(Some(from), None).await?;
+            if out.json {
+                return out.value(&serde_json::json!({ "points": points }));
+            }
+            if points.is_empty() {
+                return out.line(format!("no history in the last {days} day(s)"));
+            }
+            for p in &points {
+                out.line(format!(
+                    "{:.5}, {:.5}  {} ago",
+                    p.lat,
+                    p.lon,
+                    duration_words(now_ms().saturating_sub(p.ts))
+                ))?;
+            }
+            Ok(())
+        }
+        ClientCmd::DeleteAccount { username, password } => {
+            let password = password_or_stdin(password)?;
+            client.delete_account(&username, &password).await?;
+            if let Some(s) = saved.filter(|s| s.username.as_deref() == Some(username.as_str())) {
+                file.save(&Saved {
+                    server: s.server,
+                    ..Saved::default()
+                })?;
+            }
+            out.value_or(&serde_json::json!({ "deleted": username }), || {
+                format!("deleted the account {username} and everything tied to it")
             })
         }
         ClientCmd::Watch => watch(&client, &out).await,
