@@ -204,6 +204,10 @@ async function main() {
     await setLocation(B, posB);
     checkDistance('A sees B', await nearbyDistance(A, userB.name));
     checkDistance('B sees A', await nearbyDistance(B, userA.name));
+    // A friend who can see them is near: the server asks both to report
+    // fast (5 s by default), and the page says so.
+    for (const page of [A, B]) await page.waitForSelector('#location-info[data-interval-ms="5000"]');
+    log(`both report every 5 s: "${await A.textContent('#location-info')}"`);
     await A.waitForSelector(`#map g.friend[data-username="${userB.name}"]`);
 
     step = 'the age ticks';

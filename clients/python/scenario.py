@@ -197,12 +197,14 @@ class Client:
         self.ws = ws
         self.all_frames = []  # every frame ever received, in order (but account events)
         self.account_frames = []  # friend_update / friend_removed, kept apart
+        self.interval_ms = None  # the report interval the server suggests (snapshot, then `interval`)
         self.sent_points = []  # (lat, lon) of every valid location sent
         self.last_sent = None  # time.monotonic() of the last valid location sent
 
     async def recv(self, timeout):
         """The next frame; account events (friend list changes) are set aside
-        in account_frames, since the friend list is checked over REST."""
+        in account_frames, since the friend list is checked over REST, and
+        `interval` frames only update interval_ms (docs: report that often)."""
         deadline = time.monotonic() + timeout
         while True:
             raw = await asyncio.wait_for(self.ws.recv(), max(0.001, deadline - time.monotonic()))
@@ -218,6 +220,13 @@ class Client:
             if frame.get("type") in ("friend_update", "friend_removed"):
                 self.account_frames.append(frame)
                 continue
+            if frame.get("type") == "interval":
+                ms = frame.get("interval_ms")
+                R.check(isinstance(ms, int) and ms > 0, f"{self.name}: interval_ms is a positive integer", json.dumps(frame))
+                self.interval_ms = ms
+                continue
+            if frame.get("type") == "snapshot" and "interval_ms" in frame:
+                self.interval_ms = frame["interval_ms"]
             self.all_frames.append(frame)
             return frame
 

@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod account;
+pub mod pace;
 pub mod rate;
 pub mod session;
 

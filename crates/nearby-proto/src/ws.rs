@@ -137,6 +137,21 @@ pub enum ServerFrame {
         /// before the first update, after the TTL, and from older servers).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         self_location: Option<SelfLocation>,
+        /// How often the client should report its location now,
+        /// milliseconds (WebSocket only; see `interval`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        interval_ms: Option<u32>,
+        /// The user's friend list, as `GET /v1/friends` returns it: both
+        /// directions of sharing (WebSocket only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        relations: Option<Vec<crate::rest::FriendView>>,
+    },
+    /// The interval the client should report its location at changed:
+    /// fast while a friend who can see the user is active nearby, slow
+    /// otherwise.
+    Interval {
+        /// Milliseconds between two reports.
+        interval_ms: u32,
     },
     /// Another of the user's devices reported this position.
     SelfLocation(SelfLocation),
@@ -261,6 +276,8 @@ mod tests {
         let f = ServerFrame::Snapshot {
             friends: vec![],
             self_location: None,
+            interval_ms: None,
+            relations: None,
         };
         assert_eq!(f.to_json(), r#"{"type":"snapshot","friends":[]}"#);
         let me = SelfLocation {
@@ -271,6 +288,8 @@ mod tests {
         let f = ServerFrame::Snapshot {
             friends: vec![],
             self_location: Some(me),
+            interval_ms: None,
+            relations: None,
         };
         assert_eq!(
             f.to_json(),
@@ -279,6 +298,13 @@ mod tests {
         assert_eq!(
             ServerFrame::SelfLocation(me).to_json(),
             r#"{"type":"self_location","lat":37.5,"lon":127.25,"updated_at":7}"#
+        );
+        assert_eq!(
+            ServerFrame::Interval {
+                interval_ms: 60_000
+            }
+            .to_json(),
+            r#"{"type":"interval","interval_ms":60000}"#
         );
         let row = ServerFrame::FriendUpdate(crate::rest::FriendView {
             id: UserId(3),

@@ -47,6 +47,11 @@ pub struct ServerConfig {
     /// Days of location history kept (default 30; 0: for ever): every hour
     /// older points are deleted (PostgreSQL drops whole day partitions).
     pub history_retention_days: u32,
+    /// The update interval suggested to a client while a friend who can
+    /// see them is active within the radius (default 5000 ms).
+    pub fast_interval_ms: u32,
+    /// The update interval suggested otherwise (default 60 000 ms).
+    pub slow_interval_ms: u32,
     /// How long a drain (the first SIGTERM) may take: sessions are told to
     /// go, spread over the first 80 % of it, and the process exits when the
     /// last is gone or at its end (default 30 s; 0: all at once).
@@ -110,6 +115,8 @@ impl Default for ServerConfig {
             history_linger: Duration::from_millis(200),
             revalidate: Duration::from_secs(60),
             history_retention_days: 30,
+            fast_interval_ms: 5_000,
+            slow_interval_ms: 60_000,
             drain: Duration::from_secs(30),
             max_connections: 0,
             max_connections_per_ip: 4096,
@@ -228,6 +235,18 @@ impl ServerConfig {
             "at most 3600",
         )?;
         check(
+            (100..=3_600_000).contains(&self.fast_interval_ms),
+            "fast_interval_ms",
+            self.fast_interval_ms,
+            "between 100 and 3600000 (an hour)",
+        )?;
+        check(
+            (self.fast_interval_ms..=3_600_000).contains(&self.slow_interval_ms),
+            "slow_interval_ms",
+            self.slow_interval_ms,
+            "between --fast-interval-ms and 3600000 (an hour)",
+        )?;
+        check(
             self.history_retention_days <= 36_500,
             "history_retention_days",
             self.history_retention_days,
@@ -307,6 +326,14 @@ impl ServerConfig {
     /// Whether per-address limits apply to `ip`.
     pub fn limits_address(&self, ip: std::net::IpAddr) -> bool {
         self.limit_loopback || !ip.is_loopback()
+    }
+
+    /// The suggested update intervals.
+    pub fn pace(&self) -> nearby_core::pace::PaceConfig {
+        nearby_core::pace::PaceConfig {
+            fast_ms: self.fast_interval_ms,
+            slow_ms: self.slow_interval_ms,
+        }
     }
 
     /// The domain's view of these settings.

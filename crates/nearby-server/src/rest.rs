@@ -766,6 +766,8 @@ pub async fn nearby(State(st): St, me: AuthUser) -> ApiResult<Json<ServerFrame>>
     Ok(Json(ServerFrame::Snapshot {
         friends: snapshot.into_iter().map(Into::into).collect(),
         self_location: session.own_location().map(Into::into),
+        interval_ms: None,
+        relations: None,
     }))
 }
 

@@ -19,6 +19,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
+use nearby_core::pace::Pace;
 use nearby_core::rate::TokenBucket;
 use nearby_core::session::Session;
 use nearby_core::{FriendStatus, Grant, LeftReason, Location, Point, UserId};
@@ -169,14 +170,11 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
         // this read, or publishes its revocation after the subscription.
         Ok(()) => match token_valid(&st, &me).await {
             Ok(true) => match start_session(&st, user, Some(&mut sub)).await {
-                // Ghost mode, read after the inbox is subscribed: a change
-                // made meanwhile is queued there.
-                Ok(started) => st
-                    .backends
-                    .users
-                    .ghost_until(user, now_ms())
+                // Ghost mode and the friend list, read after the inbox is
+                // subscribed: a change made meanwhile is queued there.
+                Ok(started) => own_state(&st, user)
                     .await
-                    .map(|ghost| Some((started, ghost))),
+                    .map(|(ghost, list)| Some((started, ghost, list))),
                 Err(e) => Err(e),
             },
             Ok(false) => Ok(None),
@@ -185,14 +183,26 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
         Err(e) => Err(e),
     };
     let mut conn = match started {
-        Ok(Some(((session, snapshot), ghost_until))) => {
+        Ok(Some(((session, snapshot), ghost_until, list))) => {
             crate::metrics::observe(&st.metrics.session_start, opened);
             st.metrics.connections.increment(1.0);
+            let now = now_ms();
+            let mut pace = Pace::new(st.cfg.pace());
+            pace.set_viewers(viewers_in(&list, now));
+            pace.set_hidden(ghost_until.is_some_and(|u| now < u));
+            pace.decide(session.shown(), now);
             let frame = ServerFrame::Snapshot {
                 friends: snapshot.into_iter().map(Into::into).collect(),
                 self_location: session.own_location().map(Into::into),
+                interval_ms: Some(pace.interval_ms()),
+                relations: Some(
+                    list.into_iter()
+                        .map(|f| crate::rest::friend_view(f, now))
+                        .collect(),
+                ),
             };
             Conn {
+                pace,
                 bucket: TokenBucket::new(st.cfg.updates_per_sec, st.cfg.update_burst, now_ms()),
                 st: st.clone(),
                 session,
@@ -230,6 +240,29 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
     drop(conn);
     st.metrics.connections.decrement(1.0);
     tracing::debug!(%user, "session closed");
+}
+
+/// The user's ghost mode and friend list.
+async fn own_state(
+    st: &AppState,
+    user: UserId,
+) -> StoreResult<(Option<i64>, Vec<nearby_ports::FriendEntry>)> {
+    let users = &st.backends.users;
+    Ok((
+        users.ghost_until(user, now_ms()).await?,
+        users.friends(user).await?,
+    ))
+}
+
+/// The friends in `list` who may see the user at `now` (mutual friends the
+/// user shares with), with when that ends.
+fn viewers_in(
+    list: &[nearby_ports::FriendEntry],
+    now: i64,
+) -> impl Iterator<Item = (UserId, Option<i64>)> + '_ {
+    list.iter()
+        .filter(move |f| f.status == FriendStatus::Friends && f.sharing.active_at(now))
+        .map(|f| (f.id, f.sharing.until_ms))
 }
 
 /// The close code for a read error that is the client's protocol
@@ -279,12 +312,20 @@ struct Outbox {
     deliveries: u64,
     /// When the oldest of those deliveries reached this node.
     arrived: Option<std::time::Instant>,
+    /// A friend was shown or updated / left since the pace last looked.
+    shown_any: bool,
+    left_any: bool,
 }
 
 impl Outbox {
     fn push(&mut self, frame: ServerFrame) {
-        if matches!(frame, ServerFrame::FriendLocation(_)) {
-            self.deliveries += 1;
+        match frame {
+            ServerFrame::FriendLocation(_) => {
+                self.deliveries += 1;
+                self.shown_any = true;
+            }
+            ServerFrame::FriendLeft { .. } => self.left_any = true,
+            _ => {}
         }
         self.frames.push(frame.to_json());
     }
@@ -335,6 +376,8 @@ struct Conn {
     ghost_until: Option<i64>,
     /// The latest position this connection reported and published.
     last_reported: Option<Location>,
+    /// The update interval suggested to the client.
+    pace: Pace,
 }
 
 impl Conn {
@@ -445,6 +488,13 @@ impl Conn {
                     self.out.extend(events.into_iter().map(ServerFrame::from));
                     self.end_expired_grants(now).await;
                 }
+            }
+            let (shown, left) = (
+                std::mem::take(&mut self.out.shown_any),
+                std::mem::take(&mut self.out.left_any),
+            );
+            if self.pace.may_change(shown, left) {
+                self.decide_pace();
             }
             if !self.out.is_empty() && self.flush(socket).await.is_err() {
                 return;
@@ -639,6 +689,34 @@ impl Conn {
         }
     }
 
+    /// Decides the suggested interval again; an `interval` frame if it
+    /// changed.
+    fn decide_pace(&mut self) {
+        if let Some(interval_ms) = self.pace.decide(self.session.shown(), now_ms()) {
+            self.out.push(ServerFrame::Interval { interval_ms });
+        }
+    }
+
+    /// Whether a viewer this session does not follow (they see the user,
+    /// the user does not see them) is active within the radius: read from
+    /// the location cache, as the session has no feed of them.
+    async fn viewers_elsewhere_near(&self, now: i64) -> StoreResult<bool> {
+        let session = &self.session;
+        let unfollowed: Vec<UserId> = self.pace.unfollowed(|id| session.tracks(id), now).collect();
+        let Some(own) = session.own_location() else {
+            return Ok(false);
+        };
+        if unfollowed.is_empty() {
+            return Ok(false);
+        }
+        let cfg = self.st.cfg.session();
+        let locs = self.st.backends.cache.get_many(&unfollowed).await?;
+        Ok(locs.into_iter().flatten().any(|l| {
+            now.saturating_sub(l.ts_ms) < cfg.ttl_ms
+                && own.point.distance_m(l.point) <= cfg.radius_m
+        }))
+    }
+
     /// Friends whose sharing with this user ran out leave as `unshared`,
     /// their channels are dropped, and their rows are pushed again (they
     /// no longer share): no message is needed, every node does this alone.
@@ -662,6 +740,9 @@ impl Conn {
         let me = self.session.user();
         match self.st.backends.users.friends(me).await {
             Ok(list) => {
+                // What the user shares may have changed too.
+                self.pace.set_viewers(viewers_in(&list, now_ms()));
+                self.decide_pace();
                 let frame = match list.into_iter().find(|f| f.id == friend) {
                     Some(f) => ServerFrame::FriendUpdate(crate::rest::friend_view(f, now_ms())),
                     None => ServerFrame::FriendRemoved { id: friend },
@@ -766,6 +847,15 @@ impl Conn {
                 let lapsed = self.ghost_until.filter(|u| *u <= now_ms());
                 self.ghost_until = ghost.or(lapsed);
                 self.apply_visible(visible).await;
+                let now = now_ms();
+                self.pace.set_hidden(ghost.is_some_and(|u| now < u));
+                match self.viewers_elsewhere_near(now).await {
+                    Ok(near) => self.pace.set_remote_near(near),
+                    Err(e) => {
+                        tracing::debug!(user = %me, error = %e, "reading viewers' positions failed")
+                    }
+                }
+                self.decide_pace();
             }
             Err(e) => {
                 tracing::warn!(user = %me, error = %e, "re-reading the user store failed; retrying soon");

@@ -3,7 +3,7 @@
 
 const EARTH_RADIUS_M = 6371008.8; // protocol.md: mean Earth radius
 const MIN_SEND_GAP_MS = 1000;     // well under the 5 frames/s limit
-const RESEND_MS = 10000;          // stay fresh within the 600 s location TTL
+const RESEND_MS = 10000;          // until the server suggests an interval (older servers)
 // Reconnecting as docs/protocol.md asks: the server's reconnect_after_ms,
 // then full jitter over 0.5 s doubling to 20 s.
 const BACKOFF_BASE_MS = 500;
@@ -203,9 +203,13 @@ async function refreshFriends() {
     if (seen === friendPushes || tries === 4) break;
   }
   if (!state.session) return;
+  applyFriendList(res.friends);
+}
+
+function applyFriendList(rows) {
   // The server withholds the name of someone you asked until they accept;
   // this page remembers the names it looked up itself.
-  state.friends = new Map(res.friends.map((f) =>
+  state.friends = new Map(rows.map((f) =>
     [f.id, { ...f, username: f.username ?? lookedUp.get(f.id) ?? `user #${f.id}` }]));
   renderFriends();
   renderNearby();
@@ -381,10 +385,16 @@ function adoptRemoteLocation(loc, source) {
   renderLocationInfo();
 }
 
-// Sends the latest location at most once a second, and again every RESEND_MS.
+// The server suggests how often to report (snapshot `interval_ms`, then
+// `interval` frames): fast while a friend who can see you is near, slow
+// otherwise. A position you set by hand goes at once (at most once a
+// second); the device's own moves and the refresh follow the interval.
+const interval = () => state.intervalMs ?? RESEND_MS;
+
 function queueSend() {
   clearTimeout(state.sendTimer);
-  const wait = Math.max(0, state.lastSent + MIN_SEND_GAP_MS - Date.now());
+  const gap = state.me?.source === 'device' ? interval() : MIN_SEND_GAP_MS;
+  const wait = Math.max(0, state.lastSent + gap - Date.now());
   state.sendTimer = setTimeout(sendLocation, wait);
 }
 
@@ -396,7 +406,7 @@ function sendLocation() {
   if (REMOTE_SOURCES.has(state.me.source)) return; // the device that reported it keeps it fresh
   ws.send(JSON.stringify({ type: 'location', lat: state.me.lat, lon: state.me.lon }));
   state.lastSent = Date.now();
-  state.sendTimer = setTimeout(sendLocation, RESEND_MS);
+  state.sendTimer = setTimeout(sendLocation, interval());
   renderLocationInfo();
 }
 
@@ -479,7 +489,14 @@ function onFrame(data) {
     case 'snapshot':
       state.nearby = new Map(msg.friends.map((f) => [f.id, f]));
       if (msg.self_location) adoptRemoteLocation(msg.self_location, 'server');
-      refreshFriendsSoon(); // changes made while disconnected were not pushed
+      state.intervalMs = msg.interval_ms ?? null;
+      // The list as of this socket's start (changes from then on are
+      // pushed); an older server sends none: read it.
+      if (msg.relations) {
+        friendPushes++; // newer than any list read in flight
+        applyFriendList(msg.relations);
+      }
+      else refreshFriendsSoon();
       loadGhost().catch((err) => report(err)); // another device may have changed it
       state.live = true;
       state.attempt = 0;
@@ -509,6 +526,15 @@ function onFrame(data) {
       state.nearby.delete(msg.id);
       renderFriends();
       renderNearby();
+      break;
+    case 'interval':
+      state.intervalMs = msg.interval_ms;
+      // The next refresh at the new pace, counted from the last report.
+      if (state.me && state.live && state.lastSent && !REMOTE_SOURCES.has(state.me.source)) {
+        clearTimeout(state.sendTimer);
+        state.sendTimer = setTimeout(sendLocation, Math.max(0, state.lastSent + interval() - Date.now()));
+      }
+      renderLocationInfo();
       break;
     case 'self_location':
       adoptRemoteLocation(msg, 'elsewhere');
@@ -698,7 +724,11 @@ function renderLocationInfo() {
     return;
   }
   const sent = state.lastSent ? `last sent ${Math.round((Date.now() - state.lastSent) / 1000)} s ago` : 'not sent yet';
-  el.textContent = `${state.me.lat.toFixed(5)}, ${state.me.lon.toFixed(5)} (${from}); ${state.live ? sent : 'will send when connected'}.`;
+  const pace = state.intervalMs
+    ? ` Reporting every ${state.intervalMs % 60000 === 0 ? `${state.intervalMs / 60000} min` : `${state.intervalMs / 1000} s`}, as the server suggests.`
+    : '';
+  el.textContent = `${state.me.lat.toFixed(5)}, ${state.me.lon.toFixed(5)} (${from}); ${state.live ? sent : 'will send when connected'}.${pace}`;
+  el.dataset.intervalMs = state.intervalMs ?? '';
 }
 
 // A stable colour per friend, from the id.

@@ -68,6 +68,12 @@ pub struct ServeArgs {
     /// Days of location history kept; older points are deleted every hour (0: keep for ever) [default: 30].
     #[arg(long, env = "NEARBY_HISTORY_RETENTION_DAYS")]
     pub history_retention_days: Option<u32>,
+    /// Update interval suggested to a client while a friend who can see them is active nearby, ms [default: 5000].
+    #[arg(long, env = "NEARBY_FAST_INTERVAL_MS")]
+    pub fast_interval_ms: Option<u32>,
+    /// Update interval suggested to a client nobody nearby can see, ms [default: 60000].
+    #[arg(long, env = "NEARBY_SLOW_INTERVAL_MS")]
+    pub slow_interval_ms: Option<u32>,
     /// Connections served normally [default: 0, derived from the open-file limit].
     #[arg(long, env = "NEARBY_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -189,6 +195,8 @@ impl ServeArgs {
             history_linger_ms,
             revalidate_secs,
             history_retention_days,
+            fast_interval_ms,
+            slow_interval_ms,
             max_connections,
             max_connections_per_ip,
             connection_reserve,
@@ -252,6 +260,8 @@ impl ServeArgs {
             history_retention_days: merged
                 .history_retention_days
                 .unwrap_or(d.history_retention_days),
+            fast_interval_ms: merged.fast_interval_ms.unwrap_or(d.fast_interval_ms),
+            slow_interval_ms: merged.slow_interval_ms.unwrap_or(d.slow_interval_ms),
             drain: merged.drain_secs.map_or(d.drain, Duration::from_secs),
             max_connections: merged.max_connections.unwrap_or(d.max_connections),
             max_connections_per_ip: merged

@@ -38,7 +38,9 @@ pub struct DemoArgs {
 /// Where `demo` stands until told otherwise: Seoul City Hall.
 const CITY_HALL: (f64, f64) = (37.5665, 126.9780);
 
-/// Time between two location updates of a walker.
+/// Time between two location updates of a walker until the server
+/// suggests one (the snapshot's `interval_ms`, then `interval` frames,
+/// which the walkers follow like any client of ours).
 const STEP: Duration = Duration::from_secs(2);
 
 /// A simulated friend: a name, a speed (demo time runs fast) and a loop of
@@ -283,9 +285,9 @@ async fn keep_placed(demo: Client, ttl: Duration) {
     }
 }
 
-/// One simulated friend: connects, reports a position every [`STEP`] along
-/// its route, reads (and ignores) what the server sends, and reconnects with
-/// backoff when the connection drops.
+/// One simulated friend: connects, reports a position along its route at
+/// the interval the server suggests, reads (and otherwise ignores) what the
+/// server sends, and reconnects with backoff when the connection drops.
 async fn walk(client: Client, w: &'static Walker, phase: Duration) {
     tokio::time::sleep(phase).await;
     let mut pos = w.route[0];
@@ -310,23 +312,39 @@ async fn walk(client: Client, w: &'static Walker, phase: Duration) {
             }
         };
         backoff.connected();
-        let mut tick = tokio::time::interval(STEP);
+        let mut every = STEP;
+        let mut tick = tokio::time::interval(every);
         let ended = loop {
             tokio::select! {
                 _ = tick.tick() => {
                     if let Err(e) = live.send_location(pos.0, pos.1).await {
                         break e;
                     }
-                    (pos, leg) = advance(pos, leg, w.route, w.speed_mps * STEP.as_secs_f64());
+                    (pos, leg) = advance(pos, leg, w.route, w.speed_mps * every.as_secs_f64());
                 }
                 r = live.recv() => match r {
                     Ok(inc) => {
-                        if let Some(nearby_proto::ws::ServerFrame::Error {
-                            reconnect_after_ms: Some(ms),
-                            ..
-                        }) = inc.frame
-                        {
-                            backoff.server_asked(ms);
+                        use nearby_proto::ws::ServerFrame;
+                        match inc.frame {
+                            Some(ServerFrame::Error {
+                                reconnect_after_ms: Some(ms),
+                                ..
+                            }) => backoff.server_asked(ms),
+                            Some(ServerFrame::Snapshot {
+                                interval_ms: Some(ms),
+                                ..
+                            })
+                            | Some(ServerFrame::Interval { interval_ms: ms }) => {
+                                let new = Duration::from_millis(u64::from(ms));
+                                if new != every {
+                                    every = new;
+                                    tick = tokio::time::interval_at(
+                                        tokio::time::Instant::now() + every,
+                                        every,
+                                    );
+                                }
+                            }
+                            _ => {}
                         }
                     }
                     Err(e) => break e,

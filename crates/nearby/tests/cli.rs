@@ -140,9 +140,17 @@ impl Proc {
         self.lines.recv_timeout(WAIT).expect("a line within 10 s")
     }
 
+    /// The next JSON line that is not a suggested interval (`interval`
+    /// frames come whenever a friend who can see the user comes or goes).
     fn json(&self) -> Value {
-        let line = self.line();
-        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line:?}"))
+        loop {
+            let line = self.line();
+            let v: Value =
+                serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line:?}"));
+            if v["type"] != "interval" {
+                return v;
+            }
+        }
     }
 
     /// Waits for the process to end by itself; its status and stderr.
@@ -440,6 +448,39 @@ fn privacy_from_the_command_line_ghost_terms_history_and_account() {
     );
     assert!(bob.ok(&["friends", "list"]).starts_with("no friends yet"));
     assert!(alice.fails(&["friends", "list"]).starts_with("error: "));
+}
+
+#[test]
+fn walk_follows_the_interval_the_server_suggests() {
+    // Nobody can see the walker: the slow interval, 1.5 s here.
+    let server = Server::start(&["--slow-interval-ms", "1500", "--fast-interval-ms", "200"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alice = Term::new(&server.base, dir.path(), "alice");
+    alice.ok_on_server(&["signup", "alice", PASSWORD]);
+    alice.ok_on_server(&["login", "alice", PASSWORD]);
+    let started = std::time::Instant::now();
+    let out = alice.ok(&[
+        "walk",
+        "--from",
+        "37.5665,126.978",
+        "--to",
+        "37.5685,126.978",
+        "--steps",
+        "2",
+        "--wait-ms",
+        "0",
+    ]);
+    let took = started.elapsed();
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("at ")).count(),
+        3,
+        "{out}"
+    );
+    // Two gaps of the suggested 1.5 s at least (not the 1 s of old).
+    assert!(
+        took >= Duration::from_millis(3000),
+        "walked 3 steps in {took:?}"
+    );
 }
 
 #[test]

@@ -141,9 +141,9 @@ pub enum ClientCmd {
         /// Steps from start to end (steps + 1 locations are sent).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         steps: u32,
-        /// Time between two locations, milliseconds (the server allows 5 a second on average).
-        #[arg(long, default_value_t = 1000)]
-        interval_ms: u64,
+        /// Time between two locations, milliseconds [default: the interval the server suggests, which is slow while nobody who can see you is near].
+        #[arg(long)]
+        interval_ms: Option<u64>,
         /// How long to print frames after the last step, milliseconds.
         #[arg(long, default_value_t = 1000)]
         wait_ms: u64,
@@ -171,6 +171,10 @@ pub enum FriendsCmd {
         name: String,
     },
 }
+
+/// Walk steps when neither `--interval-ms` nor the server says (an older
+/// server), milliseconds.
+const WALK_INTERVAL_MS: u64 = 1000;
 
 /// `90s`, `30m`, `2h`, `1d`: a positive whole number and a unit.
 fn parse_span(s: &str) -> Result<Duration, String> {
@@ -476,15 +480,16 @@ async fn execute(args: ClientArgs) -> Result<(), ClientError> {
         } => {
             let mut feed = Feed::new(&client, &out).await?;
             let mut live = feed.connect().await?;
-            let interval = Duration::from_millis(interval_ms);
             let points = path(from, to, steps);
             let mut next = Instant::now();
             for (i, p) in points.iter().enumerate() {
-                next += if i + 1 == points.len() {
-                    Duration::from_millis(wait_ms)
+                // As given, else as the server suggests now.
+                let interval = interval_ms.or(feed.suggested).unwrap_or(WALK_INTERVAL_MS);
+                next += Duration::from_millis(if i + 1 == points.len() {
+                    wait_ms
                 } else {
                     interval
-                };
+                });
                 // A lost connection is reconnected and the step sent again.
                 loop {
                     let sent = live.send_location(p.lat, p.lon).await;
@@ -610,6 +615,8 @@ struct Feed<'a> {
     asked: std::collections::HashSet<UserId>,
     first_error: Option<(String, String)>,
     backoff: crate::backoff::Backoff,
+    /// The update interval the server suggested last, milliseconds.
+    suggested: Option<u64>,
 }
 
 impl<'a> Feed<'a> {
@@ -628,6 +635,7 @@ impl<'a> Feed<'a> {
             asked: Default::default(),
             first_error: None,
             backoff: Default::default(),
+            suggested: None,
         })
     }
 
@@ -693,6 +701,16 @@ impl<'a> Feed<'a> {
     }
 
     async fn show(&mut self, inc: Incoming) -> Result<(), ClientError> {
+        match &inc.frame {
+            Some(ServerFrame::Snapshot {
+                interval_ms: Some(ms),
+                ..
+            })
+            | Some(ServerFrame::Interval { interval_ms: ms }) => {
+                self.suggested = Some(u64::from(*ms));
+            }
+            _ => {}
+        }
         if let Some(ServerFrame::Error {
             code,
             message,

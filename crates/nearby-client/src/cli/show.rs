@@ -41,6 +41,7 @@ pub(crate) fn ids(frame: &ServerFrame) -> Vec<UserId> {
         ServerFrame::SelfLocation(_)
         | ServerFrame::FriendUpdate(_)
         | ServerFrame::FriendRemoved { .. }
+        | ServerFrame::Interval { .. }
         | ServerFrame::Error { .. } => vec![],
     }
 }
@@ -102,7 +103,20 @@ pub(crate) fn frame_line(frame: &ServerFrame, names: &Names, now_ms: i64) -> Str
         ServerFrame::FriendRemoved { id } => {
             format!("{} is no longer a friend or request", names.name(*id))
         }
+        ServerFrame::Interval { interval_ms } => format!(
+            "the server suggests reporting every {}",
+            span_words(*interval_ms)
+        ),
         ServerFrame::Error { code, message, .. } => format!("server error {code}: {message}"),
+    }
+}
+
+/// "5 s", "1 min", "1.5 s".
+fn span_words(ms: u32) -> String {
+    match ms {
+        ms if ms % 60_000 == 0 => format!("{} min", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{} s", ms / 1000),
+        ms => format!("{:.1} s", f64::from(ms) / 1000.0),
     }
 }
 
@@ -227,14 +241,18 @@ mod tests {
         assert_eq!(
             line(ServerFrame::Snapshot {
                 friends: vec![],
-                self_location: None
+                self_location: None,
+                interval_ms: None,
+                relations: None,
             }),
             "nearby now: nobody"
         );
         assert_eq!(
             line(ServerFrame::Snapshot {
                 friends: vec![near(2, 999.64, now), near(9, 12.0, now - 90_000)],
-                self_location: None
+                self_location: None,
+                interval_ms: None,
+                relations: None,
             }),
             "nearby now: bob 999.6 m, user 9 12.0 m (seen 90 s ago)"
         );

@@ -391,18 +391,34 @@ impl User {
 }
 
 /// A client WebSocket. Account events (`friend_update`, `friend_removed`)
-/// are set aside in `account` as they arrive, so tests of locations see
-/// only what they test; tests of account events read them with
-/// [`Ws::next_account`] and check `account` is empty where nothing is owed.
+/// are set aside in `account` as they arrive, and suggested intervals
+/// (`interval`) in `intervals`, so tests of locations see only what they
+/// test; tests of account events read them with [`Ws::next_account`] and
+/// check `account` is empty where nothing is owed, tests of the interval
+/// with [`Ws::next_interval`].
 pub struct Ws {
     pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub account: std::collections::VecDeque<Value>,
+    pub intervals: std::collections::VecDeque<u64>,
 }
 
 /// `text` parsed, if it is an account event.
 fn account_event(text: &str) -> Option<Value> {
     let v: Value = serde_json::from_str(text).ok()?;
     matches!(v["type"].as_str(), Some("friend_update" | "friend_removed")).then_some(v)
+}
+
+/// What [`Ws`] sets aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Aside {
+    Account,
+    Interval,
+}
+
+/// The interval of `text`, if it is an `interval` frame.
+fn interval_frame(text: &str) -> Option<u64> {
+    let v: Value = serde_json::from_str(text).ok()?;
+    (v["type"] == "interval").then(|| v["interval_ms"].as_u64())?
 }
 
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -412,23 +428,34 @@ impl Ws {
         Self {
             stream,
             account: Default::default(),
+            intervals: Default::default(),
         }
+    }
+
+    /// The next suggested interval (other frames on the way are skipped);
+    /// panics after [`WAIT`].
+    pub async fn next_interval(&mut self) -> u64 {
+        self.next_aside(Aside::Interval, |ws| ws.intervals.pop_front())
+            .await
     }
 
     /// The next account event (other frames on the way are skipped);
     /// panics after [`WAIT`].
     pub async fn next_account(&mut self) -> Value {
+        self.next_aside(Aside::Account, |ws| ws.account.pop_front())
+            .await
+    }
+
+    /// The next frame of `kind` that [`Ws`] sets aside, by `pop`.
+    async fn next_aside<T>(&mut self, kind: Aside, pop: impl Fn(&mut Self) -> Option<T>) -> T {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if let Some(v) = self.account.pop_front() {
+            if let Some(v) = pop(self) {
                 return v;
             }
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let other = self.next_until(left, true).await;
-            assert!(
-                other.is_some() || !self.account.is_empty(),
-                "no account event within {WAIT:?}"
-            );
+            let now = tokio::time::Instant::now();
+            assert!(now < deadline, "no {kind:?} frame within {WAIT:?}");
+            self.next_until(deadline - now, Some(kind)).await;
         }
     }
 
@@ -446,25 +473,31 @@ impl Ws {
 
     /// The next message of any kind, or None on timeout / end of stream.
     pub async fn next_message(&mut self, within: Duration) -> Option<Message> {
-        self.next_until(within, false).await
+        self.next_until(within, None).await
     }
 
-    /// The next message, or (with `stop_at_account`) the next account
-    /// event (set aside, `None` returned), or `None` at `within`.
-    async fn next_until(&mut self, within: Duration, stop_at_account: bool) -> Option<Message> {
+    /// The next message, or (with `stop_at`) the next account event or
+    /// interval (set aside, `None` returned), or `None` at `within`.
+    async fn next_until(&mut self, within: Duration, stop_at: Option<Aside>) -> Option<Message> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             match tokio::time::timeout_at(deadline, self.stream.next()).await {
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                Ok(Some(Ok(Message::Text(t)))) => match account_event(t.as_str()) {
-                    Some(v) => {
-                        self.account.push_back(v);
-                        if stop_at_account {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    if let Some(ms) = interval_frame(t.as_str()) {
+                        self.intervals.push_back(ms);
+                        if stop_at == Some(Aside::Interval) {
                             return None;
                         }
+                    } else if let Some(v) = account_event(t.as_str()) {
+                        self.account.push_back(v);
+                        if stop_at == Some(Aside::Account) {
+                            return None;
+                        }
+                    } else {
+                        return Some(Message::Text(t));
                     }
-                    None => return Some(Message::Text(t)),
-                },
+                }
                 Ok(Some(Ok(m))) => return Some(m),
                 _ => return None,
             }
