@@ -279,7 +279,7 @@ async fn a_logout_racing_the_handshake_never_leaves_a_socket_open() {
                     opened += 1;
                     assert!(
                         frames.iter().any(|f| f["code"] == "token_revoked"),
-                        "a socket outlived its token's logout: {frames:?}"
+                        "a socket outlived its token's logout (close {code:?}): {frames:?}"
                     );
                     assert_eq!(code, Some(1008), "{frames:?}");
                 }
