@@ -351,6 +351,7 @@ async function deleteAccount(event) {
   if (!password) throw new Error('Type your password to confirm.');
   await api('DELETE', '/v1/me', { username: state.session.username, password });
   $('#account-delete-password').value = '';
+  if (!state.session) return; // the socket's close said so first
   endSession();
   notify('Your account was deleted.', 'info', 8000);
 }
@@ -568,6 +569,13 @@ function onClose(event, opened) {
   clearTimeout(state.sendTimer);
   if (!state.session) return;
   renderNearby();
+  if (event.code === 1008 && state.lastWsError?.code === 'account_deleted') {
+    // This page's own deletion (whose reply may come after the close), or
+    // another device's: not an error.
+    endSession();
+    notify('Your account was deleted.', 'info', 8000);
+    return;
+  }
   if (event.code === 1008) {
     const why = state.lastWsError?.message ?? event.reason ?? 'token refused';
     endSession(`Signed out by the server: ${why}. Please log in again.`);
