@@ -239,8 +239,8 @@ async function main() {
     if (precisionKept !== 'approximate') fail(`choosing a duration changed the precision to ${precisionKept}`);
     log(`A's row: until ${await A.getAttribute(aRowB, 'data-until')}; B's row: "${await theyShare(B)}"`);
     const privacyShots = [SHOT.replace(/\.png$/, '-privacy-a.png'), SHOT.replace(/\.png$/, '-privacy-b.png')];
-    await A.screenshot({ path: privacyShots[0] });
-    await B.screenshot({ path: privacyShots[1] });
+    await A.screenshot({ path: privacyShots[0], fullPage: true });
+    await B.screenshot({ path: privacyShots[1], fullPage: true });
     log(`screenshots of the privacy controls saved to ${privacyShots.join(', ')}`);
 
     step = 'A shares her exact distance with B again, for good';
@@ -302,6 +302,7 @@ async function main() {
     log('B left both lists');
 
     step = 'B exports, then deletes, their history';
+    await B.click('#account-tools summary');
     const download = B.waitForEvent('download');
     await B.click('#history-export');
     const file = await download;

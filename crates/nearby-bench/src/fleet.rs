@@ -244,9 +244,22 @@ impl Shared {
         self.t0.elapsed().as_micros() as u64
     }
 
-    /// The interval between a client's sends now.
+    /// The interval between a client's sends now (zero: each client
+    /// follows the interval its server suggests, see [`Shared::interval_for`]).
     fn interval(&self) -> Duration {
         Duration::from_micros(self.interval_us.load(Ordering::Relaxed))
+    }
+
+    /// A client's interval: the step's, or in a step that follows the
+    /// server (interval 0) the one the server suggested to this client
+    /// last (until it says, [`FOLLOW_UNTIL_TOLD`]).
+    fn interval_for(&self, suggested: Option<Duration>) -> Duration {
+        let iv = self.interval();
+        if iv.is_zero() {
+            suggested.unwrap_or(FOLLOW_UNTIL_TOLD)
+        } else {
+            iv
+        }
     }
 
     /// The step a send made now belongs to (0: not measured).
@@ -774,6 +787,8 @@ struct Frame<'a> {
     code: Option<&'a str>,
     /// With `going_away`: when to reconnect.
     reconnect_after_ms: Option<u64>,
+    /// A snapshot's or an `interval` frame's suggested interval.
+    interval_ms: Option<u64>,
 }
 
 /// Wall clock, Unix ms (the server stamps `updated_at` with the same).
@@ -782,6 +797,10 @@ fn wall_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
+
+/// A following client's interval before its server suggested one (an
+/// older server never does).
+const FOLLOW_UNTIL_TOLD: Duration = Duration::from_secs(5);
 
 /// When a client sends next: every interval (read live, so a ramp changes
 /// it), at its own phase within the interval.
@@ -793,7 +812,11 @@ pub(crate) struct Schedule {
 
 impl Schedule {
     pub fn new(shared: &Shared, phase: f64) -> Self {
-        let iv = shared.interval();
+        Self::new_at(shared.interval(), phase)
+    }
+
+    /// Like [`Schedule::new`], at interval `iv`.
+    pub fn new_at(iv: Duration, phase: f64) -> Self {
         Schedule {
             next: tokio::time::Instant::now() + iv.mul_f64(phase),
             last_iv: iv,
@@ -804,7 +827,11 @@ impl Schedule {
     /// Called at `next`: moves `next` on and says whether to send now
     /// (`false` when the rate just changed and the client re-spreads).
     pub fn due(&mut self, shared: &Shared) -> bool {
-        let iv = shared.interval();
+        self.due_at(shared.interval())
+    }
+
+    /// Like [`Schedule::due`], at interval `iv` (a client's own).
+    pub fn due_at(&mut self, iv: Duration) -> bool {
         let now = tokio::time::Instant::now();
         if iv != self.last_iv {
             // A new step's rate: spread the clients over the new interval by
@@ -845,6 +872,8 @@ async fn client(
         let (lat, lon) = offset(plan.home, n, e);
         Message::text(json!({ "type": "location", "lat": lat, "lon": lon }).to_string())
     };
+    // The interval the server suggested last (followed in steps of interval 0).
+    let mut suggested: Option<Duration> = None;
     // Placed at home at once; the friends' first sightings are set-up, not load.
     if tx.send(place(&mut rng)).await.is_err() {
         shared.disconnects.fetch_add(1, Ordering::Relaxed);
@@ -857,6 +886,11 @@ async fn client(
             _ = go.cancelled() => break,
             msg = rx.next() => if matches!(msg, Some(Ok(_))) {
                 shared.settling.fetch_add(1, Ordering::Relaxed);
+                if let Some(Ok(Message::Text(t))) = &msg {
+                    if let Ok(f) = serde_json::from_str::<Frame>(t.as_str()) {
+                        suggested = f.interval_ms.map(Duration::from_millis).or(suggested);
+                    }
+                }
                 // A ping's pong is queued by the read but only written on
                 // the next write or flush: a set-up of minutes (50 000
                 // clients) otherwise looks silent to the server, which
@@ -871,7 +905,7 @@ async fn client(
             },
         }
     }
-    let mut schedule = Schedule::new(&shared, plan.phase);
+    let mut schedule = Schedule::new_at(shared.interval_for(suggested), plan.phase);
     let mut sent = 0u64;
     let me = plan.user as usize;
     // Per friend, the last of their sends a delivery was matched to.
@@ -886,7 +920,7 @@ async fn client(
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep_until(schedule.next) => {
-                    if !schedule.due(&shared) {
+                    if !schedule.due_at(shared.interval_for(suggested)) {
                         continue;
                     }
                     if !shared.sending.load(Ordering::Relaxed) || plan.rounds.is_some_and(|r| sent >= r) {
@@ -944,6 +978,9 @@ async fn client(
                             if sent.step > 0 {
                                 shared.record(me, sent.step as usize, now_us.saturating_sub(sent.mono_us));
                             }
+                        }
+                        ("snapshot" | "interval", _) => {
+                            suggested = frame.interval_ms.map(Duration::from_millis).or(suggested);
                         }
                         // A draining node: not an error; reconnect when asked.
                         ("error", _) if frame.code == Some("going_away") => {

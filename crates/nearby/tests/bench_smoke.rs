@@ -145,6 +145,54 @@ async fn bench_smoke_on_redis_and_postgres() {
     assert!(r["max_friends"].as_u64().is_some_and(|m| m <= 6), "{r}");
 }
 
+/// A step that follows the interval the server suggests (`--ramp-ms …,0`)
+/// beside a fixed one, same population, same run: every expected delivery
+/// arrives in both, and following never sends more than the fixed step at
+/// the fast interval does.
+#[test]
+fn the_bench_follows_the_suggested_interval() {
+    let server = Server::start(&["--fast-interval-ms", "400", "--slow-interval-ms", "4000"]);
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = out_dir.path().join("result.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_nearby"))
+        .args(["bench", "--url", &server.base])
+        .args(["--users", "60", "--friends", "3", "--online", "0.5"])
+        .args(["--ramp-ms", "400,0", "--warmup-s", "2", "--duration-s", "4"])
+        .args(["--drain-s", "1", "--setup-concurrency", "8"])
+        .args(["--server-pid", &server.child.id().to_string()])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("run nearby bench");
+    assert!(
+        run.status.success(),
+        "bench failed:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).expect("result file")).expect("json");
+    let steps = r["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "{r}");
+    let (fixed, follow) = (&steps[0], &steps[1]);
+    assert_eq!(follow["interval_ms"], 0, "{r}");
+    for s in steps {
+        assert_eq!(s["clean"], true, "{s}");
+        assert_eq!(s["errors"], 0, "{s}");
+    }
+    let rate = |s: &Value| s["updates_per_s"].as_f64().expect("updates_per_s");
+    assert!(
+        rate(follow) <= rate(fixed) * 1.1,
+        "following sent {} updates/s, the fixed 400 ms step {}",
+        rate(follow),
+        rate(fixed)
+    );
+    eprintln!(
+        "fixed 400 ms: {:.1} updates/s; suggested: {:.1} updates/s",
+        rate(fixed),
+        rate(follow)
+    );
+}
+
 /// The node restarts under the bench (on the same address and data): every
 /// phone is told to go, reconnects by itself, and the run reports it.
 #[test]
