@@ -355,17 +355,7 @@ pub async fn delete_me(
     // The user's own sessions re-read their token, find it gone and close.
     msgs.push((me.id, BusMessage::FriendVisible { friend: me.id }));
     announce(&st, &msgs).await;
-    let deleted = b.history.delete_user(me.id).await;
-    let later = st.clone();
-    tokio::spawn(async move {
-        // Points the history writer still held are written after the
-        // first delete: take them too.
-        tokio::time::sleep(HISTORY_REDELETE).await;
-        if let Err(e) = later.backends.history.delete_user(me.id).await {
-            tracing::warn!(user = %me.id, error = %e, "second history delete failed");
-        }
-    });
-    if let Err(e) = deleted {
+    if let Err(e) = delete_history_twice(&st, me.id).await {
         // The account is gone; the points go at the second try, or by
         // retention.
         tracing::warn!(user = %me.id, error = %e, "deleting a deleted user's history failed");
@@ -642,15 +632,19 @@ pub async fn set_sharing(
 /// The friends who may see `me` when `me` is not hidden: mutual friends
 /// `me` shares with.
 async fn viewers(st: &AppState, me: UserId) -> Result<Vec<UserId>, nearby_ports::StoreError> {
-    Ok(st
-        .backends
-        .users
-        .friends(me)
-        .await?
-        .into_iter()
-        .filter(|f| f.status == FriendStatus::Friends && f.sharing.active_at(now_ms()))
-        .map(|f| f.id)
-        .collect())
+    let list = st.backends.users.friends(me).await?;
+    Ok(viewers_in(&list, now_ms()).map(|(id, _)| id).collect())
+}
+
+/// The friends in `list` who may see its owner at `now` (mutual friends
+/// the owner shares with), with when that ends.
+pub(crate) fn viewers_in(
+    list: &[nearby_ports::FriendEntry],
+    now: i64,
+) -> impl Iterator<Item = (UserId, Option<i64>)> + '_ {
+    list.iter()
+        .filter(move |f| f.status == FriendStatus::Friends && f.sharing.active_at(now))
+        .map(|f| (f.id, f.sharing.until_ms))
 }
 
 /// Tells `me`'s viewers to re-read the store (it shows `me` again), and
@@ -871,15 +865,25 @@ const HISTORY_REDELETE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// `DELETE /v1/me/history`: deletes all of the caller's history.
 pub async fn delete_history(State(st): St, me: AuthUser) -> ApiResult<Json<serde_json::Value>> {
-    let deleted = st.backends.history.delete_user(me.id).await?;
+    let deleted = delete_history_twice(&st, me.id).await?;
+    Ok(Json(serde_json::json!({ "deleted": deleted })))
+}
+
+/// Deletes `user`'s history now (how many points), and again after
+/// [`HISTORY_REDELETE`]: points the history writer still held are written
+/// after the first delete.
+async fn delete_history_twice(
+    st: &Arc<AppState>,
+    user: UserId,
+) -> Result<u64, nearby_ports::StoreError> {
     let later = st.clone();
     tokio::spawn(async move {
         tokio::time::sleep(HISTORY_REDELETE).await;
-        if let Err(e) = later.backends.history.delete_user(me.id).await {
-            tracing::warn!(user = %me.id, error = %e, "second history delete failed");
+        if let Err(e) = later.backends.history.delete_user(user).await {
+            tracing::warn!(%user, error = %e, "second history delete failed");
         }
     });
-    Ok(Json(serde_json::json!({ "deleted": deleted })))
+    st.backends.history.delete_user(user).await
 }
 
 #[cfg(test)]

@@ -197,7 +197,7 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
             st.metrics.connections.increment(1.0);
             let now = now_ms();
             let mut pace = Pace::new(st.cfg.pace());
-            pace.set_viewers(viewers_in(&list, now));
+            pace.set_viewers(crate::rest::viewers_in(&list, now));
             pace.set_hidden(ghost_until.is_some_and(|u| now < u));
             pace.decide(session.shown(), now);
             let frame = ServerFrame::Snapshot {
@@ -261,17 +261,6 @@ async fn own_state(
         users.ghost_until(user, now_ms()).await?,
         users.friends(user).await?,
     ))
-}
-
-/// The friends in `list` who may see the user at `now` (mutual friends the
-/// user shares with), with when that ends.
-fn viewers_in(
-    list: &[nearby_ports::FriendEntry],
-    now: i64,
-) -> impl Iterator<Item = (UserId, Option<i64>)> + '_ {
-    list.iter()
-        .filter(move |f| f.status == FriendStatus::Friends && f.sharing.active_at(now))
-        .map(|f| (f.id, f.sharing.until_ms))
 }
 
 /// The close code for a read error that is the client's protocol
@@ -737,26 +726,30 @@ impl Conn {
         self.out.extend(events.into_iter().map(ServerFrame::from));
         let channels: Vec<Channel> = ended.iter().copied().map(Channel::Location).collect();
         self.sub.remove(&channels);
-        for friend in ended {
-            self.push_relation(friend).await;
-        }
+        self.push_relations(&ended).await;
     }
 
-    /// Pushes the user's relation with `friend` as the store holds it now:
+    /// Pushes the user's relations with `friends` as the store holds them
+    /// now, from one read:
     /// the row of `GET /v1/friends`, or its removal. On a store failure the
     /// client is told to re-read the list.
-    async fn push_relation(&mut self, friend: UserId) {
+    async fn push_relations(&mut self, friends: &[UserId]) {
         let me = self.session.user();
         match self.st.backends.users.friends(me).await {
             Ok(list) => {
+                let now = now_ms();
                 // What the user shares may have changed too.
-                self.pace.set_viewers(viewers_in(&list, now_ms()));
+                self.pace.set_viewers(crate::rest::viewers_in(&list, now));
                 self.decide_pace();
-                let frame = match list.into_iter().find(|f| f.id == friend) {
-                    Some(f) => ServerFrame::FriendUpdate(crate::rest::friend_view(f, now_ms())),
-                    None => ServerFrame::FriendRemoved { id: friend },
-                };
-                self.out.push(frame);
+                for &friend in friends {
+                    let frame = match list.iter().find(|f| f.id == friend) {
+                        Some(f) => {
+                            ServerFrame::FriendUpdate(crate::rest::friend_view(f.clone(), now))
+                        }
+                        None => ServerFrame::FriendRemoved { id: friend },
+                    };
+                    self.out.push(frame);
+                }
             }
             Err(e) => {
                 tracing::warn!(user = %me, error = %e, "could not read a changed friend");
@@ -1029,7 +1022,7 @@ impl Conn {
             }
             BusMessage::FriendQuiet { friend } => self.session.forget_location(friend),
             BusMessage::FriendsChanged { friend } => {
-                self.push_relation(friend).await;
+                self.push_relations(&[friend]).await;
                 None
             }
         };

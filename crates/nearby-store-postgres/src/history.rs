@@ -84,6 +84,18 @@ impl PgHistoryStore {
         Ok(())
     }
 
+    /// A transaction holding the schema lock (migrations, partitions), so
+    /// that nodes changing partitions at once take turns.
+    async fn ddl_tx(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Postgres>> {
+        let mut tx = self.pool.begin().await.map_err(backend)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(crate::MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        Ok(tx)
+    }
+
     async fn create_partition(&self, start: i64) -> StoreResult<()> {
         let name = partition_name(start);
         let ddl = format!(
@@ -91,12 +103,7 @@ impl PgHistoryStore {
              FOR VALUES FROM ({start}) TO ({})",
             start + DAY_MS
         );
-        let mut tx = self.pool.begin().await.map_err(backend)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(crate::MIGRATION_LOCK)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
+        let mut tx = self.ddl_tx().await?;
         // `query`, not `raw_sql`: the latter's executor bounds make the
         // future fail the `Send` check of callers that spawn this.
         if let Err(e) = sqlx::query(&ddl).execute(&mut *tx).await {
@@ -192,12 +199,7 @@ impl HistoryStore for PgHistoryStore {
             if start + DAY_MS > before_ms {
                 continue;
             }
-            let mut tx = self.pool.begin().await.map_err(backend)?;
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(crate::MIGRATION_LOCK)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
+            let mut tx = self.ddl_tx().await?;
             // The name comes from the catalogue and matched the pattern.
             sqlx::query(&format!("DROP TABLE IF EXISTS {name}"))
                 .execute(&mut *tx)

@@ -103,6 +103,20 @@ impl Term {
     }
 }
 
+/// Alice and Bob, signed up, logged in and friends, each at a terminal
+/// whose config lives in `dir`.
+fn friends_at(server: &Server, dir: &Path) -> (Term, Term) {
+    let alice = Term::new(&server.base, dir, "alice");
+    let bob = Term::new(&server.base, dir, "bob");
+    for (t, name) in [(&alice, "alice"), (&bob, "bob")] {
+        t.ok_on_server(&["signup", name, PASSWORD]);
+        t.ok_on_server(&["login", name, PASSWORD]);
+    }
+    alice.ok(&["friends", "add", "bob"]);
+    bob.ok(&["friends", "accept", "alice"]);
+    (alice, bob)
+}
+
 fn texts(out: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -364,14 +378,7 @@ fn two_users_befriend_share_and_watch_each_other_from_the_command_line() {
 fn privacy_from_the_command_line_ghost_terms_history_and_account() {
     let server = Server::start(&[]);
     let dir = tempfile::tempdir().expect("tempdir");
-    let alice = Term::new(&server.base, dir.path(), "alice");
-    let bob = Term::new(&server.base, dir.path(), "bob");
-    for (t, name) in [(&alice, "alice"), (&bob, "bob")] {
-        t.ok_on_server(&["signup", name, PASSWORD]);
-        t.ok_on_server(&["login", name, PASSWORD]);
-    }
-    alice.ok(&["friends", "add", "bob"]);
-    bob.ok(&["friends", "accept", "alice"]);
+    let (alice, bob) = friends_at(&server, dir.path());
 
     // Sharing terms, read back from both sides.
     let out = alice.ok(&["share", "on", "bob", "--for", "2h", "--approximate"]);
@@ -541,14 +548,7 @@ fn watch_keeps_running_across_a_server_restart() {
         &["--drain-secs", "1"],
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let alice = Term::new(&server.base, dir.path(), "alice");
-    let bob = Term::new(&server.base, dir.path(), "bob");
-    for (t, name) in [(&alice, "alice"), (&bob, "bob")] {
-        t.ok_on_server(&["signup", name, PASSWORD]);
-        t.ok_on_server(&["login", name, PASSWORD]);
-    }
-    alice.ok(&["friends", "add", "bob"]);
-    bob.ok(&["friends", "accept", "alice"]);
+    let (alice, bob) = friends_at(&server, dir.path());
     let [lat, lon] = coords(SEOUL);
     alice.ok(&["move", &lat, &lon]);
     let watch = alice.spawn(&["watch"]);
