@@ -281,6 +281,57 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
         Err(StoreError::NotFound(_))
     ));
 
+    // Discoverable by strangers: off by default, on for a while or for
+    // good, read one by one and in batches.
+    let both = [alice, bob, UserId(i64::MAX)];
+    assert_eq!(
+        store.discoverable_until(alice, NOW).await.expect("read"),
+        None
+    );
+    assert!(store
+        .discoverable_among(&both, NOW)
+        .await
+        .expect("among")
+        .is_empty());
+    store
+        .set_discoverable(alice, Some(NOW + 5))
+        .await
+        .expect("discoverable");
+    store
+        .set_discoverable(bob, Some(GHOST_FOREVER))
+        .await
+        .expect("discoverable");
+    assert_eq!(
+        store.discoverable_until(alice, NOW).await.expect("read"),
+        Some(NOW + 5)
+    );
+    let mut among = store.discoverable_among(&both, NOW).await.expect("among");
+    among.sort_unstable();
+    assert_eq!(among, vec![alice, bob]);
+    assert_eq!(
+        store
+            .discoverable_among(&both, NOW + 5)
+            .await
+            .expect("among"),
+        vec![bob],
+        "ends by itself"
+    );
+    assert!(store
+        .discoverable_among(&[], NOW)
+        .await
+        .expect("among")
+        .is_empty());
+    store.set_discoverable(bob, None).await.expect("off");
+    assert_eq!(
+        store.discoverable_until(bob, NOW).await.expect("read"),
+        None
+    );
+    store.set_discoverable(alice, None).await.expect("off");
+    assert!(matches!(
+        store.set_discoverable(UserId(i64::MAX), None).await,
+        Err(StoreError::NotFound(_))
+    ));
+
     // Sharing for a while, approximately: the grant's terms reach the
     // viewer, it ends by itself, and an omitted precision is kept.
     let timed = ShareChange {

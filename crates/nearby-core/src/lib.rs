@@ -18,6 +18,7 @@ pub mod account;
 pub mod pace;
 pub mod rate;
 pub mod session;
+pub mod strangers;
 
 mod ids;
 

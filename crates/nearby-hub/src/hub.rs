@@ -41,6 +41,7 @@ fn shard_index(ch: Channel) -> usize {
     let (kind, user) = match ch {
         Channel::Location(u) => (0u64, u.0 as u64),
         Channel::Inbox(u) => (0x5bd1_e995u64, u.0 as u64),
+        Channel::Cell(c) => (0x2545_f491_4f6c_dd1du64, u64::from(c)),
     };
     // Fibonacci hashing: consecutive ids land on different shards. In-process
     // only, so it need not be stable across builds.

@@ -92,21 +92,27 @@ pub trait LocationCache: Send + Sync + 'static {
 
 /// A channel on the bus. Each user has two: `Location(u)` carries u's moves to
 /// the sessions of u's friends; `Inbox(u)` carries friendship and sharing
-/// changes to u's own sessions (the callback of the design).
+/// changes to u's own sessions (the callback of the design). Each geohash-5
+/// cell has one, `Cell(id)`, where discoverable users announce themselves
+/// to the discoverable sessions around (strangers nearby).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Channel {
     /// The user's location updates.
     Location(UserId),
     /// Control messages for the user's sessions.
     Inbox(UserId),
+    /// The discoverable users in one geohash-5 cell (its 25-bit id).
+    Cell(u32),
 }
 
 impl Channel {
-    /// The channel's name on an external broker (`loc:42`, `inbox:42`).
+    /// The channel's name on an external broker (`loc:42`, `inbox:42`,
+    /// `cell:1234567`).
     pub fn name(self) -> String {
         match self {
             Self::Location(u) => format!("loc:{u}"),
             Self::Inbox(u) => format!("inbox:{u}"),
+            Self::Cell(c) => format!("cell:{c}"),
         }
     }
 }
@@ -157,6 +163,20 @@ pub enum BusMessage {
         /// Who went quiet.
         friend: UserId,
     },
+    /// A discoverable user's cell, as of `stamp` (published on `Cell`):
+    /// `Some(cell)` they are there (on joining it, and as a heartbeat),
+    /// `None` they left discovery. Published on the old cell when they
+    /// move too, naming the new one, so that a listener of both never sees
+    /// them leave. The latest `stamp` of a user wins, whatever channel it
+    /// came by.
+    Stranger {
+        /// Who (never shown to anyone: sessions show a per-viewer alias).
+        user: UserId,
+        /// Where they are discoverable now, if anywhere.
+        cell: Option<u32>,
+        /// The publisher's clock, ms, strictly increasing per user.
+        stamp: i64,
+    },
 }
 
 /// A short, non-secret tag of a token hash: enough to tell one user's tokens
@@ -179,6 +199,17 @@ impl BusMessage {
     pub fn location_user(&self) -> Option<UserId> {
         match self {
             Self::Location { user, .. } => Some(*user),
+            _ => None,
+        }
+    }
+
+    /// What a newer message replaces in a queue: a user's move, or a
+    /// stranger's cell (kept apart: a friend's move never replaces the
+    /// same user's stranger notice).
+    fn conflation_key(&self) -> Option<(bool, UserId)> {
+        match self {
+            Self::Location { user, .. } => Some((false, *user)),
+            Self::Stranger { user, .. } => Some((true, *user)),
             _ => None,
         }
     }
@@ -226,6 +257,7 @@ pub struct Subscriber {
 #[derive(Debug)]
 struct Shared {
     overflowed: AtomicBool,
+    gate: StrangerGate,
     resync_pending: AtomicBool,
     /// The mailbox was dropped: the session is gone.
     closed: AtomicBool,
@@ -256,6 +288,35 @@ fn pop_front_releasing<T>(q: &mut VecDeque<T>) -> Option<T> {
 }
 
 static CONFLATED: AtomicU64 = AtomicU64::new(0);
+static GATED: AtomicU64 = AtomicU64::new(0);
+
+/// Which stranger notices a session still takes. While its table of
+/// strangers is full (the per-session cap), only notices of the strangers
+/// it shows: a 64-bit filter of their ids, checked without the queue's
+/// lock, so a hot cell costs a full session two atomic loads per notice.
+/// A false positive passes and the session ignores it.
+#[derive(Debug, Default)]
+struct StrangerGate {
+    full: AtomicBool,
+    shown: AtomicU64,
+}
+
+fn gate_bit(user: UserId) -> u64 {
+    1 << ((user.0 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58)
+}
+
+impl StrangerGate {
+    fn admits(&self, user: UserId) -> bool {
+        !self.full.load(Ordering::Acquire)
+            || self.shown.load(Ordering::Acquire) & gate_bit(user) != 0
+    }
+}
+
+/// Stranger notices not queued because the session's table was full (the
+/// hot-cell cap at work), over every subscriber of this process.
+pub fn gated_total() -> u64 {
+    GATED.load(Ordering::Relaxed)
+}
 
 /// Location updates replaced in a session's queue by a newer one of the same
 /// friend before the session sent them, in this process: each is a stale
@@ -303,6 +364,7 @@ impl Subscriber {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         let shared = Arc::new(Shared {
             overflowed: AtomicBool::new(false),
+            gate: StrangerGate::default(),
             resync_pending: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             capacity: capacity.max(1),
@@ -326,6 +388,15 @@ impl Subscriber {
         self.id
     }
 
+    /// Sets which stranger notices this session takes: all while `full` is
+    /// false, else only those of `shown` (see [`gated_total`]).
+    pub fn gate_strangers(&self, full: bool, shown: impl IntoIterator<Item = UserId>) {
+        let bits = shown.into_iter().fold(0u64, |b, u| b | gate_bit(u));
+        let gate = &self.shared.gate;
+        gate.shown.store(bits, Ordering::Release);
+        gate.full.store(full, Ordering::Release);
+    }
+
     /// Hands `msg` to the session without waiting. Returns false if it was
     /// not queued: a location update dropped (queue full or session gone),
     /// or a control message that overflowed (the session will re-read the
@@ -338,7 +409,15 @@ impl Subscriber {
     /// `arrived` (a hub fanning one message out reads the clock once).
     pub fn deliver_at(&self, msg: BusMessage, arrived: Instant) -> bool {
         match msg {
-            BusMessage::Location { user, .. } => self.send_location(user, msg, arrived),
+            BusMessage::Location { .. } => self.send_location(msg, arrived),
+            BusMessage::Stranger { user, .. } => {
+                if !self.shared.gate.admits(user) {
+                    // Filtered as intended, not lost: counted apart.
+                    GATED.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                self.send_location(msg, arrived)
+            }
             BusMessage::FriendVisible { .. } => self.resync(),
             _ => self.send_control(Control::Message(msg)),
         }
@@ -354,9 +433,9 @@ impl Subscriber {
         self.send_control(Control::Resync)
     }
 
-    /// Queues `msg`, a move of `user`, in place of `user`'s move still
-    /// waiting, if any.
-    fn send_location(&self, user: UserId, msg: BusMessage, arrived: Instant) -> bool {
+    /// Queues `msg`, a move of `user` (or a stranger notice), in place of
+    /// the same kind of message of `user` still waiting, if any.
+    fn send_location(&self, msg: BusMessage, arrived: Instant) -> bool {
         let shared = &self.shared;
         if shared.closed.load(Ordering::Acquire) {
             return false;
@@ -366,7 +445,7 @@ impl Subscriber {
             let waiting = q
                 .locations
                 .iter_mut()
-                .find(|(m, _)| m.location_user() == Some(user));
+                .find(|(m, _)| m.conflation_key() == msg.conflation_key());
             if let Some(slot) = waiting {
                 *slot = (msg, arrived);
                 CONFLATED.fetch_add(1, Ordering::Relaxed);
@@ -574,6 +653,41 @@ mod mailbox_tests {
         assert!(sub.deliver(HIDDEN));
         assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
         assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
+    }
+
+    #[test]
+    fn stranger_notices_conflate_apart_from_moves_and_pass_the_gate() {
+        let (sub, mut mb) = Subscriber::new(8);
+        let moved = BusMessage::Location {
+            user: UserId(1),
+            loc: Location::new(1.0, 2.0, 5).expect("valid"),
+        };
+        let here = |user: i64, stamp: i64| BusMessage::Stranger {
+            user: UserId(user),
+            cell: Some(7),
+            stamp,
+        };
+        assert!(sub.deliver(moved));
+        assert!(sub.deliver(here(1, 10)));
+        assert!(sub.deliver(here(1, 11)));
+        assert_eq!(mb.try_recv(), Some(Mail::Message(moved)), "not replaced");
+        assert_eq!(mb.try_recv(), Some(Mail::Message(here(1, 11))));
+        assert_eq!(mb.try_recv(), None);
+        // Full: only the strangers shown pass (some ids may collide in
+        // the filter, so look for ones that do not).
+        sub.gate_strangers(true, [UserId(1)]);
+        let before = gated_total();
+        let other = (2..100)
+            .find(|u| gate_bit(UserId(*u)) != gate_bit(UserId(1)))
+            .expect("a different bit");
+        assert!(sub.deliver(here(1, 12)));
+        assert!(sub.deliver(here(other, 12)), "filtered, not a drop");
+        assert!(gated_total() > before);
+        assert_eq!(mb.try_recv(), Some(Mail::Message(here(1, 12))));
+        assert_eq!(mb.try_recv(), None, "the other was not queued");
+        sub.gate_strangers(false, []);
+        assert!(sub.deliver(here(other, 13)));
+        assert_eq!(mb.try_recv(), Some(Mail::Message(here(other, 13))));
     }
 
     #[test]
@@ -872,6 +986,15 @@ pub trait UserStore: Send + Sync + 'static {
     async fn set_ghost(&self, user: UserId, until_ms: Option<i64>) -> StoreResult<()>;
     /// When `user`'s ghost mode ends, if it is on at `now_ms`.
     async fn ghost_until(&self, user: UserId, now_ms: i64) -> StoreResult<Option<i64>>;
+    /// Makes `user` discoverable by strangers nearby until `until_ms`
+    /// ([`GHOST_FOREVER`]: until turned off), or not (`None`).
+    /// `NotFound` for an unknown user.
+    async fn set_discoverable(&self, user: UserId, until_ms: Option<i64>) -> StoreResult<()>;
+    /// Until when `user` is discoverable, if they are at `now_ms`.
+    async fn discoverable_until(&self, user: UserId, now_ms: i64) -> StoreResult<Option<i64>>;
+    /// Which of `users` are discoverable at `now_ms` (any order; unknown
+    /// ids are left out).
+    async fn discoverable_among(&self, users: &[UserId], now_ms: i64) -> StoreResult<Vec<UserId>>;
     /// Deletes the account and everything tied to it in this store (its
     /// tokens, both sides of every relation), in one transaction; the
     /// name is free again. Returns the users it had a relation with (to
@@ -884,7 +1007,8 @@ pub trait UserStore: Send + Sync + 'static {
     }
 }
 
-/// The `until` of a ghost mode that lasts until it is turned off.
+/// The `until` of a ghost mode (or of being discoverable) that lasts until
+/// it is turned off.
 pub const GHOST_FOREVER: i64 = i64::MAX;
 
 /// One location to append to history.

@@ -106,6 +106,16 @@ pub struct GhostUpdate {
     pub until: Option<i64>,
 }
 
+/// `PUT /v1/me/discoverable` body.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverableUpdate {
+    /// When it ends by itself, Unix ms (in the future); absent or null:
+    /// until `DELETE /v1/me/discoverable`.
+    #[serde(default)]
+    pub until: Option<i64>,
+}
+
 /// `GET`/`PUT /v1/me/ghost` answer.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct GhostState {

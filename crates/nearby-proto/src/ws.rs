@@ -17,6 +17,15 @@ pub enum ClientFrame {
         /// Longitude, degrees.
         lon: f64,
     },
+    /// `{"type":"discoverable","enabled":true,"until":..}`: be shown to
+    /// (and shown) strangers nearby, until `until` (Unix ms) or until
+    /// turned off; `enabled: false` turns it off at once.
+    Discoverable {
+        /// On or off.
+        enabled: bool,
+        /// When it ends by itself (only with `enabled: true`).
+        until: Option<i64>,
+    },
 }
 
 /// Why a client frame could not be understood. Each maps to an `error` frame
@@ -51,6 +60,8 @@ struct RawClientFrame<'a> {
     kind: Cow<'a, str>,
     lat: Option<f64>,
     lon: Option<f64>,
+    enabled: Option<bool>,
+    until: Option<i64>,
 }
 
 /// Parses one client text frame. Unknown fields are ignored (so clients can
@@ -62,6 +73,10 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         "location" => Ok(ClientFrame::Location {
             lat: raw.lat.ok_or(FrameError::MissingField("lat"))?,
             lon: raw.lon.ok_or(FrameError::MissingField("lon"))?,
+        }),
+        "discoverable" => Ok(ClientFrame::Discoverable {
+            enabled: raw.enabled.ok_or(FrameError::MissingField("enabled"))?,
+            until: raw.until,
         }),
         other => Err(FrameError::UnknownType(other.chars().take(64).collect())),
     }
@@ -125,6 +140,32 @@ impl From<nearby_core::Location> for SelfLocation {
     }
 }
 
+/// A stranger nearby, as `stranger_nearby` shows them: everything follows
+/// from the two users' geohash-5 cells (~4.9 km), never their positions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StrangerView {
+    /// An alias for this viewer, today (UTC): another viewer sees another
+    /// one, and it changes at midnight UTC. Never a user id.
+    pub id: String,
+    /// `[lo, hi)` km: the band of the distance between the two cells'
+    /// centres (0–5, 5–10, 10–20).
+    pub bucket_km: [u32; 2],
+    /// From the viewer's cell's centre to the stranger's, degrees, a
+    /// multiple of 45; absent in the same cell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearing_deg: Option<f64>,
+}
+
+/// Whether the user is discoverable by strangers nearby: in a snapshot,
+/// the body of `discoverable`, and `GET /v1/me/discoverable`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DiscoverableState {
+    /// Shown to strangers, and shown them, now.
+    pub enabled: bool,
+    /// When it ends by itself, Unix ms; null: until turned off (or off).
+    pub until: Option<i64>,
+}
+
 /// A frame from the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -145,6 +186,21 @@ pub enum ServerFrame {
         /// directions of sharing (WebSocket only).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         relations: Option<Vec<crate::rest::FriendView>>,
+        /// Whether the user is discoverable by strangers (WebSocket only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        discoverable: Option<DiscoverableState>,
+    },
+    /// The user's discoverability changed (by this or another device, or
+    /// its end passed).
+    Discoverable(DiscoverableState),
+    /// A discoverable stranger is near (in the 9 cells around the user's),
+    /// or their bucket or bearing changed.
+    StrangerNearby(StrangerView),
+    /// A stranger is no longer shown (moved away, stopped being
+    /// discoverable, went quiet, or the day's aliases changed).
+    StrangerLeft {
+        /// The alias they were shown under.
+        id: String,
     },
     /// The interval the client should report its location at changed:
     /// fast while a friend who can see the user is active nearby, slow
@@ -250,6 +306,18 @@ mod tests {
         assert_eq!(code(r#"[1,2]"#), "bad_json");
         assert_eq!(code(r#"{"type":"teleport"}"#), "unknown_type");
         assert_eq!(code(r#"{"type":"location","lat":1}"#), "missing_field");
+        assert_eq!(code(r#"{"type":"discoverable"}"#), "missing_field");
+        assert_eq!(
+            code(r#"{"type":"discoverable","enabled":"yes"}"#),
+            "bad_json"
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"discoverable","enabled":true,"until":5}"#),
+            Ok(ClientFrame::Discoverable {
+                enabled: true,
+                until: Some(5)
+            })
+        );
     }
 
     #[test]
@@ -278,6 +346,7 @@ mod tests {
             self_location: None,
             interval_ms: None,
             relations: None,
+            discoverable: None,
         };
         assert_eq!(f.to_json(), r#"{"type":"snapshot","friends":[]}"#);
         let me = SelfLocation {
@@ -290,6 +359,7 @@ mod tests {
             self_location: Some(me),
             interval_ms: None,
             relations: None,
+            discoverable: None,
         };
         assert_eq!(
             f.to_json(),
@@ -305,6 +375,30 @@ mod tests {
             }
             .to_json(),
             r#"{"type":"interval","interval_ms":60000}"#
+        );
+        let stranger = StrangerView {
+            id: "s0123456789abcdef".into(),
+            bucket_km: [2, 5],
+            bearing_deg: Some(45.0),
+        };
+        assert_eq!(
+            ServerFrame::StrangerNearby(stranger).to_json(),
+            r#"{"type":"stranger_nearby","id":"s0123456789abcdef","bucket_km":[2,5],"bearing_deg":45.0}"#
+        );
+        assert_eq!(
+            ServerFrame::StrangerLeft {
+                id: "s0123456789abcdef".into()
+            }
+            .to_json(),
+            r#"{"type":"stranger_left","id":"s0123456789abcdef"}"#
+        );
+        assert_eq!(
+            ServerFrame::Discoverable(DiscoverableState {
+                enabled: true,
+                until: None
+            })
+            .to_json(),
+            r#"{"type":"discoverable","enabled":true,"until":null}"#
         );
         let row = ServerFrame::FriendUpdate(crate::rest::FriendView {
             id: UserId(3),

@@ -52,6 +52,17 @@ pub struct ServerConfig {
     pub fast_interval_ms: u32,
     /// The update interval suggested otherwise (default 60 000 ms).
     pub slow_interval_ms: u32,
+    /// Strangers one session is shown at most (default 20): past it,
+    /// newcomers wait for a place (the hot-cell cap).
+    pub stranger_cap: usize,
+    /// A discoverable session re-announces its cell this often (default
+    /// 10 s); a stranger not heard of for three of these leaves.
+    pub stranger_heartbeat: Duration,
+    /// The key of strangers' aliases (HMAC-SHA256 of viewer, day and
+    /// stranger). Nodes sharing a bus should share it, or a viewer who
+    /// reconnects to another node sees new aliases; `None`: a random key
+    /// per process.
+    pub stranger_secret: Option<String>,
     /// How long a drain (the first SIGTERM) may take: sessions are told to
     /// go, spread over the first 80 % of it, and the process exits when the
     /// last is gone or at its end (default 30 s; 0: all at once).
@@ -117,6 +128,9 @@ impl Default for ServerConfig {
             history_retention_days: 30,
             fast_interval_ms: 5_000,
             slow_interval_ms: 60_000,
+            stranger_cap: 20,
+            stranger_heartbeat: Duration::from_secs(10),
+            stranger_secret: None,
             drain: Duration::from_secs(30),
             max_connections: 0,
             max_connections_per_ip: 4096,
@@ -245,6 +259,25 @@ impl ServerConfig {
             "slow_interval_ms",
             self.slow_interval_ms,
             "between --fast-interval-ms and 3600000 (an hour)",
+        )?;
+        check(
+            (1..=1000).contains(&self.stranger_cap),
+            "stranger_cap",
+            self.stranger_cap,
+            "between 1 and 1000",
+        )?;
+        check(
+            (Duration::from_millis(100)..=Duration::from_secs(3600))
+                .contains(&self.stranger_heartbeat),
+            "stranger_heartbeat_ms",
+            self.stranger_heartbeat.as_millis(),
+            "between 100 and 3600000 (an hour)",
+        )?;
+        check(
+            self.stranger_secret.as_ref().is_none_or(|s| s.len() >= 16),
+            "stranger_secret",
+            "(hidden)",
+            "at least 16 characters",
         )?;
         check(
             self.history_retention_days <= 36_500,

@@ -11,6 +11,7 @@
 //!   session's bus queue and its timers; the domain's `Session` decides.
 //! * [`metrics`] — Prometheus instruments and `GET /metrics`.
 //! * [`history`] — the bounded drop-oldest queue and its batching writer.
+//! * [`strangers`] — strangers nearby: the aliases' key and the opt-in.
 //! * [`web`] — the browser client, embedded in the binary.
 //! * [`error`] — the one error type every handler returns.
 //!
@@ -28,6 +29,7 @@ pub mod listen;
 pub mod metrics;
 pub mod rest;
 pub mod state;
+pub mod strangers;
 pub mod web;
 pub mod ws;
 
@@ -123,6 +125,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(rest::ghost)
                 .put(rest::start_ghost)
                 .delete(rest::end_ghost),
+        )
+        .route(
+            "/v1/me/discoverable",
+            get(strangers::discoverable)
+                .put(strangers::start_discoverable)
+                .delete(strangers::end_discoverable),
         )
         .route("/v1/ws", get(ws::upgrade))
         .route("/", get(web::index))

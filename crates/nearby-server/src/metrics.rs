@@ -16,6 +16,7 @@
 //! | `nearby_bus_delivered_total` / `_dropped_total` | counter | bus messages handed to / dropped for local sessions |
 //! | `nearby_bus_conflated_total` | counter | location updates replaced in a slow session's queue by the same friend's newer one |
 //! | `nearby_bus_channels` | gauge | channels with a local subscriber |
+//! | `nearby_strangers_gated_total` | counter | stranger notices a session with a full table of strangers filtered out (the hot-cell cap) |
 //! | `nearby_redis_reconnects_total` | counter | broker connections re-established |
 //! | `nearby_session_resyncs_total` | counter | sessions that re-read the user store because the bus may have lost messages |
 //! | `nearby_announce_failures_total` | counter | friend/sharing/logout changes stored but not published (sessions catch up on resync or revalidation) |
@@ -153,6 +154,7 @@ pub async fn render(State(st): State<Arc<AppState>>) -> Response {
     counter!("nearby_bus_delivered_total").absolute(bus.delivered);
     counter!("nearby_bus_dropped_total").absolute(bus.dropped);
     counter!("nearby_bus_conflated_total").absolute(nearby_ports::conflated_total());
+    counter!("nearby_strangers_gated_total").absolute(nearby_ports::gated_total());
     counter!("nearby_redis_reconnects_total").absolute(bus.reconnects);
     gauge!("nearby_bus_channels").set(bus.channels as f64);
     gauge!("nearby_ring_members").set(bus.ring_members as f64);

@@ -447,7 +447,7 @@ pub(crate) fn friend_view(f: nearby_ports::FriendEntry, now_ms: i64) -> FriendVi
 }
 
 /// A `bad_until` unless `until` is absent or in the future.
-fn check_until(until: Option<i64>, now: i64) -> ApiResult<()> {
+pub(crate) fn check_until(until: Option<i64>, now: i64) -> ApiResult<()> {
     if until.is_some_and(|u| u <= now) {
         return Err(ApiError::bad_request(
             "bad_until",
@@ -479,7 +479,7 @@ fn other_user(raw: &str, me: AuthUser) -> ApiResult<UserId> {
 /// Sessions read it again when the bus comes back (every session re-reads
 /// its friends and token after a broker reconnect) and, whatever happened
 /// to the message, within one revalidation period.
-async fn announce(st: &AppState, msgs: &[(UserId, BusMessage)]) {
+pub(crate) async fn announce(st: &AppState, msgs: &[(UserId, BusMessage)]) {
     for (to, msg) in msgs {
         if let Err(e) = st.backends.bus.publish(Channel::Inbox(*to), *msg).await {
             st.metrics.announce_failures.increment(1);
@@ -762,6 +762,7 @@ pub async fn nearby(State(st): St, me: AuthUser) -> ApiResult<Json<ServerFrame>>
         self_location: session.own_location().map(Into::into),
         interval_ms: None,
         relations: None,
+        discoverable: None,
     }))
 }
 

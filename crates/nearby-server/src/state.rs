@@ -50,6 +50,8 @@ pub struct AppState {
     pub hasher: crate::auth::Hasher,
     /// Hot-path instruments.
     pub metrics: Arc<Metrics>,
+    /// The key of strangers' aliases.
+    pub aliases: crate::strangers::AliasKey,
     /// Login, sign-up and per-user limits.
     pub guards: Arc<crate::abuse::Guards>,
     /// Open connections against their limits.
@@ -75,6 +77,7 @@ impl AppState {
         Ok(Arc::new(Self {
             admission,
             guards,
+            aliases: crate::strangers::AliasKey::new(cfg.stranger_secret.as_deref()),
             cfg,
             backends,
             history,

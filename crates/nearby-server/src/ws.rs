@@ -37,6 +37,8 @@ use crate::listen::Peer;
 use crate::rest::start_session;
 use crate::state::{now_ms, AppState};
 
+mod discovery;
+
 /// Bus messages handled per wake-up before the frames are flushed.
 pub const BUS_DRAIN: usize = 64;
 
@@ -177,8 +179,8 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
                 // (the race test saw, rarely under load, a session start
                 // and never hear of its token's logout).
                 Ok(started) => match own_state(&st, user).await {
-                    Ok((ghost, list)) => match token_valid(&st, &me).await {
-                        Ok(true) => Ok(Some((started, ghost, list))),
+                    Ok(own) => match token_valid(&st, &me).await {
+                        Ok(true) => Ok(Some((started, own))),
                         Ok(false) => Ok(None),
                         Err(e) => Err(e),
                     },
@@ -192,7 +194,7 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
         Err(e) => Err(e),
     };
     let mut conn = match started {
-        Ok(Some(((session, snapshot), ghost_until, list))) => {
+        Ok(Some(((session, snapshot), (ghost_until, discoverable_until, list)))) => {
             crate::metrics::observe(&st.metrics.session_start, opened);
             st.metrics.connections.increment(1.0);
             let now = now_ms();
@@ -200,6 +202,8 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
             pace.set_viewers(crate::rest::viewers_in(&list, now));
             pace.set_hidden(ghost_until.is_some_and(|u| now < u));
             pace.decide(session.shown(), now);
+            let related: Vec<UserId> = list.iter().map(|f| f.id).collect();
+            let discovery = discovery::Discovery::new(user, &st.cfg, discoverable_until);
             let frame = ServerFrame::Snapshot {
                 friends: snapshot.into_iter().map(Into::into).collect(),
                 self_location: session.own_location().map(Into::into),
@@ -209,8 +213,9 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
                         .map(|f| crate::rest::friend_view(f, now))
                         .collect(),
                 ),
+                discoverable: Some(discovery.told()),
             };
-            Conn {
+            let mut conn = Conn {
                 pace,
                 bucket: TokenBucket::new(st.cfg.updates_per_sec, st.cfg.update_burst, now_ms()),
                 st: st.clone(),
@@ -224,7 +229,11 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
                 slot,
                 ghost_until,
                 last_reported: None,
-            }
+                discovery,
+            };
+            conn.set_related(related);
+            conn.sync_discovery(now).await;
+            conn
         }
         Ok(None) => {
             let frame = ServerFrame::error("token_revoked", "you logged out with this token");
@@ -246,19 +255,21 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
     if conn.flush(&mut socket).await.is_ok() {
         conn.serve(&mut socket, &mut mailbox, me.expires_at).await;
     }
+    conn.leave_discovery().await;
     drop(conn);
     st.metrics.connections.decrement(1.0);
     tracing::debug!(%user, "session closed");
 }
 
-/// The user's ghost mode and friend list.
-async fn own_state(
-    st: &AppState,
-    user: UserId,
-) -> StoreResult<(Option<i64>, Vec<nearby_ports::FriendEntry>)> {
+/// The user's ghost mode, discoverability and friend list.
+type OwnState = (Option<i64>, Option<i64>, Vec<nearby_ports::FriendEntry>);
+
+/// Reads [`OwnState`].
+async fn own_state(st: &AppState, user: UserId) -> StoreResult<OwnState> {
     let users = &st.backends.users;
     Ok((
         users.ghost_until(user, now_ms()).await?,
+        users.discoverable_until(user, now_ms()).await?,
         users.friends(user).await?,
     ))
 }
@@ -376,6 +387,8 @@ struct Conn {
     last_reported: Option<Location>,
     /// The update interval suggested to the client.
     pace: Pace,
+    /// Strangers nearby.
+    discovery: discovery::Discovery,
 }
 
 impl Conn {
@@ -415,7 +428,10 @@ impl Conn {
         let mut revalidate = tokio::time::interval_at(start + first, period);
         revalidate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next_expiry = self.session.next_expiry();
+            let next_expiry = [self.session.next_expiry(), self.discovery.deadline()]
+                .into_iter()
+                .flatten()
+                .min();
             if next_expiry != armed {
                 if let Some(t) = next_expiry {
                     friend_expiry
@@ -485,6 +501,7 @@ impl Conn {
                     let events = self.session.on_tick(now);
                     self.out.extend(events.into_iter().map(ServerFrame::from));
                     self.end_expired_grants(now).await;
+                    self.discovery_tick(now).await;
                 }
             }
             let (shown, left) = (
@@ -609,6 +626,9 @@ impl Conn {
         match parse_client_frame(text) {
             Err(e) => self.out.push(ServerFrame::error(e.code(), e.to_string())),
             Ok(ClientFrame::Location { lat, lon }) => self.on_location(lat, lon).await,
+            Ok(ClientFrame::Discoverable { enabled, until }) => {
+                self.on_discoverable(enabled, until).await
+            }
         }
     }
 
@@ -685,6 +705,7 @@ impl Conn {
                 "your location was saved but friends may not see it yet",
             ));
         }
+        self.sync_discovery(now).await;
     }
 
     /// Decides the suggested interval again; an `interval` frame if it
@@ -738,6 +759,7 @@ impl Conn {
         match self.st.backends.users.friends(me).await {
             Ok(list) => {
                 let now = now_ms();
+                self.set_related(list.iter().map(|f| f.id).collect());
                 // What the user shares may have changed too.
                 self.pace.set_viewers(crate::rest::viewers_in(&list, now));
                 self.decide_pace();
@@ -820,19 +842,20 @@ impl Conn {
         let read = async {
             let token = users.token_user(&self.token_hash, now_ms()).await?;
             let valid = token.is_some_and(|(id, _)| id == me);
-            let (visible, ghost) = if valid {
+            let (visible, ghost, discoverable) = if valid {
                 let now = now_ms();
                 (
                     users.visible_friends(me, now).await?,
                     users.ghost_until(me, now).await?,
+                    users.discoverable_until(me, now).await?,
                 )
             } else {
-                (Vec::new(), None)
+                (Vec::new(), None, None)
             };
-            StoreResult::Ok((valid, visible, ghost))
+            StoreResult::Ok((valid, visible, ghost, discoverable))
         };
         match read.await {
-            Ok((false, _, _)) => {
+            Ok((false, ..)) => {
                 // A token gone with its account: say which.
                 if matches!(users.user_exists(me).await, Ok(false)) {
                     self.out.push(ServerFrame::error(
@@ -843,7 +866,7 @@ impl Conn {
                 }
                 self.revoke();
             }
-            Ok((true, visible, ghost)) => {
+            Ok((true, visible, ghost, discoverable)) => {
                 // A ghost mode that ran out is kept until the next position,
                 // which tells friends to look again (see `on_location`).
                 let lapsed = self.ghost_until.filter(|u| *u <= now_ms());
@@ -858,6 +881,9 @@ impl Conn {
                     }
                 }
                 self.decide_pace();
+                self.discovery.until = discoverable;
+                self.sync_discovery(now).await;
+                self.recheck_strangers().await;
             }
             Err(e) => {
                 tracing::warn!(user = %me, error = %e, "re-reading the user store failed; retrying soon");
@@ -1023,6 +1049,10 @@ impl Conn {
             BusMessage::FriendQuiet { friend } => self.session.forget_location(friend),
             BusMessage::FriendsChanged { friend } => {
                 self.push_relations(&[friend]).await;
+                None
+            }
+            BusMessage::Stranger { user, cell, stamp } => {
+                self.on_stranger(user, cell, stamp);
                 None
             }
         };

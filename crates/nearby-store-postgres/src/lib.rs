@@ -77,6 +77,9 @@ CREATE TABLE location_history_default PARTITION OF location_history DEFAULT;
     // an approximate position (`approximate`), per granting edge.
     "ALTER TABLE friend_edges ADD COLUMN share_until BIGINT;
      ALTER TABLE friend_edges ADD COLUMN approximate BOOLEAN NOT NULL DEFAULT FALSE;",
+    // Discoverable by strangers nearby while `now < discoverable_until`
+    // (`GHOST_FOREVER` until turned off); NULL (the default) when not.
+    "ALTER TABLE users ADD COLUMN discoverable_until BIGINT;",
 ];
 
 /// Connects to `url` (`postgres://…`), runs pending migrations, and returns

@@ -436,6 +436,45 @@ impl UserStore for PgUserStore {
         Ok(until.flatten().filter(|u| *u > now_ms))
     }
 
+    async fn set_discoverable(&self, user: UserId, until_ms: Option<i64>) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE users SET discoverable_until = $1 WHERE id = $2")
+            .bind(until_ms)
+            .bind(user.0)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("user {user}")));
+        }
+        Ok(())
+    }
+
+    async fn discoverable_until(&self, user: UserId, now_ms: i64) -> StoreResult<Option<i64>> {
+        let until: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT discoverable_until FROM users WHERE id = $1")
+                .bind(user.0)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
+        Ok(until.flatten().filter(|u| *u > now_ms))
+    }
+
+    async fn discoverable_among(&self, users: &[UserId], now_ms: i64) -> StoreResult<Vec<UserId>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = users.iter().map(|u| u.0).collect();
+        let rows: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM users WHERE id = ANY($1) AND discoverable_until > $2",
+        )
+        .bind(ids)
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(rows.into_iter().map(UserId).collect())
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         crate::ping(&self.pool).await
     }

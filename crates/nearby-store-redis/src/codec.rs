@@ -15,6 +15,9 @@ const REVOKED: u8 = 4;
 const PRESENCE: u8 = 5;
 const QUIET: u8 = 6;
 const CHANGED: u8 = 7;
+const STRANGER: u8 = 8;
+/// A `Stranger` notice's cell when they left discovery (ids are 25 bits).
+const NO_CELL: u32 = u32::MAX;
 
 /// Size of an encoded [`Location`].
 pub const LOCATION_LEN: usize = 24;
@@ -93,6 +96,12 @@ pub fn encode_message(msg: &BusMessage) -> Vec<u8> {
             out.push(QUIET);
             out.extend_from_slice(&friend.0.to_le_bytes());
         }
+        BusMessage::Stranger { user, cell, stamp } => {
+            out.push(STRANGER);
+            out.extend_from_slice(&user.0.to_le_bytes());
+            out.extend_from_slice(&stamp.to_le_bytes());
+            out.extend_from_slice(&cell.unwrap_or(NO_CELL).to_le_bytes());
+        }
     }
     out
 }
@@ -117,11 +126,19 @@ pub fn decode_message(b: &[u8]) -> Option<BusMessage> {
         (PRESENCE, 0) => Some(BusMessage::PresenceCheck),
         (QUIET, 8) => Some(BusMessage::FriendQuiet { friend: id()? }),
         (CHANGED, 8) => Some(BusMessage::FriendsChanged { friend: id()? }),
+        (STRANGER, 20) => {
+            let cell = u32::from_le_bytes(rest.get(16..20)?.try_into().ok()?);
+            Some(BusMessage::Stranger {
+                user: id()?,
+                stamp: i64::from_le_bytes(word(rest, 8)?),
+                cell: (cell != NO_CELL).then_some(cell),
+            })
+        }
         _ => None,
     }
 }
 
-/// `{prefix}loc:42` / `{prefix}inbox:42`.
+/// `{prefix}loc:42` / `{prefix}inbox:42` / `{prefix}cell:1234567`.
 pub fn channel_name(prefix: &str, ch: Channel) -> String {
     format!("{prefix}{}", ch.name())
 }
@@ -131,6 +148,9 @@ pub fn parse_channel(prefix: &str, name: &str) -> Option<Channel> {
     let rest = name.strip_prefix(prefix)?;
     if let Some(id) = rest.strip_prefix("loc:") {
         return id.parse().ok().map(|u| Channel::Location(UserId(u)));
+    }
+    if let Some(id) = rest.strip_prefix("cell:") {
+        return id.parse().ok().map(Channel::Cell);
     }
     let id = rest.strip_prefix("inbox:")?;
     id.parse().ok().map(|u| Channel::Inbox(UserId(u)))
@@ -166,6 +186,16 @@ mod tests {
             Just(BusMessage::PresenceCheck),
             any::<i64>().prop_map(|f| BusMessage::FriendQuiet { friend: UserId(f) }),
             any::<i64>().prop_map(|f| BusMessage::FriendsChanged { friend: UserId(f) }),
+            (
+                any::<i64>(),
+                proptest::option::of(0u32..1 << 25),
+                any::<i64>()
+            )
+                .prop_map(|(u, cell, stamp)| BusMessage::Stranger {
+                    user: UserId(u),
+                    cell,
+                    stamp
+                }),
         ]
     }
 
@@ -196,8 +226,12 @@ mod tests {
         }
 
         #[test]
-        fn channel_names_round_trip(id in any::<i64>(), inbox in any::<bool>()) {
-            let ch = if inbox { Channel::Inbox(UserId(id)) } else { Channel::Location(UserId(id)) };
+        fn channel_names_round_trip(id in any::<i64>(), kind in 0u8..3) {
+            let ch = match kind {
+                0 => Channel::Inbox(UserId(id)),
+                1 => Channel::Location(UserId(id)),
+                _ => Channel::Cell(id as u32 & ((1 << 25) - 1)),
+            };
             prop_assert_eq!(parse_channel("p:", &channel_name("p:", ch)), Some(ch));
             prop_assert_eq!(parse_channel("q:", &channel_name("p:", ch)), None);
         }

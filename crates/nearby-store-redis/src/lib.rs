@@ -109,6 +109,7 @@ pub(crate) fn ring_key(ch: Channel, buf: &mut [u8; 32]) -> &[u8] {
     let _ = match ch {
         Channel::Location(u) => write!(w, "loc:{}", u.0),
         Channel::Inbox(u) => write!(w, "inbox:{}", u.0),
+        Channel::Cell(c) => write!(w, "cell:{c}"),
     };
     let left = w.len();
     &buf[..32 - left]

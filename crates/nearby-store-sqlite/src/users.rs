@@ -77,6 +77,9 @@ ALTER TABLE friend_edges_v3 RENAME TO friend_edges;
     // an approximate position (`approximate`), per granting edge.
     "ALTER TABLE friend_edges ADD COLUMN share_until INTEGER;
      ALTER TABLE friend_edges ADD COLUMN approximate INTEGER NOT NULL DEFAULT 0;",
+    // Discoverable by strangers nearby while `now < discoverable_until`
+    // (`GHOST_FOREVER` until turned off); NULL (the default) when not.
+    "ALTER TABLE users ADD COLUMN discoverable_until INTEGER;",
 ];
 
 /// `friend_edges.status` of a mutual friendship (migration 3), spelled as
@@ -501,5 +504,53 @@ impl UserStore for SqliteUserStore {
                 .await
                 .map_err(backend)?;
         Ok(until.flatten().filter(|u| *u > now_ms))
+    }
+
+    async fn set_discoverable(&self, user: UserId, until_ms: Option<i64>) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE users SET discoverable_until = ? WHERE id = ?")
+            .bind(until_ms)
+            .bind(user.0)
+            .execute(&self.db.writer)
+            .await
+            .map_err(backend)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("user {user}")));
+        }
+        Ok(())
+    }
+
+    async fn discoverable_until(&self, user: UserId, now_ms: i64) -> StoreResult<Option<i64>> {
+        let until: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT discoverable_until FROM users WHERE id = ?")
+                .bind(user.0)
+                .fetch_optional(&self.db.reader)
+                .await
+                .map_err(backend)?;
+        Ok(until.flatten().filter(|u| *u > now_ms))
+    }
+
+    async fn discoverable_among(&self, users: &[UserId], now_ms: i64) -> StoreResult<Vec<UserId>> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The ids as one JSON array: one statement whatever their number.
+        let ids = format!(
+            "[{}]",
+            users
+                .iter()
+                .map(|u| u.0.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let rows: Vec<i64> = sqlx::query_scalar(
+            "SELECT u.id FROM json_each(?1) j JOIN users u ON u.id = j.value
+             WHERE u.discoverable_until > ?2",
+        )
+        .bind(ids)
+        .bind(now_ms)
+        .fetch_all(&self.db.reader)
+        .await
+        .map_err(backend)?;
+        Ok(rows.into_iter().map(UserId).collect())
     }
 }

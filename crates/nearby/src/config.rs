@@ -74,6 +74,15 @@ pub struct ServeArgs {
     /// Update interval suggested to a client nobody nearby can see, ms [default: 60000].
     #[arg(long, env = "NEARBY_SLOW_INTERVAL_MS")]
     pub slow_interval_ms: Option<u32>,
+    /// Strangers one session is shown at most; past it newcomers wait for a place [default: 20].
+    #[arg(long, env = "NEARBY_STRANGER_CAP")]
+    pub stranger_cap: Option<usize>,
+    /// How often a discoverable session re-announces its cell, ms; a stranger silent for 3 of these leaves [default: 10000].
+    #[arg(long, env = "NEARBY_STRANGER_HEARTBEAT_MS")]
+    pub stranger_heartbeat_ms: Option<u64>,
+    /// Key of strangers' per-viewer, per-day aliases (16+ characters; give every node the same) [default: random per process].
+    #[arg(long, env = "NEARBY_STRANGER_SECRET", hide_env_values = true)]
+    pub stranger_secret: Option<String>,
     /// Connections served normally [default: 0, derived from the open-file limit].
     #[arg(long, env = "NEARBY_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -197,6 +206,9 @@ impl ServeArgs {
             history_retention_days,
             fast_interval_ms,
             slow_interval_ms,
+            stranger_cap,
+            stranger_heartbeat_ms,
+            stranger_secret,
             max_connections,
             max_connections_per_ip,
             connection_reserve,
@@ -262,6 +274,11 @@ impl ServeArgs {
                 .unwrap_or(d.history_retention_days),
             fast_interval_ms: merged.fast_interval_ms.unwrap_or(d.fast_interval_ms),
             slow_interval_ms: merged.slow_interval_ms.unwrap_or(d.slow_interval_ms),
+            stranger_cap: merged.stranger_cap.unwrap_or(d.stranger_cap),
+            stranger_heartbeat: merged
+                .stranger_heartbeat_ms
+                .map_or(d.stranger_heartbeat, Duration::from_millis),
+            stranger_secret: merged.stranger_secret.clone(),
             drain: merged.drain_secs.map_or(d.drain, Duration::from_secs),
             max_connections: merged.max_connections.unwrap_or(d.max_connections),
             max_connections_per_ip: merged

@@ -118,6 +118,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     serve_with(args.resolve()?, |_, _| {}).await
 }
 
+/// The embedded node's key of strangers' aliases: `stranger.key` in the
+/// data dir, made (random, owner-only) on first start.
+fn stranger_key(data_dir: &std::path::Path) -> anyhow::Result<String> {
+    use rand::RngCore;
+    let path = data_dir.join("stranger.key");
+    match std::fs::read_to_string(&path) {
+        Ok(key) if key.trim().len() >= 16 => return Ok(key.trim().to_owned()),
+        Ok(_) => anyhow::bail!(
+            "{} is too short; delete it to make a new one",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    std::io::Write::write_all(
+        &mut opts
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?,
+        key.as_bytes(),
+    )?;
+    Ok(key)
+}
+
 /// Runs the server on resolved settings until SIGTERM or Ctrl-C.
 /// `on_listening` is called once the socket is bound (`nearby demo` starts
 /// its simulated users there).
@@ -189,7 +219,22 @@ async fn serve_with(
         cache,
         bus,
     };
-    let state = AppState::new(s.server.clone(), backends)?;
+    let mut server = s.server.clone();
+    if server.stranger_secret.is_none() {
+        if s.redis.is_none() {
+            // One node (its bus is in-process): its own key, kept in its
+            // data dir, so aliases hold across restarts.
+            std::fs::create_dir_all(&s.data_dir)
+                .with_context(|| format!("creating data dir {}", s.data_dir.display()))?;
+            server.stranger_secret = Some(stranger_key(&s.data_dir)?);
+        } else {
+            tracing::warn!(
+                "no --stranger-secret: strangers' aliases use a random key per node, \
+                 so a viewer who reconnects to another node sees new ones; give every node the same"
+            );
+        }
+    }
+    let state = AppState::new(server, backends)?;
 
     let listener = tokio::net::TcpListener::bind(s.listen)
         .await

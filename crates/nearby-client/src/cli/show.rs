@@ -42,6 +42,9 @@ pub(crate) fn ids(frame: &ServerFrame) -> Vec<UserId> {
         | ServerFrame::FriendUpdate(_)
         | ServerFrame::FriendRemoved { .. }
         | ServerFrame::Interval { .. }
+        | ServerFrame::Discoverable(_)
+        | ServerFrame::StrangerNearby(_)
+        | ServerFrame::StrangerLeft { .. }
         | ServerFrame::Error { .. } => vec![],
     }
 }
@@ -107,8 +110,41 @@ pub(crate) fn frame_line(frame: &ServerFrame, names: &Names, now_ms: i64) -> Str
             "the server suggests reporting every {}",
             span_words(*interval_ms)
         ),
+        ServerFrame::Discoverable(d) => match (d.enabled, d.until) {
+            (false, _) => "you are not discoverable by strangers".to_owned(),
+            (true, None) => "you are discoverable by strangers nearby".to_owned(),
+            (true, Some(until)) => format!(
+                "you are discoverable by strangers nearby for {} more",
+                remaining(until, now_ms)
+            ),
+        },
+        ServerFrame::StrangerNearby(s) => {
+            let way = s.bearing_deg.map_or(String::from(", in your cell"), |b| {
+                format!(" to the {}", compass(b))
+            });
+            format!(
+                "stranger {} is {}–{} km away{way}",
+                s.id, s.bucket_km[0], s.bucket_km[1]
+            )
+        }
+        ServerFrame::StrangerLeft { id } => format!("stranger {id} is no longer nearby"),
         ServerFrame::Error { code, message, .. } => format!("server error {code}: {message}"),
     }
+}
+
+/// The eight winds of a bearing that is a multiple of 45.
+fn compass(bearing_deg: f64) -> &'static str {
+    const WINDS: [&str; 8] = [
+        "north",
+        "north-east",
+        "east",
+        "south-east",
+        "south",
+        "south-west",
+        "west",
+        "north-west",
+    ];
+    WINDS[((bearing_deg / 45.0).round() as usize) % 8]
 }
 
 /// "5 s", "1 min", "1.5 s".
@@ -157,15 +193,19 @@ fn share_text(on: bool, until: Option<i64>, precision: Precision, now_ms: i64) -
         s.push_str(", approximately");
     }
     if let Some(u) = until {
-        let secs = u.saturating_sub(now_ms).max(0) / 1000;
-        let left = match secs {
-            ..=119 => format!("{secs} s"),
-            120..=7199 => format!("{} min", secs / 60),
-            _ => format!("{} h", secs / 3600),
-        };
-        s.push_str(&format!(", for {left} more"));
+        s.push_str(&format!(", for {} more", remaining(u, now_ms)));
     }
     s
+}
+
+/// "42 s", "25 min", "3 h": the time left until `until`.
+fn remaining(until: i64, now_ms: i64) -> String {
+    let secs = until.saturating_sub(now_ms).max(0) / 1000;
+    match secs {
+        ..=119 => format!("{secs} s"),
+        120..=7199 => format!("{} min", secs / 60),
+        _ => format!("{} h", secs / 3600),
+    }
 }
 
 /// " (seen 42 s ago)" for a location older than a few seconds, else "".
@@ -244,6 +284,7 @@ mod tests {
                 self_location: None,
                 interval_ms: None,
                 relations: None,
+                discoverable: None,
             }),
             "nearby now: nobody"
         );
@@ -253,8 +294,29 @@ mod tests {
                 self_location: None,
                 interval_ms: None,
                 relations: None,
+                discoverable: None,
             }),
             "nearby now: bob 999.6 m, user 9 12.0 m (seen 90 s ago)"
+        );
+        assert_eq!(
+            line(ServerFrame::StrangerNearby(
+                nearby_proto::ws::StrangerView {
+                    id: "s1".into(),
+                    bucket_km: [5, 10],
+                    bearing_deg: Some(135.0),
+                }
+            )),
+            "stranger s1 is 5–10 km away to the south-east"
+        );
+        assert_eq!(
+            line(ServerFrame::StrangerNearby(
+                nearby_proto::ws::StrangerView {
+                    id: "s1".into(),
+                    bucket_km: [0, 5],
+                    bearing_deg: None,
+                }
+            )),
+            "stranger s1 is 0–5 km away, in your cell"
         );
         assert_eq!(
             line(ServerFrame::FriendLocation(near(2, 1000.0, now - 1000))),

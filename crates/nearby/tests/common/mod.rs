@@ -312,6 +312,9 @@ impl TwoNodes {
             url.as_str(),
             "--database-url",
             db.url.as_str(),
+            // One key of strangers' aliases for both, as operators set.
+            "--stranger-secret",
+            "the two test nodes share this",
         ];
         flags.extend_from_slice(extra);
         let (a, b) = (Server::start(&flags), Server::start(&flags));
