@@ -49,6 +49,7 @@ function destination(p, bearing, dist) {
 const rnd = () => Math.random().toString(36).slice(2, 10);
 const userA = { name: `a_${rnd()}`, password: `pw-${rnd()}-${rnd()}` };
 const userB = { name: `b_${rnd()}`, password: `pw-${rnd()}-${rnd()}` };
+const userC = { name: `c_${rnd()}`, password: `pw-${rnd()}-${rnd()}` };
 const posA = { lat: 37.5665, lon: 126.978 };
 const posB = destination(posA, 60, 1200);
 const farB = destination(posA, 0, 20000);
@@ -259,6 +260,43 @@ async function main() {
     await A.uncheck('#ghost');
     await A.waitForSelector('#privacy[data-ghost="false"]');
     checkDistance('B sees A after ghost mode', await nearbyDistance(B, userA.name));
+
+    step = 'C, a stranger, and A opt in to strangers nearby; B does not';
+    {
+      const ctx = await browser.newContext({ viewport: { width: 1200, height: 860 } });
+      const C = await ctx.newPage();
+      C.setDefaultTimeout(WAIT_MS);
+      C.on('pageerror', (err) => problems.push(`C page error: ${err.message}`));
+      C.on('console', (m) => { if (m.type() === 'error') problems.push(`C console: ${m.text()}`); });
+      pages.C = C;
+      await signUp(C, userC);
+      await setLocation(C, destination(posA, 90, 3000)); // the next cell east
+      await C.check('#discoverable');
+      await C.waitForSelector('#strangers-card[data-discoverable="true"]');
+      await A.check('#discoverable');
+      await A.waitForSelector('#strangers-card[data-discoverable="true"]');
+      // A sees C as an anonymous row with a band (and C sees A); B, not
+      // discoverable, sees nobody, and A's friend B is no stranger.
+      await A.waitForSelector('#strangers li');
+      await C.waitForSelector('#strangers li');
+      const row = await A.textContent('#strangers li');
+      if (!/^\?Someone\d+–\d+ km (in your area|to the [a-z-]+)$/.test(row)) fail(`A's stranger row reads ${JSON.stringify(row)}`);
+      if (row.includes(userC.name)) fail('the stranger row names C');
+      if (await A.locator('#strangers li').count() !== 1) fail('A sees more than C');
+      if (await B.locator('#strangers li').count() !== 0) fail('B, not discoverable, sees strangers');
+      await A.waitForSelector('#map circle.stranger');
+      log(`strangers: A sees "${row}"; "${await A.textContent('#strangers-info')}"`);
+      await A.screenshot({ path: SHOT.replace(/\.png$/, '-strangers.png'), fullPage: true });
+      // C opts out: gone from A at once.
+      await C.uncheck('#discoverable');
+      await A.waitForSelector('#strangers li', { state: 'detached' });
+      await C.waitForSelector('#strangers-card[data-discoverable="false"]');
+      await A.uncheck('#discoverable');
+      await A.waitForSelector('#strangers-card[data-discoverable="false"]');
+      log('C opted out: A no longer sees a stranger');
+      await ctx.close();
+      delete pages.C;
+    }
 
     step = 'screenshot';
     await A.screenshot({ path: SHOT });

@@ -52,6 +52,9 @@ pub(crate) struct Population {
     pub online_friends: Vec<u32>,
     /// Where in the interval each user sends, as a fraction.
     pub phases: Vec<f64>,
+    /// Which users opt in to strangers nearby (`--discoverable`).
+    #[serde(default)]
+    pub discoverable: Vec<bool>,
     /// Online users of each process.
     pub members: Vec<Vec<u32>>,
     /// Local addresses to connect from, in turn (empty: the system's
@@ -85,6 +88,9 @@ pub(crate) struct Counters {
     /// while steps were measured, µs (run maximum).
     #[serde(default)]
     pub max_gap_us: u64,
+    /// `stranger_nearby` and `stranger_left` frames received.
+    #[serde(default)]
+    pub strangers: u64,
 }
 
 impl std::ops::AddAssign for Counters {
@@ -98,6 +104,7 @@ impl std::ops::AddAssign for Counters {
         self.settling += o.settling;
         self.reconnects += o.reconnects;
         self.max_gap_us = self.max_gap_us.max(o.max_gap_us);
+        self.strangers += o.strangers;
     }
 }
 
@@ -178,6 +185,8 @@ pub(crate) struct Shared {
     reconnect_hist: std::sync::Mutex<Histogram<u64>>,
     /// See [`Counters::max_gap_us`].
     max_gap_us: AtomicU64,
+    /// See [`Counters::strangers`].
+    strangers: AtomicU64,
 }
 
 impl Shared {
@@ -192,6 +201,7 @@ impl Shared {
             settling: self.settling.load(Ordering::SeqCst),
             reconnects: self.reconnects.load(Ordering::SeqCst),
             max_gap_us: self.max_gap_us.load(Ordering::SeqCst),
+            strangers: self.strangers.load(Ordering::SeqCst),
         }
     }
 
@@ -209,6 +219,7 @@ impl Shared {
             &self.expected,
             &self.deliveries,
             &self.errors,
+            &self.strangers,
         ] {
             c.store(0, Ordering::SeqCst);
         }
@@ -324,6 +335,7 @@ impl Local {
             reconnects: AtomicU64::new(0),
             reconnect_hist: std::sync::Mutex::new(new_histogram()),
             max_gap_us: AtomicU64::new(0),
+            strangers: AtomicU64::new(0),
         });
         let mut addrs = Vec::with_capacity(pop.urls.len());
         for url in &pop.urls {
@@ -377,6 +389,7 @@ impl Local {
                 phase: pop.phases[i],
                 rounds: pop.rounds,
                 seed: pop.seed.wrapping_add(u64::from(u)),
+                discoverable: pop.discoverable.get(i).copied().unwrap_or(false),
                 dial: Dial {
                     addr: addrs[node],
                     source: (!pop.source_ips.is_empty())
@@ -762,6 +775,8 @@ struct Plan {
     phase: f64,
     rounds: Option<u64>,
     seed: u64,
+    /// Opts in to strangers nearby once placed.
+    discoverable: bool,
     /// How to connect again after a close.
     dial: Dial,
 }
@@ -879,6 +894,14 @@ async fn client(
         shared.disconnects.fetch_add(1, Ordering::Relaxed);
         return;
     }
+    // Discoverable users opt in once (the store keeps it across reconnects).
+    if plan.discoverable {
+        let opt_in = json!({ "type": "discoverable", "enabled": true }).to_string();
+        if tx.send(Message::text(opt_in)).await.is_err() {
+            shared.disconnects.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
     // Until `go`, only read (the friends' first sightings), counting them
     // so the coordinator can wait until they stop.
     loop {
@@ -978,6 +1001,9 @@ async fn client(
                             if sent.step > 0 {
                                 shared.record(me, sent.step as usize, now_us.saturating_sub(sent.mono_us));
                             }
+                        }
+                        ("stranger_nearby" | "stranger_left", _) => {
+                            shared.strangers.fetch_add(1, Ordering::Relaxed);
                         }
                         ("snapshot" | "interval", _) => {
                             suggested = frame.interval_ms.map(Duration::from_millis).or(suggested);

@@ -173,6 +173,11 @@ pub struct BenchArgs {
     /// Share of users online (connected).
     #[arg(long, default_value_t = 1.0)]
     pub online: f64,
+    /// Share of online users who opt in to strangers nearby: they announce
+    /// their ~5 km cell and are shown the others around (each at most the
+    /// server's `--stranger-cap`); cities are a few cells, so dense.
+    #[arg(long, default_value_t = 0.0)]
+    pub discoverable: f64,
     /// Radius of each city's disc, metres (keep it under half the server's
     /// nearby radius, so everyone in a city is in range of everyone else).
     #[arg(long, default_value_t = 2000.0)]
@@ -356,6 +361,9 @@ pub struct Step {
     pub deliveries_per_s: f64,
     /// Error frames.
     pub errors: u64,
+    /// `stranger_nearby` / `stranger_left` frames received per second
+    /// (`--discoverable`).
+    pub stranger_frames_per_s: f64,
     /// No error frame, and deliveries within `--loss-tolerance` of the
     /// expected: only a clean step may count as capacity.
     pub clean: bool,
@@ -403,6 +411,8 @@ pub async fn run(args: BenchArgs, import: Option<&dyn Import>) -> Result<Report,
             .iter()
             .any(|i| *i < 100 && (*i != 0 || args.ceiling))
         || !(0.0..=1.0).contains(&args.online)
+        || !(0.0..=1.0).contains(&args.discoverable)
+        || (args.discoverable > 0.0 && args.ceiling)
         || !(1..=CITIES.len()).contains(&args.cities)
         || args.procs == 0
         || args.procs > args.cities
@@ -411,6 +421,7 @@ pub async fn run(args: BenchArgs, import: Option<&dyn Import>) -> Result<Report,
     {
         return Err(BenchError::Args(format!(
             "need --users >= 2, intervals >= 100 ms (or 0: follow the server, not with --ceiling), 0 <= --online <= 1, \
+             0 <= --discoverable <= 1 (not with --ceiling), \
              1 <= --procs <= --cities <= {}, a --url, and --ceiling-frame-bytes >= 16",
             CITIES.len()
         )));
@@ -495,6 +506,12 @@ pub async fn run(args: BenchArgs, import: Option<&dyn Import>) -> Result<Report,
         })
         .collect();
     let phases = (0..args.users).map(|_| rng.gen::<f64>()).collect();
+    // Drawn from their own stream: the same seed places everyone alike
+    // whatever the share, so runs with and without strangers compare.
+    let mut opt_rng = StdRng::seed_from_u64(args.seed ^ 0x5354_5241_4e47_4552);
+    let discoverable: Vec<bool> = (0..args.users)
+        .map(|_| opt_rng.gen::<f64>() < args.discoverable)
+        .collect();
     // Whole cities per process, largest first onto the least loaded, so no
     // delivery crosses processes.
     let mut per_city = vec![Vec::new(); args.cities];
@@ -540,6 +557,7 @@ pub async fn run(args: BenchArgs, import: Option<&dyn Import>) -> Result<Report,
         homes,
         online_friends,
         phases,
+        discoverable,
         members,
         source_ips: args.source_ips.clone(),
         seed: args.seed,
@@ -806,6 +824,7 @@ fn close_step(
         updates_per_s: updates as f64 / window_s,
         deliveries_per_s: deliveries as f64 / window_s,
         errors: c.errors,
+        stranger_frames_per_s: c.strangers as f64 / window_s,
         clean: false,
         latency: latency(&fleet::new_histogram()),
         server_cpu_cores: cpu.server_cores,
@@ -1000,6 +1019,12 @@ fn print_summary(report: &Report) {
         "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}  ({} samples)",
         l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms, l.count
     );
+    if r.stranger_frames_per_s > 0.0 {
+        println!(
+            "strangers nearby: {:.1} stranger frames/s received",
+            r.stranger_frames_per_s
+        );
+    }
     println!(
         "errors {}, disconnects {}, unmatched deliveries {}; the step is {}",
         r.errors,
@@ -1085,6 +1110,7 @@ mod tests {
             updates_per_s: 100.0,
             deliveries_per_s: dps,
             errors: 0,
+            stranger_frames_per_s: 0.0,
             clean,
             latency: Latency {
                 count: 1000,

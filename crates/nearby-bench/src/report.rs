@@ -229,6 +229,7 @@ mod tests {
             updates_per_s: 1000.0,
             deliveries_per_s: 19_900.0,
             errors: 0,
+            stranger_frames_per_s: 0.0,
             latency: Latency {
                 count: 199_000,
                 p50_ms: 1.0,

@@ -248,10 +248,40 @@ impl Client {
     }
 
     /// `GET /v1/me/ghost`, or with `set` `PUT` (`Some(until)`: hide until
-    /// then, `Some(None)`: until turned off) or `DELETE` (`None` in `set`
-    /// is a read). Returns `{"ghost", "until"}`.
+    /// then, `Some(None)`: until turned off). Returns `{"ghost", "until"}`.
     pub async fn ghost(&self, set: Option<Option<i64>>) -> Result<serde_json::Value, ClientError> {
-        let path = ["v1", "me", "ghost"];
+        self.switch("ghost", set).await
+    }
+
+    /// `DELETE /v1/me/ghost`: be seen again.
+    pub async fn end_ghost(&self) -> Result<(), ClientError> {
+        self.empty(Method::DELETE, &["v1", "me", "ghost"], None)
+            .await
+    }
+
+    /// `GET /v1/me/discoverable`, or with `set` `PUT` (`Some(until)`:
+    /// discoverable by strangers nearby until then, `Some(None)`: until
+    /// turned off). Returns `{"enabled", "until"}`.
+    pub async fn discoverable(
+        &self,
+        set: Option<Option<i64>>,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.switch("discoverable", set).await
+    }
+
+    /// `DELETE /v1/me/discoverable`: vanish from strangers at once.
+    pub async fn end_discoverable(&self) -> Result<(), ClientError> {
+        self.empty(Method::DELETE, &["v1", "me", "discoverable"], None)
+            .await
+    }
+
+    /// `GET /v1/me/{leaf}`, or `PUT` it with `{"until"}`.
+    async fn switch(
+        &self,
+        leaf: &str,
+        set: Option<Option<i64>>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = ["v1", "me", leaf];
         match set {
             None => self.json(Method::GET, &path, None, true).await,
             Some(until) => {
@@ -259,12 +289,6 @@ impl Client {
                 self.json(Method::PUT, &path, Some(body), true).await
             }
         }
-    }
-
-    /// `DELETE /v1/me/ghost`: be seen again.
-    pub async fn end_ghost(&self) -> Result<(), ClientError> {
-        self.empty(Method::DELETE, &["v1", "me", "ghost"], None)
-            .await
     }
 
     /// `DELETE /v1/me`: deletes the account, confirmed by its credentials.

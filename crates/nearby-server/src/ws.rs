@@ -1005,6 +1005,8 @@ impl Conn {
                     let events = self.session.on_own_location(loc, now);
                     self.out.push(ServerFrame::SelfLocation(loc.into()));
                     self.out.extend(events.into_iter().map(ServerFrame::from));
+                    // The user's cell among strangers follows too.
+                    self.sync_discovery(now).await;
                 }
                 None
             }

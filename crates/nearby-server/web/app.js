@@ -35,6 +35,8 @@ const state = {
   lastSent: 0,
   geoWatch: null,
   lastPollError: null,
+  discoverable: { enabled: false, until: null },
+  strangers: new Map(), // alias -> {id, bucket_km, bearing_deg}
 };
 
 // ---------- small DOM helpers ----------
@@ -178,6 +180,9 @@ function endSession(reason) {
   clearTimeout(state.shareTimer);
   state.ghost = null;
   renderGhost();
+  state.discoverable = { enabled: false, until: null };
+  state.strangers.clear();
+  renderStrangers();
   state.me = null;
   $('#app-view').hidden = true;
   $('#auth-view').hidden = false;
@@ -321,6 +326,40 @@ function renderGhost() {
     : 'Friends you share with see your distance.';
   clearTimeout(state.ghostTimer);
   if (g.ghost && g.until) state.ghostTimer = setTimeout(() => loadGhost().catch((err) => report(err)), Math.max(0, g.until - Date.now()) + 500);
+}
+
+// ---------- strangers nearby ----------
+
+const WINDS = ['north', 'north-east', 'east', 'south-east', 'south', 'south-west', 'west', 'north-west'];
+
+// Opt in or out: over the socket when live (applied at once), else REST.
+async function setDiscoverable() {
+  const enabled = $('#discoverable').checked;
+  if (state.live && state.ws) {
+    state.ws.send(JSON.stringify({ type: 'discoverable', enabled }));
+    return; // the server answers with a `discoverable` frame
+  }
+  try {
+    state.discoverable = enabled
+      ? await api('PUT', '/v1/me/discoverable', {})
+      : (await api('DELETE', '/v1/me/discoverable'), { enabled: false, until: null });
+  } finally {
+    renderStrangers();
+  }
+}
+
+function renderStrangers() {
+  const d = state.discoverable;
+  $('#discoverable').checked = d.enabled;
+  $('#strangers-card').dataset.discoverable = String(d.enabled);
+  const rows = [...state.strangers.values()].sort((a, b) => a.bucket_km[0] - b.bucket_km[0] || a.id.localeCompare(b.id));
+  $('#strangers').replaceChildren(...rows.map((st) => h('li', { 'data-id': st.id, 'data-bucket': st.bucket_km.join('-') },
+    h('span', { class: 'avatar stranger', 'aria-hidden': 'true' }, '?'),
+    h('span', { class: 'name' }, 'Someone'),
+    h('span', { class: 'distance' }, `${st.bucket_km[0]}–${st.bucket_km[1]} km ${st.bearing_deg == null ? 'in your area' : `to the ${WINDS[Math.round(st.bearing_deg / 45) % 8]}`}`))));
+  $('#strangers-info').textContent = !d.enabled
+    ? 'Off: no stranger sees you, and you see none.'
+    : `${rows.length ? '' : 'Nobody else discoverable around you yet. '}Discoverable ${d.until ? `until ${fmtClock(d.until)}` : 'until you turn it off'}: strangers see only which ~5 km area you are in, never your position or name.`;
 }
 
 // ---------- history and account ----------
@@ -499,6 +538,9 @@ function onFrame(data) {
       }
       else refreshFriendsSoon();
       loadGhost().catch((err) => report(err)); // another device may have changed it
+      if (msg.discoverable) state.discoverable = msg.discoverable;
+      state.strangers.clear(); // they come again as they announce themselves
+      renderStrangers();
       state.live = true;
       state.attempt = 0;
       clearNotes('conn');
@@ -539,6 +581,19 @@ function onFrame(data) {
       break;
     case 'self_location':
       adoptRemoteLocation(msg, 'elsewhere');
+      break;
+    case 'discoverable':
+      state.discoverable = { enabled: msg.enabled, until: msg.until ?? null };
+      if (!msg.enabled) state.strangers.clear();
+      renderStrangers();
+      break;
+    case 'stranger_nearby':
+      state.strangers.set(msg.id, { id: msg.id, bucket_km: msg.bucket_km, bearing_deg: msg.bearing_deg ?? null });
+      renderStrangers();
+      break;
+    case 'stranger_left':
+      state.strangers.delete(msg.id);
+      renderStrangers();
       break;
     case 'friend_left': {
       const shown = state.nearby.delete(msg.id);
@@ -792,6 +847,14 @@ function renderMap() {
     parts.push(s('line', { x1: 0, y1: 0, x2: x, y2: y, class: 'spoke' }));
     friends.push(g);
   }
+  // Strangers: anonymous dots at the middle of their band, towards their
+  // area (those in your own area are listed only).
+  for (const st of state.strangers.values()) {
+    if (st.bearing_deg == null) continue;
+    const angle = (st.bearing_deg * Math.PI) / 180;
+    const d = toUnits((st.bucket_km[0] + st.bucket_km[1]) * 500, range);
+    parts.push(s('circle', { cx: d * Math.sin(angle), cy: -d * Math.cos(angle), r: 5, class: 'stranger', 'data-id': st.id }));
+  }
   parts.push(s('circle', { cx: 0, cy: 0, r: 7, class: state.me ? 'me' : 'me unknown' }),
     s('text', { x: 0, y: 20, class: 'me-label' }, state.me ? 'you' : 'you (no location)'), ...friends);
   svg.replaceChildren(...parts);
@@ -845,6 +908,7 @@ function init() {
   $('#friends').addEventListener('change', guard(friendAction));
   $('#friends-refresh').addEventListener('click', guard(refreshFriends));
   $('#ghost').addEventListener('change', guard(setGhost));
+  $('#discoverable').addEventListener('change', guard(setDiscoverable));
   $('#history-export').addEventListener('click', guard(exportHistory));
   $('#history-delete').addEventListener('click', guard(deleteHistory));
   $('#account-delete-form').addEventListener('submit', guard(deleteAccount));

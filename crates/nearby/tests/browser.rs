@@ -27,7 +27,7 @@ fn two_users_befriend_and_see_each_other_in_chromium() {
     let mut server = Some(common::Server::start_at(
         tempfile::tempdir().expect("tempdir"),
         &listen,
-        &["--drain-secs", "1"],
+        &["--drain-secs", "1", "--stranger-heartbeat-ms", "500"],
     ));
     let base = server.as_ref().map(|s| s.base.clone()).unwrap_or_default();
     let artifacts = format!("{root}/target/artifacts");
@@ -57,7 +57,11 @@ fn two_users_befriend_and_see_each_other_in_chromium() {
         if line == "RESTART SERVER" {
             // Same data, same address: the page must find it again.
             let data = server.take().expect("one restart").stop_keeping_data();
-            server = Some(common::Server::start_at(data, &listen, &[]));
+            server = Some(common::Server::start_at(
+                data,
+                &listen,
+                &["--stranger-heartbeat-ms", "500"],
+            ));
             if let Some(mut pipe) = stdin.take() {
                 // Answered, then closed: node waits for nothing more.
                 writeln!(pipe, "restarted").expect("answer node");

@@ -458,6 +458,70 @@ fn privacy_from_the_command_line_ghost_terms_history_and_account() {
 }
 
 #[test]
+fn strangers_from_the_command_line() {
+    let server = Server::start(&["--stranger-heartbeat-ms", "200"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [alice, carol] = ["alice", "carol"].map(|name| {
+        let t = Term::new(&server.base, dir.path(), name);
+        t.ok_on_server(&["signup", name, PASSWORD]);
+        t.ok_on_server(&["login", name, PASSWORD]);
+        t
+    });
+    let off = "not discoverable: no stranger sees you, and you see none";
+    assert_eq!(alice.ok(&["discoverable", "status"]).trim(), off);
+    assert!(alice
+        .fails(&["discoverable", "off", "--for", "1h"])
+        .contains("--for"));
+    let out = alice.ok(&["discoverable", "on", "--for", "30m"]);
+    assert_eq!(
+        out.trim(),
+        "discoverable: strangers nearby who opted in see you (and you them) for 30 min more"
+    );
+    let status: Value =
+        serde_json::from_str(&carol.ok(&["--json", "discoverable", "on"])).expect("JSON");
+    assert_eq!(status, json!({ "enabled": true, "until": null }));
+
+    // Carol keeps a session (her watch) where another device put her;
+    // Alice, 300 m south in the same cell, sees her as a stranger.
+    let carol_watch = carol.spawn(&["watch"]);
+    assert_eq!(carol_watch.line(), "nearby now: nobody");
+    let [lat, lon] = coords(SEOUL);
+    carol.ok(&["move", &lat, &lon]);
+    let watch = alice.spawn(&["watch"]);
+    assert_eq!(watch.line(), "nearby now: nobody");
+    let [lat, lon] = coords(north_of(SEOUL.0, SEOUL.1, -300.0));
+    alice.ok(&["move", &lat, &lon]);
+    let seen = loop {
+        let l = watch.line();
+        if l.starts_with("stranger ") {
+            break l;
+        }
+    };
+    let alias = seen
+        .strip_prefix("stranger ")
+        .and_then(|r| r.split_once(' '))
+        .map(|(a, _)| a.to_owned())
+        .expect("an alias");
+    assert!(alias.starts_with('s') && alias.len() == 17, "{seen}");
+    assert_eq!(
+        seen,
+        format!("stranger {alias} is 0–5 km away, in your cell")
+    );
+
+    // Alice opts out: she is told, and her strangers go.
+    assert_eq!(alice.ok(&["discoverable", "off"]).trim(), off);
+    let mut lines = Vec::new();
+    while !lines.contains(&format!("stranger {alias} is no longer nearby")) {
+        lines.push(watch.line());
+    }
+    assert!(
+        lines.contains(&"you are not discoverable by strangers".to_owned()),
+        "{lines:?}"
+    );
+    drop(carol_watch);
+}
+
+#[test]
 fn walk_follows_the_interval_the_server_suggests() {
     // Nobody can see the walker: the slow interval, 1.5 s here.
     let server = Server::start(&["--slow-interval-ms", "1500", "--fast-interval-ms", "200"]);

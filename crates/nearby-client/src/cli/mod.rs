@@ -97,6 +97,16 @@ pub enum ClientCmd {
         #[arg(long = "for", value_parser = parse_span, value_name = "SPAN")]
         span: Option<Duration>,
     },
+    /// Strangers nearby: be shown to (and shown) discoverable strangers
+    /// around you, as an alias and a distance band (`on`, optionally
+    /// `--for` a while), vanish from them (`off`), or show it (`status`).
+    Discoverable {
+        /// on, off or status.
+        state: GhostState,
+        /// End by itself after this long (`90s`, `30m`, `2h`, `1d`); only with `on`.
+        #[arg(long = "for", value_parser = parse_span, value_name = "SPAN")]
+        span: Option<Duration>,
+    },
     /// Your own location history: print it, export it, or delete it.
     History {
         /// How many days back [default: 1].
@@ -198,14 +208,14 @@ fn parse_span(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?}: at most ten years"))
 }
 
-/// `ghost on|off|status`.
+/// `ghost on|off|status`, `discoverable on|off|status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum GhostState {
-    /// Hide.
+    /// Turn it on.
     On,
-    /// Be seen again.
+    /// Turn it off.
     Off,
-    /// Show whether you are hidden.
+    /// Show whether it is on.
     Status,
 }
 
@@ -412,6 +422,36 @@ async fn execute(args: ClientArgs) -> Result<(), ClientError> {
                         "ghost mode: hidden from every friend until `ghost off`".into()
                     }
                     _ => "ghost mode off: friends you share with see you".into(),
+                }
+            })
+        }
+        ClientCmd::Discoverable { state, span } => {
+            if span.is_some() && state != GhostState::On {
+                return Err(ClientError::Invalid(
+                    "--for goes with `discoverable on`".into(),
+                ));
+            }
+            let answer = match state {
+                GhostState::On => {
+                    let until = span.map(|d| now_ms().saturating_add(d.as_millis() as i64));
+                    client.discoverable(Some(until)).await?
+                }
+                GhostState::Off => {
+                    client.end_discoverable().await?;
+                    serde_json::json!({ "enabled": false, "until": null })
+                }
+                GhostState::Status => client.discoverable(None).await?,
+            };
+            out.value_or(&answer, || {
+                match (answer["enabled"].as_bool(), answer["until"].as_i64()) {
+                    (Some(true), Some(until)) => format!(
+                        "discoverable: strangers nearby who opted in see you (and you them) for {} more",
+                        duration_words(until.saturating_sub(now_ms()))
+                    ),
+                    (Some(true), None) => "discoverable: strangers nearby who opted in see you \
+                         (and you them) until `discoverable off`"
+                        .into(),
+                    _ => "not discoverable: no stranger sees you, and you see none".into(),
                 }
             })
         }
