@@ -231,6 +231,7 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
                 last_reported: None,
                 discovery,
             };
+            conn.sub.subscriber().limit_strangers(st.cfg.stranger_cap);
             conn.set_related(related);
             conn.sync_discovery(now).await;
             conn

@@ -704,3 +704,73 @@ async fn hot_cell(servers: &[&Server]) {
     assert!(gated > 0.0, "full sessions filtered notices out");
     println!("{CROWD} fans, cap {CAP}: {gated} notices filtered out by full sessions");
 }
+
+/// Cell channels go through the bus like users' channels: on a ring of
+/// three Redis servers, each is subscribed on exactly the member the ring
+/// places it on, and strangers on two nodes see each other through it.
+#[tokio::test]
+async fn cell_channels_are_sharded_over_the_redis_ring() {
+    use nearby_conformance::services::{self, RedisProcess, TempDatabase};
+    let mut ring = Vec::new();
+    for _ in 0..4 {
+        match RedisProcess::start() {
+            Ok(r) => ring.push(r),
+            Err(e) => return services::missing("redis-server", e),
+        }
+    }
+    let cache = ring.pop().expect("four");
+    let db = match TempDatabase::create(&services::postgres_url()).await {
+        Ok(db) => db,
+        Err(e) => return services::missing("PostgreSQL", e),
+    };
+    let urls: Vec<String> = ring.iter().map(RedisProcess::url).collect();
+    let (cache_url, members) = (cache.url(), urls.join(","));
+    let mut flags = vec![
+        "--redis-url",
+        &cache_url,
+        "--pubsub-redis-urls",
+        &members,
+        "--database-url",
+        &db.url,
+        "--stranger-secret",
+        "the ring test's shared key",
+    ];
+    flags.extend_from_slice(&FLAGS);
+    let (one, two) = (Server::start(&flags), Server::start(&flags));
+    let (alice, bob) = (one.user("alice").await, two.user("bob").await);
+    let mut a = Eye::connect(&alice, &one).await;
+    let mut b = Eye::connect(&bob, &two).await;
+    let (here, north) = (cell_centre(SEOUL, 0, 0), cell_centre(SEOUL, 1, 0));
+    a.at(here).await;
+    b.at(north).await;
+    a.opt(true).await;
+    b.opt(true).await;
+    a.until("alice sees bob", |a| a.shown.len() == 1).await;
+    b.until("bob sees alice", |b| b.shown.len() == 1).await;
+    assert_eq!(a.shown.values().next().expect("bob")["bearing_deg"], 0.0);
+
+    let want: BTreeSet<u32> = neighbourhood(here)
+        .union(&neighbourhood(north))
+        .copied()
+        .collect();
+    let owners = nearby_ring::Ring::new(urls.iter().map(String::as_str));
+    let mut seen = BTreeSet::new();
+    for (url, redis) in urls.iter().zip(&ring) {
+        for cell in cells_on_redis(redis) {
+            let key = format!("cell:{cell}");
+            assert_eq!(
+                owners.owner(key.as_bytes()),
+                Some(url.as_str()),
+                "{key} is subscribed on {url}, not on its owner"
+            );
+            assert!(seen.insert(cell), "{key} on two members");
+        }
+    }
+    assert_eq!(seen, want, "every cell listened to, on the ring");
+    assert!(cells_on_redis(&cache).is_empty(), "no cell on the cache");
+    let spread: BTreeSet<&str> = seen
+        .iter()
+        .filter_map(|c| owners.owner(format!("cell:{c}").as_bytes()))
+        .collect();
+    assert!(spread.len() > 1, "{} cells on one member only", seen.len());
+}
