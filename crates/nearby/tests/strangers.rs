@@ -203,6 +203,34 @@ async fn visibility(one: &Server, two: &Server) {
         let off = json!({ "enabled": false, "until": null });
         assert_eq!(eye.discoverable, off, "off by default");
     }
+    // Bad opt-ins are refused, clearly, and change nothing.
+    c.ws.send_text(r#"{"type":"discoverable","enabled":true,"until":1}"#)
+        .await;
+    c.ws.expect_error("bad_until").await;
+    c.ws.send_text(r#"{"type":"discoverable"}"#).await;
+    c.ws.expect_error("missing_field").await;
+    let (st, body) = common::call(
+        &reqwest::Client::new(),
+        Method::PUT,
+        &format!("{}/v1/me/discoverable", one.base),
+        Some(&carol.token),
+        Some(json!({ "untill": 1 })),
+    )
+    .await;
+    assert_eq!(
+        (st, &body["code"]),
+        (StatusCode::BAD_REQUEST, &json!("bad_json")),
+        "{body}"
+    );
+    let (st, body) = common::call(
+        &reqwest::Client::new(),
+        Method::PUT,
+        &format!("{}/v1/me/discoverable", one.base),
+        None,
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{body}");
     a.at(home).await;
     c.at((home.0 + 0.001, home.1)).await;
     b.at(cell_centre(SEOUL, 1, 0)).await;
