@@ -107,6 +107,12 @@ impl Client {
         Ok(url)
     }
 
+    /// `GET /healthz`: whether the server answers at all.
+    pub async fn healthz(&self) -> Result<(), ClientError> {
+        let _: serde_json::Value = self.json(Method::GET, &["healthz"], None, false).await?;
+        Ok(())
+    }
+
     /// `POST /v1/users`: create an account.
     pub async fn sign_up(&self, username: &str, password: &str) -> Result<UserView, ClientError> {
         let body = credentials(username, password);

@@ -47,10 +47,30 @@ impl Saved {
     /// The token, if it was issued by `server` (a token is never sent to a
     /// server other than the one that issued it).
     pub fn token_for(&self, server: &str) -> Option<&str> {
-        (self.server == server)
+        (same_server(&self.server, server))
             .then_some(self.token.as_deref())
             .flatten()
     }
+}
+
+/// Whether two server URLs name the same server: `localhost`, `[::1]` and
+/// `127.0.0.1` are one host (this machine), and a trailing slash does not
+/// count.
+pub fn same_server(a: &str, b: &str) -> bool {
+    fn canonical(s: &str) -> String {
+        let s = s.trim().trim_end_matches('/').to_ascii_lowercase();
+        let (scheme, rest) = s.split_once("://").unwrap_or(("http", &s));
+        let (host_port, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let host_port = ["localhost", "[::1]"]
+            .iter()
+            .find_map(|h| {
+                let port = host_port.strip_prefix(h)?;
+                (port.is_empty() || port.starts_with(':')).then(|| format!("127.0.0.1{port}"))
+            })
+            .unwrap_or_else(|| host_port.to_owned());
+        format!("{scheme}://{host_port}/{path}")
+    }
+    canonical(a) == canonical(b)
 }
 
 /// Where the login is kept.
@@ -182,6 +202,28 @@ mod tests {
             std::fs::read_dir(dir.path().join("sub")).unwrap().count(),
             1
         );
+    }
+
+    #[test]
+    fn localhost_and_loopback_are_one_server() {
+        assert!(same_server(
+            "http://localhost:8080",
+            "http://127.0.0.1:8080/"
+        ));
+        assert!(same_server("http://[::1]:8080/", "http://127.0.0.1:8080"));
+        assert!(same_server(
+            "http://LOCALHOST:8080",
+            "http://127.0.0.1:8080"
+        ));
+        assert!(!same_server(
+            "http://localhost:8081",
+            "http://127.0.0.1:8080"
+        ));
+        assert!(!same_server(
+            "http://localhost.evil:8080",
+            "http://127.0.0.1:8080"
+        ));
+        assert!(!same_server("http://example.com", "http://127.0.0.1"));
     }
 
     #[test]

@@ -86,6 +86,9 @@ async fn run(cli: Cli, nofile: std::io::Result<u64>) -> anyhow::Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: a log file or a
+        // journal gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match nofile {
         Ok(limit) => tracing::debug!(limit, "open-file limit"),

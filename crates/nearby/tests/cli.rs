@@ -154,6 +154,20 @@ impl Proc {
         self.lines.recv_timeout(WAIT).expect("a line within 10 s")
     }
 
+    /// The next line of `watch`, which starts with the local time
+    /// (`HH:MM:SS `): the rest.
+    fn watch_line(&self) -> String {
+        let line = self.line();
+        let (time, rest) = line.split_at_checked(9).unwrap_or(("", ""));
+        let digits = |s: &str| s.len() == 2 && s.bytes().all(|b| b.is_ascii_digit());
+        let parts: Vec<&str> = time.trim_end().split(':').collect();
+        assert!(
+            time.ends_with(' ') && parts.len() == 3 && parts.iter().all(|p| digits(p)),
+            "no time at the start of {line:?}"
+        );
+        rest.to_owned()
+    }
+
     /// The next JSON line that is not a suggested interval (`interval`
     /// frames come whenever a friend who can see the user comes or goes).
     fn json(&self) -> Value {
@@ -209,15 +223,22 @@ fn coords((lat, lon): (f64, f64)) -> [String; 2] {
     [lat.to_string(), lon.to_string()]
 }
 
-/// The distance in a human line such as "alice is 1000.0 m away".
+/// The distance in metres in a human line such as "alice is 1.00 km away"
+/// or "alice is 604 m away".
 fn distance_in(line: &str, name: &str) -> f64 {
     let rest = line
         .strip_prefix(&format!("{name} is "))
         .unwrap_or_else(|| panic!("{line:?} is not about {name}"));
-    rest.split(' ')
+    let mut words = rest.split(' ');
+    let number: f64 = words
         .next()
         .and_then(|d| d.parse().ok())
-        .unwrap_or_else(|| panic!("no distance in {line:?}"))
+        .unwrap_or_else(|| panic!("no distance in {line:?}"));
+    match words.next() {
+        Some("km") => number * 1000.0,
+        Some("m") => number,
+        _ => panic!("no unit in {line:?}"),
+    }
 }
 
 #[test]
@@ -484,15 +505,15 @@ fn strangers_from_the_command_line() {
     // Carol keeps a session (her watch) where another device put her;
     // Alice, 300 m south in the same cell, sees her as a stranger.
     let carol_watch = carol.spawn(&["watch"]);
-    assert_eq!(carol_watch.line(), "nearby now: nobody");
+    assert_eq!(carol_watch.watch_line(), "nearby now: nobody");
     let [lat, lon] = coords(SEOUL);
     carol.ok(&["move", &lat, &lon]);
     let watch = alice.spawn(&["watch"]);
-    assert_eq!(watch.line(), "nearby now: nobody");
+    assert_eq!(watch.watch_line(), "nearby now: nobody");
     let [lat, lon] = coords(north_of(SEOUL.0, SEOUL.1, -300.0));
     alice.ok(&["move", &lat, &lon]);
     let seen = loop {
-        let l = watch.line();
+        let l = watch.watch_line();
         if l.starts_with("stranger ") {
             break l;
         }
@@ -508,16 +529,25 @@ fn strangers_from_the_command_line() {
         format!("stranger {alias} is 0–5 km away, in your cell")
     );
 
+    // The same report twice from another device: `watch` says it once.
+    let [lat, lon] = coords(north_of(SEOUL.0, SEOUL.1, -200.0));
+    alice.ok(&["move", &lat, &lon]);
+    alice.ok(&["move", &lat, &lon]);
     // Alice opts out: she is told, and her strangers go.
     assert_eq!(alice.ok(&["discoverable", "off"]).trim(), off);
     let mut lines = Vec::new();
     while !lines.contains(&format!("stranger {alias} is no longer nearby")) {
-        lines.push(watch.line());
+        lines.push(watch.watch_line());
     }
     assert!(
         lines.contains(&"you are not discoverable by strangers".to_owned()),
         "{lines:?}"
     );
+    let moved = lines
+        .iter()
+        .filter(|l| l.starts_with("you are at "))
+        .count();
+    assert_eq!(moved, 1, "a repeated line is not printed again: {lines:?}");
     drop(carol_watch);
 }
 
@@ -581,13 +611,27 @@ fn mistakes_give_one_line_errors_and_a_failure_status() {
     let err = carol.fails(&["move", "91", "0"]);
     assert_eq!(err, "error: latitude 91 is out of range [-90, 90]");
 
-    // A token is only ever sent to the server that issued it.
-    let other = server.base.replace("127.0.0.1", "localhost");
+    // `localhost` and a trailing slash name the same server as the
+    // saved login; another server gets no token, and one that is down is
+    // said to be down, not "not logged in".
+    let same = format!("{}/", server.base.replace("127.0.0.1", "localhost"));
+    assert!(carol
+        .ok(&["--server", &same, "friends", "list"])
+        .starts_with("no friends yet"));
+    let other = server.base.replace("127.0.0.1", "127.0.0.2");
     let err = carol.fails(&["--server", &other, "friends", "list"]);
     assert!(
-        err.starts_with(&format!("error: not logged in to {other}")),
+        err.starts_with(&format!("error: cannot reach {other}")),
         "{err}"
     );
+    // Adding yourself is a sentence, not a code.
+    assert_eq!(
+        carol.fails(&["friends", "add", "carol"]),
+        "error: you cannot add yourself"
+    );
+    // The help names the environment variable once, without a value.
+    let help = carol.ok(&["--help"]);
+    assert!(!help.contains("[env:"), "{help}");
     let err = carol.fails(&["--token", "0000", "friends", "list"]);
     assert!(err.starts_with("error: 401 unauthorized: "), "{err}");
 
@@ -599,7 +643,7 @@ fn mistakes_give_one_line_errors_and_a_failure_status() {
     );
 
     let stranger = Term::new(&server.base, dir.path(), "nobody-yet");
-    let err = stranger.fails(&["watch"]);
+    let err = stranger.fails(&["--server", &server.base, "watch"]);
     assert!(err.contains("not logged in"), "{err}");
 }
 
@@ -616,30 +660,30 @@ fn watch_keeps_running_across_a_server_restart() {
     let [lat, lon] = coords(SEOUL);
     alice.ok(&["move", &lat, &lon]);
     let watch = alice.spawn(&["watch"]);
-    assert_eq!(watch.line(), "nearby now: nobody");
+    assert_eq!(watch.watch_line(), "nearby now: nobody");
 
     // The server restarts on the same address (SIGTERM: it drains).
     let data = server.stop_keeping_data();
-    let lost = watch.line();
+    let lost = watch.watch_line();
     assert!(lost.starts_with("connection lost ("), "{lost}");
     assert!(lost.ends_with("; reconnecting"), "{lost}");
     let _server = Server::start_at(data, &listen, &[]);
     // Tries while it is down are said, one line each, then it is back.
     let back = loop {
-        let l = watch.line();
+        let l = watch.watch_line();
         if !l.starts_with("still unreachable (") {
             break l;
         }
     };
     assert_eq!(back, "reconnected");
-    assert_eq!(watch.line(), "nearby now: nobody");
+    assert_eq!(watch.watch_line(), "nearby now: nobody");
 
     // And frames flow again. The embedded cache started empty: Alice
     // reports again (another device), then Bob, 1 km north, shows up.
     let [lat, lon] = coords(SEOUL);
     alice.ok(&["move", &lat, &lon]);
     // The watch is told where Alice's other device put her.
-    let me = watch.line();
+    let me = watch.watch_line();
     assert!(
         me.starts_with(&format!(
             "you are at {:.5}, {:.5}, as another of your devices reported",
@@ -649,7 +693,7 @@ fn watch_keeps_running_across_a_server_restart() {
     );
     let [lat, lon] = coords(north_of(SEOUL.0, SEOUL.1, 1000.0));
     bob.ok(&["move", &lat, &lon]);
-    let seen = watch.line();
+    let seen = watch.watch_line();
     assert!(
         seen.starts_with("bob is ") && seen.contains(" away"),
         "{seen}"
@@ -771,4 +815,41 @@ async fn the_demo_user_sees_simulated_friends_walking_around() {
     .await;
     assert_eq!(st.as_u16(), 200);
     assert!(again.terminate().success());
+}
+
+#[test]
+fn server_logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nearby serve");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("listening line");
+    assert!(first.starts_with("nearby listening on "), "{first}");
+    // SIGTERM: it logs "stopped" and exits, closing stderr.
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut log)
+        .expect("stderr");
+    let _ = child.wait();
+    assert!(log.contains("serving"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a piped log: {log:?}"
+    );
 }

@@ -36,11 +36,11 @@ const FIRST_FRAME: Duration = Duration::from_secs(10);
     after_help = "The login is kept in $NEARBY_CLIENT_CONFIG, else ~/.config/nearby/client.json."
 )]
 pub struct ClientArgs {
-    /// Server URL [default: the one saved by `login`, else http://127.0.0.1:8080].
-    #[arg(long, env = "NEARBY_SERVER", global = true)]
+    /// Server URL, or $NEARBY_SERVER [default: the one saved by `login`, else http://127.0.0.1:8080].
+    #[arg(long, env = "NEARBY_SERVER", hide_env = true, global = true)]
     pub server: Option<String>,
-    /// Bearer token to use instead of the saved login.
-    #[arg(long, env = "NEARBY_TOKEN", global = true, hide_env_values = true)]
+    /// Bearer token to use instead of the saved login, or $NEARBY_TOKEN.
+    #[arg(long, env = "NEARBY_TOKEN", hide_env = true, global = true)]
     pub token: Option<String>,
     /// Print the server's JSON as received, one document per line.
     #[arg(long, global = true)]
@@ -263,6 +263,12 @@ static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
 pub async fn run(args: ClientArgs) -> Result<(), ClientError> {
     match execute(args).await {
         Err(ClientError::Output(_)) if STDOUT_CLOSED.load(Ordering::Relaxed) => Ok(()),
+        // No login for a server that is down: say it is down, which is
+        // what needs fixing first.
+        Err(ClientError::NotLoggedIn { server }) => match Client::new(&server)?.healthz().await {
+            Err(e @ ClientError::Unreachable { .. }) => Err(e),
+            _ => Err(ClientError::NotLoggedIn { server }),
+        },
         Err(ClientError::Api {
             status,
             code,
@@ -575,7 +581,12 @@ async fn friends(client: &Client, out: &Out, cmd: FriendsCmd) -> Result<(), Clie
         }
         FriendsCmd::Add { name } => {
             let user = client.user_by_name(&name).await?;
-            let status = client.request_friend(user.id).await?;
+            let status = match client.request_friend(user.id).await {
+                Err(e) if e.api_code() == Some("self") => {
+                    return Err(ClientError::Invalid("you cannot add yourself".into()))
+                }
+                other => other?,
+            };
             out.value_or(
                 &serde_json::json!({ "id": user.id, "status": status }),
                 || match status {
@@ -624,6 +635,7 @@ async fn friends(client: &Client, out: &Out, cmd: FriendsCmd) -> Result<(), Clie
 
 async fn watch(client: &Client, out: &Out) -> Result<(), ClientError> {
     let mut feed = Feed::new(client, out).await?;
+    feed.live = true;
     let mut live = feed.connect().await?;
     let stop = tokio::signal::ctrl_c();
     tokio::pin!(stop);
@@ -657,6 +669,11 @@ struct Feed<'a> {
     backoff: crate::backoff::Backoff,
     /// The update interval the server suggested last, milliseconds.
     suggested: Option<u64>,
+    /// `watch`: each line starts with the local time, and a line the same
+    /// as the one before is not printed again.
+    live: bool,
+    /// The last line printed (without its time).
+    last_line: Option<String>,
 }
 
 impl<'a> Feed<'a> {
@@ -676,7 +693,23 @@ impl<'a> Feed<'a> {
             first_error: None,
             backoff: Default::default(),
             suggested: None,
+            live: false,
+            last_line: None,
         })
+    }
+
+    /// Prints one line for a person: with `watch`, stamped with the local
+    /// time, and not when it repeats the line before.
+    fn say(&mut self, text: String) -> Result<(), ClientError> {
+        if !self.live {
+            return self.out.line(text);
+        }
+        if self.last_line.as_deref() == Some(text.as_str()) {
+            return Ok(());
+        }
+        let stamped = format!("{} {text}", chrono::Local::now().format("%H:%M:%S"));
+        self.last_line = Some(text);
+        self.out.line(stamped)
     }
 
     /// After `lost` (a retryable error), reconnects the way
@@ -712,12 +745,12 @@ impl<'a> Feed<'a> {
 
     /// A line about the connection itself: on stdout for people, on
     /// stderr with `--json` (stdout stays one frame per line).
-    fn note(&self, text: &str) -> Result<(), ClientError> {
+    fn note(&mut self, text: &str) -> Result<(), ClientError> {
         if self.out.json {
             eprintln!("{text}");
             Ok(())
         } else {
-            self.out.line(text)
+            self.say(text.to_owned())
         }
     }
 
@@ -773,7 +806,7 @@ impl<'a> Feed<'a> {
             return self.out.line(inc.text.trim_end());
         }
         let Some(frame) = inc.frame else {
-            return self.out.line(inc.text.trim_end());
+            return self.say(inc.text.trim_end().to_owned());
         };
         // A friend added since the names were loaded: look again, once.
         let unknown: Vec<UserId> = show::ids(&frame)
@@ -786,8 +819,8 @@ impl<'a> Feed<'a> {
                 self.names = Names::from_friends(&list);
             }
         }
-        self.out
-            .line(show::frame_line(&frame, &self.names, now_ms()))
+        let line = show::frame_line(&frame, &self.names, now_ms());
+        self.say(line)
     }
 
     /// Prints frames until `deadline`.

@@ -156,8 +156,13 @@ fn span_words(ms: u32) -> String {
     }
 }
 
-fn metres(m: f64) -> String {
-    format!("{m:.1} m")
+/// Distances as the page shows them: "72 m", "5.56 km", "12.3 km".
+pub(crate) fn metres(m: f64) -> String {
+    match m {
+        m if m < 1000.0 => format!("{m:.0} m"),
+        m if m < 10_000.0 => format!("{:.2} km", m / 1000.0),
+        m => format!("{:.1} km", m / 1000.0),
+    }
 }
 
 /// "12.3 m", or "about 3 km" for a friend who shares approximately.
@@ -296,7 +301,7 @@ mod tests {
                 relations: None,
                 discoverable: None,
             }),
-            "nearby now: bob 999.6 m, user 9 12.0 m (seen 90 s ago)"
+            "nearby now: bob 1000 m, user 9 12 m (seen 90 s ago)"
         );
         assert_eq!(
             line(ServerFrame::StrangerNearby(
@@ -320,11 +325,11 @@ mod tests {
         );
         assert_eq!(
             line(ServerFrame::FriendLocation(near(2, 1000.0, now - 1000))),
-            "bob is 1000.0 m away"
+            "bob is 1.00 km away"
         );
         assert_eq!(
             line(ServerFrame::FriendLocation(near(2, 5.0, now - 600_000))),
-            "bob is 5.0 m away (seen 10 min ago)"
+            "bob is 5 m away (seen 10 min ago)"
         );
         let approx = NearbyFriend {
             approximate: true,
