@@ -337,6 +337,9 @@ pub struct Report {
     pub unmatched_deliveries: u64,
     /// The bound used, ms.
     pub p99_bound_ms: f64,
+    /// `--loss-tolerance`: a clean step received at least this share less
+    /// than all expected deliveries.
+    pub loss_tolerance: f64,
 }
 
 /// One load level.
@@ -425,6 +428,15 @@ pub async fn run(args: BenchArgs, import: Option<&dyn Import>) -> Result<Report,
              1 <= --procs <= --cities <= {}, a --url, and --ceiling-frame-bytes >= 16",
             CITIES.len()
         )));
+    }
+    if let Some(fast) = intervals.iter().copied().filter(|i| *i > 0).min() {
+        if fast < SERVER_MIN_INTERVAL_MS && !args.ceiling {
+            eprintln!(
+                "warning: an interval of {fast} ms is faster than a server's default limit of 5 updates/s per \
+                 connection (`nearby serve --updates-per-sec`, `--user-updates-per-sec`): unless the server \
+                 allows more, updates are refused with error frames and the step fails"
+            );
+        }
     }
     let setup_started = Instant::now();
     let http = reqwest::Client::builder()
@@ -736,6 +748,7 @@ pub async fn run(args: BenchArgs, import: Option<&dyn Import>) -> Result<Report,
         capacity_deliveries_per_s,
         unmatched_deliveries,
         p99_bound_ms: args.p99_bound_ms,
+        loss_tolerance: args.loss_tolerance,
     };
     if let Some(path) = &args.html {
         std::fs::write(path, report::html(&report))?;
@@ -989,6 +1002,21 @@ fn latency(h: &Histogram<u64>) -> Latency {
     }
 }
 
+/// The one memory-per-connection figure, saying what it divides by.
+pub(crate) fn memory_line(report: &Report) -> String {
+    match report.idle_bytes_per_connection {
+        Some(b) => format!(
+            "memory: {b} B per connection (the measured node's RSS growth while its {} clients connected, divided by {})",
+            report.clients_on_measured_node, report.clients_on_measured_node
+        ),
+        None => "memory per connection: not measured (no --server-pid)".to_owned(),
+    }
+}
+
+/// The fastest interval a `nearby serve` with default limits accepts
+/// from one connection (5 updates/s).
+const SERVER_MIN_INTERVAL_MS: u64 = 200;
+
 fn print_summary(report: &Report) {
     let r = &report.last;
     println!(
@@ -1001,9 +1029,7 @@ fn print_summary(report: &Report) {
         report.max_friends,
         report.setup_s
     );
-    if let Some(idle) = report.idle_bytes_per_connection {
-        println!("server RSS per idle connection: {idle} B");
-    }
+    println!("{}", memory_line(report));
     println!(
         "window {:.1} s: updates {} ({:.0}/s, offered {:.0}/s), deliveries {} of {} expected ({:.0}/s)",
         r.window_s,
@@ -1026,11 +1052,18 @@ fn print_summary(report: &Report) {
         );
     }
     println!(
-        "errors {}, disconnects {}, unmatched deliveries {}; the step is {}",
+        "errors {}, disconnects {}, unmatched deliveries {}; the step {}",
         r.errors,
         report.disconnects,
         report.unmatched_deliveries,
-        if r.clean { "clean" } else { "NOT clean" }
+        if r.clean {
+            "is clean".to_owned()
+        } else {
+            format!(
+                "FAILED (a clean step has no error frame and receives at least {:.1} % of the expected deliveries)",
+                (1.0 - report.loss_tolerance) * 100.0
+            )
+        }
     );
     if report.disconnects > 0 {
         let t = &report.reconnect_time;
@@ -1062,7 +1095,7 @@ fn print_summary(report: &Report) {
                 opt(s.server_cpu_cores, 2),
                 opt(s.server_cpu_us_per_delivery, 2),
                 opt(s.machine_cpu_cores, 2),
-                if s.clean { "yes" } else { "no" }
+                if s.clean { "yes" } else { "FAILED" }
             );
         }
         match report.capacity_deliveries_per_s {
@@ -1077,11 +1110,7 @@ fn print_summary(report: &Report) {
         }
     }
     if let Some(rss) = r.server_rss_bytes {
-        println!(
-            "server RSS {:.1} MiB ({} B per client of that node)",
-            rss as f64 / 1048576.0,
-            rss / report.clients_on_measured_node.max(1) as u64,
-        );
+        println!("server RSS at the end {:.1} MiB", rss as f64 / 1048576.0);
     }
     if let Some(cores) = r.server_cpu_cores {
         println!(

@@ -52,17 +52,19 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
         b = H - PAD,
         r = W - PAD
     );
-    for i in 0..=4 {
-        let (xv, yv) = (
-            xmax / 1.05 * f64::from(i) / 4.0,
-            ymax / 1.1 * f64::from(i) / 4.0,
-        );
+    for xv in ticks(xmax) {
         let _ = write!(
             svg,
-            r##"<text x="{}" y="{}" text-anchor="middle">{}</text><text x="{}" y="{}" text-anchor="end">{}</text><line x1="{PAD}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/>"##,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
             px(xv),
             H - PAD + 16.0,
             short(xv),
+        );
+    }
+    for yv in ticks(ymax) {
+        let _ = write!(
+            svg,
+            r##"<text x="{}" y="{}" text-anchor="end">{}</text><line x1="{PAD}" x2="{}" y1="{y}" y2="{y}" stroke="#ddd"/>"##,
             PAD - 6.0,
             py(yv) + 4.0,
             short(yv),
@@ -94,10 +96,14 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
             r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
             path.join(" ")
         );
+        // Rings, the first series' widest: points that coincide (a run of
+        // one step, a latency that is the same at two percentiles) stay
+        // visible around one another.
+        let r = 3.0 + 2.5 * (series.len() - 1 - i) as f64;
         for (x, y) in pts {
             let _ = write!(
                 svg,
-                r#"<circle cx="{:.1}" cy="{:.1}" r="3" fill="{colour}"/>"#,
+                r#"<circle cx="{:.1}" cy="{:.1}" r="{r}" fill="none" stroke="{colour}" stroke-width="2"/>"#,
                 px(*x),
                 py(*y)
             );
@@ -117,15 +123,39 @@ fn chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) -> String
     svg
 }
 
+/// Round tick values from 0 to at most `max`: steps of 1, 2 or 5 times a
+/// power of ten, at most 7 ticks.
+fn ticks(max: f64) -> Vec<f64> {
+    let raw = (max / 5.0).max(f64::MIN_POSITIVE);
+    let pow = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * pow)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * pow);
+    (0..7)
+        .map(|i| f64::from(i) * step)
+        .take_while(|v| *v <= max * (1.0 + 1e-9))
+        .collect()
+}
+
+/// "0", "0.2", "0.05", "50", "1 k", "2.5 k", "1.2 M".
 fn short(v: f64) -> String {
+    fn trim(x: f64) -> String {
+        let s = format!("{x:.2}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        if s.is_empty() {
+            "0".into()
+        } else {
+            s.to_owned()
+        }
+    }
     if v >= 1e6 {
-        format!("{:.1}M", v / 1e6)
+        format!("{} M", trim(v / 1e6))
     } else if v >= 1e3 {
-        format!("{:.0}k", v / 1e3)
-    } else if v >= 10.0 {
-        format!("{v:.0}")
+        format!("{} k", trim(v / 1e3))
     } else {
-        format!("{v:.1}")
+        trim(v)
     }
 }
 
@@ -166,7 +196,10 @@ pub fn html(r: &Report) -> String {
     for s in &r.steps {
         let _ = write!(
             rows,
-            "<tr><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.0}</td><td>{} / {}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.0}</td><td>{} / {}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            if s.clean { "clean" } else { "failed" },
+            if s.clean { "clean" } else { "FAILED" },
+            s.errors,
             s.interval_ms,
             s.offered_updates_per_s,
             s.updates_per_s,
@@ -189,14 +222,16 @@ pub fn html(r: &Report) -> String {
     );
     format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>nearby bench</title>
-<style>body{{font-family:sans-serif;margin:24px;color:#111}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}</style></head><body>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font-family:sans-serif;margin:16px;color:#111}}svg{{max-width:100%;height:auto;display:block}}.scroll{{overflow-x:auto}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}tr.failed td{{background:#fee2e2}}tr.failed td:first-child{{color:#b91c1c;font-weight:bold}}</style></head><body>
 <h1>nearby bench</h1>
 <p>{users} users ({online} online) in {cities} cities, {friendships} friendships ({graph:?} graph, most friends of one user {maxf}), set-up {setup:.1} s. Capacity: <b>{capacity}</b>.
-Server RSS at the end: {rss}.</p>
+Server RSS at the end: {rss}; {memory}.
+Only a clean step counts towards the capacity: no error frame, and at least {tolerance:.1} % of the expected deliveries received.</p>
 {latency}
 {throughput}
-<table><tr><th>interval ms</th><th>offered upd/s</th><th>upd/s</th><th>deliveries/s</th><th>received / expected</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th><th>server cores</th><th>server µs / delivery</th><th>machine busy cores</th></tr>
-{rows}</table>
+<div class="scroll"><table><tr><th>step</th><th>errors</th><th>interval ms</th><th>offered upd/s</th><th>upd/s</th><th>deliveries/s</th><th>received / expected</th><th>p50 ms</th><th>p99 ms</th><th>p99.9 ms</th><th>max ms</th><th>server cores</th><th>server µs / delivery</th><th>machine busy cores</th></tr>
+{rows}</table></div>
 </body></html>
 "#,
         users = r.users,
@@ -210,6 +245,8 @@ Server RSS at the end: {rss}.</p>
             .last
             .server_rss_bytes
             .map_or("–".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0)),
+        memory = esc(&crate::memory_line(r)),
+        tolerance = (1.0 - r.loss_tolerance) * 100.0,
     )
 }
 
@@ -249,7 +286,9 @@ mod tests {
 
     #[test]
     fn the_page_has_both_plots_and_a_row_per_step() {
-        let steps = vec![step(1000, 20.0), step(500, 80.0)];
+        let mut steps = vec![step(1000, 20.0), step(500, 80.0)];
+        steps[1].errors = 3;
+        steps[1].clean = false;
         let r = Report {
             users: 1000,
             online: 1000,
@@ -274,17 +313,38 @@ mod tests {
             capacity_deliveries_per_s: Some(19_900.0),
             unmatched_deliveries: 0,
             p99_bound_ms: 50.0,
+            loss_tolerance: 0.005,
         };
 
         let page = html(&r);
         assert_eq!(page.matches("<svg").count(), 2);
-        assert_eq!(page.matches("<tr><td>").count(), 2);
+        assert_eq!(page.matches("<tr class=").count(), 2);
         assert!(page.contains("19900 deliveries/s with p99 ≤ 50 ms"));
         assert!(page.contains("<polyline"));
         assert!(page.contains("in 2 cities"), "{page}");
         assert!(page.contains("<td>25.10</td><td>1.90</td>"), "{page}");
+        assert!(page.contains("<th>errors</th>"), "{page}");
+        assert!(
+            page.contains(r#"<tr class="failed"><td>FAILED</td><td>3</td>"#),
+            "{page}"
+        );
+        assert!(page.contains("name=\"viewport\""), "{page}");
+        assert!(page.contains("9000 B per connection"), "{page}");
         assert!(!page.contains("NaN"), "{page}");
         assert!(!page.contains("<script"));
+    }
+
+    #[test]
+    fn ticks_are_round_and_read_well() {
+        assert_eq!(ticks(5500.0), vec![0.0, 2000.0, 4000.0]);
+        assert_eq!(ticks(4000.0), vec![0.0, 1000.0, 2000.0, 3000.0, 4000.0]);
+        assert_eq!(ticks(1.1), vec![0.0, 0.5, 1.0]);
+        assert_eq!(ticks(0.55), vec![0.0, 0.2, 0.4]);
+        let labels: Vec<String> = [0.0, 0.2, 0.05, 50.0, 1000.0, 2500.0, 1.2e6]
+            .iter()
+            .map(|v| short(*v))
+            .collect();
+        assert_eq!(labels, ["0", "0.2", "0.05", "50", "1 k", "2.5 k", "1.2 M"]);
     }
 
     #[test]
