@@ -164,6 +164,9 @@ async function main() {
       const page = await ctx.newPage();
       page.setDefaultTimeout(WAIT_MS);
       page.on('pageerror', (err) => problems.push(`${who} page error: ${err.message}`));
+      // The long-lived token never goes in a URL (a ticket opens the socket).
+      page.on('request', (r) => { if (/[?&]token=/.test(r.url())) problems.push(`${who} put its token in ${r.url()}`); });
+      page.on('websocket', (ws) => { if (!/[?&]ticket=[0-9a-f]{64}$/.test(ws.url())) problems.push(`${who} opened a WebSocket without a ticket: ${ws.url().replace(/token=[0-9a-f]+/, 'token=…')}`); });
       page.on('console', (m) => {
         if (m.type() !== 'error') return;
         if (restarting && /^(WebSocket connection to .* failed|Failed to load resource: (net::ERR_CONNECTION_REFUSED|the server responded with a status of 503))/.test(m.text())) refused.push(`${who}: ${m.text().replace(/token=[0-9a-f]+/, 'token=…')}`);

@@ -177,6 +177,44 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
     store.delete_token(&tok).await.expect("delete");
     assert_eq!(store.token_user(&tok, 0).await.expect("token"), None);
 
+    // WebSocket tickets: used once, until they expire, gone with their token.
+    let tok = format!("token2-{ns}").into_bytes();
+    store.create_token(&tok, alice, 1_000).await.expect("token");
+    let ticket = |n: u8| format!("ticket{n}-{ns}").into_bytes();
+    store
+        .create_ticket(&ticket(1), &tok, 500)
+        .await
+        .expect("ticket");
+    assert_eq!(
+        store.take_ticket(&ticket(1), 499).await.expect("take"),
+        Some(tok.clone())
+    );
+    assert_eq!(
+        store.take_ticket(&ticket(1), 499).await.expect("take"),
+        None,
+        "single use"
+    );
+    store
+        .create_ticket(&ticket(2), &tok, 500)
+        .await
+        .expect("ticket");
+    assert_eq!(
+        store.take_ticket(&ticket(2), 500).await.expect("take"),
+        None,
+        "expired"
+    );
+    assert!(store.purge_expired_tokens(500).await.expect("purge") >= 1);
+    store
+        .create_ticket(&ticket(3), &tok, 900)
+        .await
+        .expect("ticket");
+    store.delete_token(&tok).await.expect("delete");
+    assert_eq!(
+        store.take_ticket(&ticket(3), 0).await.expect("take"),
+        None,
+        "gone with its token"
+    );
+
     assert!(matches!(
         store.request_friend(alice, UserId(i64::MAX)).await,
         Err(StoreError::NotFound(_))

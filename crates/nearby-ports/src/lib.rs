@@ -1057,6 +1057,20 @@ pub trait UserStore: Send + Sync + 'static {
     async fn set_ghost(&self, user: UserId, until_ms: Option<i64>) -> StoreResult<()>;
     /// When `user`'s ghost mode ends, if it is on at `now_ms`.
     async fn ghost_until(&self, user: UserId, now_ms: i64) -> StoreResult<Option<i64>>;
+    /// Stores a WebSocket ticket: the SHA-256 of a short-lived, single-use
+    /// secret, standing for the token `token_hash` until `expires_at` (a
+    /// browser puts it in the WebSocket URL instead of its token).
+    async fn create_ticket(
+        &self,
+        ticket_hash: &[u8],
+        token_hash: &[u8],
+        expires_at: i64,
+    ) -> StoreResult<()>;
+    /// Takes a ticket: the hash of the token it stands for, if it exists and
+    /// has not expired at `now_ms`. It is gone afterwards, so a ticket is
+    /// used once, on whichever node. Logging the token out deletes its
+    /// tickets; `purge_expired_tokens` deletes expired ones.
+    async fn take_ticket(&self, ticket_hash: &[u8], now_ms: i64) -> StoreResult<Option<Vec<u8>>>;
     /// Makes `user` discoverable by strangers nearby until `until_ms`
     /// ([`GHOST_FOREVER`]: until turned off), or not (`None`).
     /// `NotFound` for an unknown user.

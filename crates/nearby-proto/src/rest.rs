@@ -32,6 +32,15 @@ pub struct SessionCreated {
     pub expires_at: i64,
 }
 
+/// `POST /v1/ws-ticket` response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WsTicket {
+    /// Opens one WebSocket as `GET /v1/ws?ticket=…`, once.
+    pub ticket: String,
+    /// When it stops working if unused, Unix milliseconds.
+    pub expires_at: i64,
+}
+
 /// One row of `GET /v1/friends`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FriendView {

@@ -118,8 +118,9 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 }
 
 /// An authenticated caller: from `Authorization: Bearer TOKEN`, or, on the
-/// WebSocket upgrade only, from the `token` query parameter (browsers
-/// cannot set headers on a WebSocket).
+/// WebSocket upgrade only (browsers cannot set headers on a WebSocket),
+/// from a single-use `ticket` (`POST /v1/ws-ticket`) or, for older
+/// clients, the `token` query parameter.
 #[derive(Debug, Clone, Copy)]
 pub struct AuthUser {
     /// Who.
@@ -146,14 +147,74 @@ fn bearer(parts: &Parts) -> Result<Option<&str>, ApiError> {
         };
     }
     // A token in the URL ends up in proxy access logs: accepted only where
-    // a browser has no other way, the WebSocket upgrade.
+    // a browser has no other way, the WebSocket upgrade (where a ticket is
+    // the better way).
     if parts.uri.path() != "/v1/ws" {
         return Ok(None);
     }
-    Ok(parts
+    Ok(query_param(parts, "token="))
+}
+
+/// `name=value` of the request's query, the value.
+fn query_param<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    parts
         .uri
         .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token="))))
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix(name)))
+}
+
+/// Whether `s` has the shape of our tokens and tickets: 64 hex digits.
+fn well_formed(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The caller of a WebSocket upgrade with `?ticket=`: the ticket is taken
+/// (it works once, on any node) and stands for the token it was issued
+/// for, which must still be valid.
+async fn ticket_user(state: &AppState, ticket: &str) -> Result<AuthUser, ApiError> {
+    let refused = || ApiError::unauthorized("invalid, used or expired ticket");
+    if !well_formed(ticket) {
+        return Err(refused());
+    }
+    let users = &state.backends.users;
+    let now = now_ms();
+    let token = users
+        .take_ticket(&token_hash(ticket), now)
+        .await?
+        .ok_or_else(refused)?;
+    let hash: [u8; 32] = token.as_slice().try_into().map_err(|_| refused())?;
+    match users.token_user(&hash, now).await? {
+        Some((id, expires_at)) => Ok(AuthUser {
+            id,
+            expires_at,
+            token_hash: hash,
+        }),
+        None => Err(ApiError::unauthorized(
+            "the ticket's token is no longer valid",
+        )),
+    }
+}
+
+/// `POST /v1/ws-ticket`: a ticket that opens one WebSocket
+/// (`GET /v1/ws?ticket=…`) within `--ws-ticket-secs`, so that a browser
+/// need not put its long-lived token in a URL (where proxies' access logs,
+/// history and consoles keep it). The session it opens is the token's: it
+/// ends with the token's logout or expiry.
+pub async fn ws_ticket(
+    axum::extract::State(st): axum::extract::State<Arc<AppState>>,
+    me: AuthUser,
+) -> Result<axum::Json<nearby_proto::rest::WsTicket>, ApiError> {
+    let (ticket, hash) = new_token();
+    let ttl = i64::try_from(st.cfg.ws_ticket_ttl.as_millis()).unwrap_or(i64::MAX);
+    let expires_at = now_ms().saturating_add(ttl).min(me.expires_at);
+    st.backends
+        .users
+        .create_ticket(&hash, &me.token_hash, expires_at)
+        .await?;
+    Ok(axum::Json(nearby_proto::rest::WsTicket {
+        ticket,
+        expires_at,
+    }))
 }
 
 impl FromRequestParts<Arc<AppState>> for AuthUser {
@@ -163,11 +224,18 @@ impl FromRequestParts<Arc<AppState>> for AuthUser {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        let token =
-            bearer(parts)?.ok_or_else(|| ApiError::unauthorized("a bearer token is required"))?;
+        let token = match bearer(parts)? {
+            Some(t) => t,
+            None => match query_param(parts, "ticket=") {
+                Some(ticket) if parts.uri.path() == "/v1/ws" => {
+                    return ticket_user(state, ticket).await
+                }
+                _ => return Err(ApiError::unauthorized("a bearer token is required")),
+            },
+        };
         // Tokens we issue are 64 hex digits; anything else cannot match, so
         // do not spend a store lookup on it.
-        if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !well_formed(token) {
             return Err(ApiError::unauthorized("invalid token"));
         }
         let hash = token_hash(token);

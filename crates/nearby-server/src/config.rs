@@ -52,6 +52,9 @@ pub struct ServerConfig {
     pub fast_interval_ms: u32,
     /// The update interval suggested otherwise (default 60 000 ms).
     pub slow_interval_ms: u32,
+    /// How long a WebSocket ticket (`POST /v1/ws-ticket`) stays usable
+    /// (default 30 s).
+    pub ws_ticket_ttl: Duration,
     /// Strangers one session is shown at most (default 20): past it,
     /// newcomers wait for a place (the hot-cell cap).
     pub stranger_cap: usize,
@@ -128,6 +131,7 @@ impl Default for ServerConfig {
             history_retention_days: 30,
             fast_interval_ms: 5_000,
             slow_interval_ms: 60_000,
+            ws_ticket_ttl: Duration::from_secs(30),
             stranger_cap: 20,
             stranger_heartbeat: Duration::from_secs(10),
             stranger_secret: None,
@@ -259,6 +263,12 @@ impl ServerConfig {
             "slow_interval_ms",
             self.slow_interval_ms,
             "between --fast-interval-ms and 3600000 (an hour)",
+        )?;
+        check(
+            (SECOND..=Duration::from_secs(3600)).contains(&self.ws_ticket_ttl),
+            "ws_ticket_secs",
+            self.ws_ticket_ttl.as_secs(),
+            "between 1 and 3600",
         )?;
         check(
             (1..=1000).contains(&self.stranger_cap),

@@ -133,6 +133,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(strangers::end_discoverable),
         )
         .route("/v1/ws", get(ws::upgrade))
+        .route("/v1/ws-ticket", axum::routing::post(auth::ws_ticket))
         .route("/", get(web::index))
         .route("/assets/{*path}", get(web::asset))
         .fallback(rest::not_found)

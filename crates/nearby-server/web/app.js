@@ -501,16 +501,29 @@ function setConn(kind, text = kind) {
   el.textContent = text;
 }
 
-function connect() {
+// The token never goes in a URL (proxies' logs, history, consoles keep
+// URLs): a single-use ticket, valid seconds, opens the socket instead.
+async function connect() {
   clearTimeout(state.retryTimer);
   state.retryTimer = null;
   if (!state.session) return;
   if (!navigator.onLine) { setConn('offline', 'offline (no network)'); return; }
-  const url = new URL('/v1/ws', location.href);
-  url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
-  url.searchParams.set('token', state.session.token);
   setConn('connecting', 'connecting…');
   state.lastWsError = null;
+  const session = state.session;
+  let ticket;
+  try {
+    ({ ticket } = await api('POST', '/v1/ws-ticket'));
+  } catch (err) {
+    if (state.session !== session) return;
+    if (err.status === 401) { endSession('Your login is no longer valid. Please log in again.'); return; }
+    scheduleReconnect(err);
+    return;
+  }
+  if (state.session !== session || state.ws) return; // logged out, or another attempt won
+  const url = new URL('/v1/ws', location.href);
+  url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+  url.searchParams.set('ticket', ticket);
   const ws = new WebSocket(url);
   state.ws = ws;
   let opened = false;

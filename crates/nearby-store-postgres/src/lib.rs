@@ -80,6 +80,14 @@ CREATE TABLE location_history_default PARTITION OF location_history DEFAULT;
     // Discoverable by strangers nearby while `now < discoverable_until`
     // (`GHOST_FOREVER` until turned off); NULL (the default) when not.
     "ALTER TABLE users ADD COLUMN discoverable_until BIGINT;",
+    // WebSocket tickets: single-use stand-ins for a token in a browser's
+    // WebSocket URL; gone with their token.
+    "CREATE TABLE ws_tickets (
+    ticket_hash BYTEA PRIMARY KEY,
+    token_hash  BYTEA NOT NULL REFERENCES tokens(token_hash) ON DELETE CASCADE,
+    expires_at  BIGINT NOT NULL
+);
+CREATE INDEX ws_tickets_token ON ws_tickets(token_hash);",
 ];
 
 /// Connects to `url` (`postgres://…`), runs pending migrations, and returns

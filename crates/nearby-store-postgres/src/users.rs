@@ -333,7 +333,41 @@ impl UserStore for PgUserStore {
             .execute(&self.pool)
             .await
             .map_err(backend)?;
-        Ok(done.rows_affected())
+        let tickets = sqlx::query("DELETE FROM ws_tickets WHERE expires_at <= $1")
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected() + tickets.rows_affected())
+    }
+
+    async fn create_ticket(
+        &self,
+        ticket_hash: &[u8],
+        token_hash: &[u8],
+        expires_at: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO ws_tickets (ticket_hash, token_hash, expires_at) VALUES ($1, $2, $3)",
+        )
+        .bind(ticket_hash)
+        .bind(token_hash)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn take_ticket(&self, ticket_hash: &[u8], now_ms: i64) -> StoreResult<Option<Vec<u8>>> {
+        sqlx::query_scalar(
+            "DELETE FROM ws_tickets WHERE ticket_hash = $1 AND expires_at > $2 RETURNING token_hash",
+        )
+        .bind(ticket_hash)
+        .bind(now_ms)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(backend)
     }
 
     async fn delete_token(&self, token_hash: &[u8]) -> StoreResult<()> {

@@ -80,6 +80,14 @@ ALTER TABLE friend_edges_v3 RENAME TO friend_edges;
     // Discoverable by strangers nearby while `now < discoverable_until`
     // (`GHOST_FOREVER` until turned off); NULL (the default) when not.
     "ALTER TABLE users ADD COLUMN discoverable_until INTEGER;",
+    // WebSocket tickets: single-use stand-ins for a token in a browser's
+    // WebSocket URL; gone with their token.
+    "CREATE TABLE ws_tickets (
+    ticket_hash BLOB PRIMARY KEY,
+    token_hash  BLOB NOT NULL REFERENCES tokens(token_hash) ON DELETE CASCADE,
+    expires_at  INTEGER NOT NULL
+);
+CREATE INDEX ws_tickets_token ON ws_tickets(token_hash);",
 ];
 
 /// `friend_edges.status` of a mutual friendship (migration 3), spelled as
@@ -403,7 +411,41 @@ impl UserStore for SqliteUserStore {
             .execute(&self.db.writer)
             .await
             .map_err(backend)?;
-        Ok(done.rows_affected())
+        let tickets = sqlx::query("DELETE FROM ws_tickets WHERE expires_at <= ?")
+            .bind(now_ms)
+            .execute(&self.db.writer)
+            .await
+            .map_err(backend)?;
+        Ok(done.rows_affected() + tickets.rows_affected())
+    }
+
+    async fn create_ticket(
+        &self,
+        ticket_hash: &[u8],
+        token_hash: &[u8],
+        expires_at: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO ws_tickets (ticket_hash, token_hash, expires_at) VALUES (?, ?, ?)",
+        )
+        .bind(ticket_hash)
+        .bind(token_hash)
+        .bind(expires_at)
+        .execute(&self.db.writer)
+        .await
+        .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn take_ticket(&self, ticket_hash: &[u8], now_ms: i64) -> StoreResult<Option<Vec<u8>>> {
+        sqlx::query_scalar(
+            "DELETE FROM ws_tickets WHERE ticket_hash = ? AND expires_at > ? RETURNING token_hash",
+        )
+        .bind(ticket_hash)
+        .bind(now_ms)
+        .fetch_optional(&self.db.writer)
+        .await
+        .map_err(backend)
     }
 
     async fn delete_token(&self, token_hash: &[u8]) -> StoreResult<()> {

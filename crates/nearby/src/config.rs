@@ -74,6 +74,9 @@ pub struct ServeArgs {
     /// Update interval suggested to a client nobody nearby can see, ms [default: 60000].
     #[arg(long, env = "NEARBY_SLOW_INTERVAL_MS")]
     pub slow_interval_ms: Option<u32>,
+    /// Seconds a WebSocket ticket (`POST /v1/ws-ticket`) stays usable [default: 30].
+    #[arg(long, env = "NEARBY_WS_TICKET_SECS")]
+    pub ws_ticket_secs: Option<u64>,
     /// Strangers one session is shown at most; past it newcomers wait for a place [default: 20].
     #[arg(long, env = "NEARBY_STRANGER_CAP")]
     pub stranger_cap: Option<usize>,
@@ -206,6 +209,7 @@ impl ServeArgs {
             history_retention_days,
             fast_interval_ms,
             slow_interval_ms,
+            ws_ticket_secs,
             stranger_cap,
             stranger_heartbeat_ms,
             stranger_secret,
@@ -274,6 +278,9 @@ impl ServeArgs {
                 .unwrap_or(d.history_retention_days),
             fast_interval_ms: merged.fast_interval_ms.unwrap_or(d.fast_interval_ms),
             slow_interval_ms: merged.slow_interval_ms.unwrap_or(d.slow_interval_ms),
+            ws_ticket_ttl: merged
+                .ws_ticket_secs
+                .map_or(d.ws_ticket_ttl, Duration::from_secs),
             stranger_cap: merged.stranger_cap.unwrap_or(d.stranger_cap),
             stranger_heartbeat: merged
                 .stranger_heartbeat_ms
