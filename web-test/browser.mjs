@@ -16,6 +16,9 @@
 
 import { chromium } from 'playwright-core';
 import fs from 'node:fs';
+import { createRequire } from 'node:module';
+
+const AXE_PATH = createRequire(import.meta.url).resolve('axe-core/axe.min.js');
 
 const EARTH_RADIUS_M = 6371008.8; // docs/protocol.md
 const WAIT_MS = 8000;
@@ -59,6 +62,17 @@ let step = 'start';
 const t0 = Date.now();
 function log(msg) { console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}`); }
 function fail(msg) { throw new Error(msg); }
+
+// axe-core on the page as it is now: no serious or critical violation.
+async function axeCheck(page, label) {
+  await page.addScriptTag({ path: AXE_PATH });
+  const res = await page.evaluate(() => window.axe.run(document, { resultTypes: ['violations'] }));
+  const bad = res.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical');
+  if (bad.length) {
+    fail(`axe (${label}): ${bad.map((v) => `${v.id} [${v.impact}] ${v.help}: ${v.nodes.slice(0, 4).map((n) => n.target.join(' ')).join(', ')}`).join(' | ')}`);
+  }
+  log(`axe (${label}): no serious or critical violation (${res.violations.length} lesser)`);
+}
 
 async function signUp(page, user) {
   await page.goto(BASE);
@@ -176,6 +190,23 @@ async function main() {
     }
     const { A, B } = pages;
 
+    step = 'the login page is accessible and says nothing is wrong';
+    await A.goto(BASE);
+    await axeCheck(A, 'login page, desktop');
+    if (await A.isVisible('#conn-status')) fail('the login page shows a connection badge before anything happened');
+    // Empty fields are said where they are, both at once; nothing is sent.
+    await A.click('#login');
+    await A.waitForSelector('#username-problem:not([hidden])');
+    const fieldNotes = [await A.textContent('#username-problem'), await A.textContent('#password-problem')];
+    if (fieldNotes.join(' | ') !== 'Enter your username. | Enter your password.') fail(`empty login fields say ${JSON.stringify(fieldNotes)}`);
+    if (await A.locator('#messages .msg').count()) fail(`empty login fields raised a message: ${await A.textContent('#messages')}`);
+    await A.fill('#username', 'x');
+    await A.fill('#password', 'short');
+    await A.click('#signup');
+    await A.waitForFunction(() => document.querySelector('#password-problem').textContent.startsWith('Use 8'));
+    if (!(await A.textContent('#username-problem')).startsWith('Use 3')) fail('sign-up did not report every invalid field');
+    log(`field checks: "${fieldNotes.join('", "')}"; sign-up reports both fields`);
+
     step = 'A signs up, logs out and logs in again';
     await signUp(A, userA);
     await A.click('#logout');
@@ -252,7 +283,9 @@ async function main() {
     await B.waitForSelector(`${bSeesA}[data-approximate="false"]`);
     await A.selectOption(`${aRowB} select[data-action="share-for"]`, '');
     await A.waitForSelector(`${aRowB}[data-until=""]`);
-    await B.waitForFunction((sel) => document.querySelector(sel)?.textContent === 'shares with you', `${bRowA} .they-share`);
+    await B.waitForFunction((sel) => document.querySelector(sel)?.textContent === 'they share with you: yes', `${bRowA} .they-share`);
+    const bothWays = await A.textContent(`${aRowB} .you-share`);
+    if (bothWays !== 'you share: precise') fail(`A's row for B says ${JSON.stringify(bothWays)}`);
     checkDistance('B sees A exactly again', await nearbyDistance(B, userA.name));
 
     step = 'A turns ghost mode on, then off';
@@ -300,6 +333,33 @@ async function main() {
       await ctx.close();
       delete pages.C;
     }
+
+    step = 'A stops sharing with B, is told so, and shares again';
+    await A.uncheck(`${aRowB} [data-action="sharing"]`);
+    await A.waitForFunction((name) => [...document.querySelectorAll('#messages .msg')]
+      .some((m) => m.textContent.includes(`You no longer share your location with ${name}`)), userB.name);
+    await B.waitForSelector(bSeesA, { state: 'detached' });
+    await A.check(`${aRowB} [data-action="sharing"]`);
+    checkDistance('B sees A when A shares again', await nearbyDistance(B, userA.name));
+    log('sharing off: A was told, B no longer saw A; on again: B sees A');
+
+    step = 'the app is accessible, on a desktop and on a phone';
+    await axeCheck(A, 'app, desktop');
+    await A.setViewportSize({ width: 390, height: 844 });
+    await axeCheck(A, 'app, 390 × 844');
+    // Tap targets: each visible control (a checkbox: its label) is at least
+    // 44 × 44 px on a phone.
+    const small = await A.evaluate(() => [...document.querySelectorAll('button, select, input, summary')]
+      .filter((el) => el.offsetParent !== null)
+      .map((el) => {
+        const target = el.type === 'checkbox' ? el.closest('label') ?? el : el;
+        const r = target.getBoundingClientRect();
+        return { what: el.id || el.dataset.action || el.textContent.trim() || el.tagName, w: r.width, h: r.height };
+      })
+      .filter((t) => t.w < 44 || t.h < 44));
+    if (small.length) fail(`tap targets under 44 px on a phone: ${JSON.stringify(small)}`);
+    await A.screenshot({ path: SHOT.replace(/\.png$/, '-phone.png'), fullPage: true });
+    await A.setViewportSize({ width: 1200, height: 860 });
 
     step = 'screenshot';
     await A.screenshot({ path: SHOT });
@@ -361,12 +421,23 @@ async function main() {
     await A.waitForSelector(`#friends li[data-username="${userB.name}"]`, { state: 'detached' });
     log('B deleted their account: back at the login form; A\'s friend list no longer has them');
 
-    step = 'no error shown';
+    step = 'no error shown, and no message over a control';
     for (const [who, page] of Object.entries(pages)) {
       const errs = await errorsShown(page);
       if (errs.length) fail(`${who} shows errors: ${errs.join(' | ')}`);
+      const covered = await page.evaluate(() => {
+        const boxes = [...document.querySelectorAll('#messages .msg')].map((m) => m.getBoundingClientRect());
+        return [...document.querySelectorAll('button, input, select, summary, a')]
+          .filter((el) => el.offsetParent !== null && !el.closest('#messages'))
+          .filter((el) => {
+            const r = el.getBoundingClientRect();
+            return boxes.some((b) => r.left < b.right && b.left < r.right && r.top < b.bottom && b.top < r.bottom);
+          })
+          .map((el) => el.id || el.textContent.trim());
+      });
+      if (covered.length) fail(`${who}: messages cover ${covered.join(', ')}`);
     }
-    if (problems.length) fail(problems.join('\n'));
+    if (problems.length) fail(`${problems.length} problem(s): ${problems.join(" | ")}`);
     console.log(`PASS: browser client end to end (${((Date.now() - t0) / 1000).toFixed(1)}s)`);
   } catch (err) {
     const lines = err.message.replace(/\x1b\[[0-9;]*m/g, "").split("\n");

@@ -63,11 +63,13 @@ function s(tag, attrs = {}, text) {
 
 // ---------- messages ----------
 
-// Errors stay until dismissed; a `key` replaces the earlier message of that
-// key, and clearNotes(key) removes it once the problem is over.
+// Errors stay until dismissed (×); a `key` replaces the earlier message of
+// that key, and clearNotes(key) removes it once the problem is over. The
+// same text is never shown twice: the new one replaces the old.
 function notify(text, kind = 'error', ttlMs = kind === 'error' ? 0 : 5000, key = undefined) {
   const box = $('#messages');
   if (key) clearNotes(key);
+  for (const el of box.querySelectorAll('.msg')) if (el.firstElementChild?.textContent === text) el.remove();
   const msg = h('div', { class: `msg ${kind}`, role: kind === 'error' ? 'alert' : undefined, 'data-key': key },
     h('span', {}, text),
     h('button', { type: 'button', class: 'link', 'aria-label': 'Dismiss', onclick: () => msg.remove() }, '×'));
@@ -81,11 +83,15 @@ function clearNotes(key) {
   for (const el of document.querySelectorAll(key ? `#messages [data-key="${key}"]` : '#messages .msg')) el.remove();
 }
 
-const describe = (err) => (err && err.code ? `${err.message} (${err.code})` : String(err?.message ?? err));
+// A failure as a sentence for people: the server's message, never its code.
+const describe = (err) => String(err?.message ?? err);
 
-// Shows a failure, unless it already ended the session (which says so itself).
+// Shows a failure, unless it already ended the session (which says so
+// itself). An unreachable server is one message, cleared when the
+// connection is live again.
 function report(err, prefix = '') {
-  if (!err?.handled) notify(prefix + describe(err));
+  if (err?.handled) return;
+  notify(prefix + describe(err), 'error', 0, err?.code === 'network' ? 'conn' : undefined);
 }
 
 // Runs an async UI action, reporting any failure.
@@ -108,7 +114,7 @@ async function api(method, path, body) {
   try {
     res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   } catch (err) {
-    throw new ApiError(0, 'network', `Cannot reach the server: ${err.message}`);
+    throw new ApiError(0, 'network', 'Cannot reach the server. Check your connection; the page keeps trying.');
   }
   const text = await res.text();
   let data = null;
@@ -118,7 +124,7 @@ async function api(method, path, body) {
       data?.message ?? (text || res.statusText || `HTTP ${res.status}`));
     // A refused token means the session is over, whatever the call was.
     if (res.status === 401 && token && token === state.session?.token && err.code === 'unauthorized') {
-      endSession(`Your session has ended (${err.message}); please log in again.`);
+      endSession('Your session has ended. Please log in again.');
       err.handled = true;
     }
     throw err;
@@ -141,6 +147,28 @@ function credentials() {
   return { username: $('#username').value.trim(), password: $('#password').value };
 }
 
+// Checks the login fields where they are, each problem under its own field
+// (every one, not the first); focuses the first. True when all are fine.
+function checkAuthFields(signingUp) {
+  const { username, password } = credentials();
+  const problems = {};
+  if (!username) problems.username = 'Enter your username.';
+  else if (signingUp && !/^[A-Za-z0-9_.-]{3,32}$/.test(username.normalize('NFKC'))) {
+    problems.username = 'Use 3 to 32 letters, digits, or _ - . characters.';
+  }
+  if (!password) problems.password = 'Enter your password.';
+  else if (signingUp && (password.length < 8 || password.length > 128)) problems.password = 'Use 8 to 128 characters.';
+  for (const field of ['username', 'password']) {
+    const note = $(`#${field}-problem`);
+    note.textContent = problems[field] ?? '';
+    note.hidden = !problems[field];
+    $(`#${field}`).setAttribute('aria-invalid', String(Boolean(problems[field])));
+  }
+  const first = Object.keys(problems)[0];
+  if (first) $(`#${first}`).focus();
+  return !first;
+}
+
 async function logIn(creds) {
   const res = await api('POST', '/v1/sessions', creds);
   startSession({ token: res.token, user_id: res.user_id, expires_at: res.expires_at, username: creds.username });
@@ -154,8 +182,10 @@ function startSession(session) {
   $('#auth-view').hidden = true;
   $('#app-view').hidden = false;
   $('#logout').hidden = false;
+  $('#conn-status').hidden = false; // only a signed-in page has a connection to speak of
   $('#whoami').textContent = `signed in as ${session.username}`;
   state.attempt = 0;
+  $('#lat').focus(); // where to start: your location
   connect();
   // Read once here and on every (re)connect's snapshot; changes in
   // between are pushed over the WebSocket (friend_update, friend_removed).
@@ -188,7 +218,8 @@ function endSession(reason) {
   $('#auth-view').hidden = false;
   $('#logout').hidden = true;
   $('#whoami').textContent = '';
-  setConn('offline');
+  setConn('idle', 'not connected');
+  $('#conn-status').hidden = true;
   clearNotes();
   if (reason) notify(reason);
 }
@@ -263,15 +294,20 @@ async function friendAction(event) {
   const id = li.dataset.id;
   const path = `/v1/friends/${encodeURIComponent(id)}`;
   const action = button.dataset.action;
+  const name = li.dataset.username;
   if (action === 'accept') await api('PUT', path);
-  else if (action === 'remove') await api('DELETE', path);
-  else if (action === 'sharing') {
+  else if (action === 'remove') {
+    // Ending a friendship is not undone by a click: ask first.
+    if (li.dataset.status === 'friends' && !window.confirm(`Remove ${name} from your friends? You stop seeing each other; to be friends again, one of you asks again.`)) return;
+    await api('DELETE', path);
+  } else if (action === 'sharing') {
     try {
       await api('PUT', `${path}/sharing`, { enabled: button.checked });
     } catch (err) {
       button.checked = !button.checked;
       throw err;
     }
+    notify(button.checked ? `${name} can see your distance again.` : `You no longer share your location with ${name}.`, 'info', 5000, `sharing-${li.dataset.id}`);
   } else if (action === 'precision' || action === 'share-for') {
     // The terms are sent whole: an omitted `until` means "for good".
     const row = state.friends.get(id);
@@ -621,7 +657,7 @@ function onFrame(data) {
         notify('The server is restarting; reconnecting shortly.', 'info', 5000, 'conn');
       }
       else if (!['token_expired', 'token_revoked', 'account_deleted'].includes(msg.code)) { // those: see onClose
-        notify(`Server: ${msg.message} (${msg.code})`);
+        notify(msg.message);
       }
       break;
     default:
@@ -720,7 +756,7 @@ function renderNearby() {
   list.replaceChildren(...sortedNearby().map((f) => {
     const name = nameOf(f.id);
     return h('li', { 'data-id': f.id, 'data-username': name, 'data-distance-m': f.distance_m, 'data-approximate': String(Boolean(f.approximate)) },
-      h('span', { class: 'avatar', style: `background:${colourOf(f.id)}` }, name.slice(0, 1).toUpperCase()),
+      h('span', { class: 'avatar', style: `background:${colourOf(f.id)}`, 'aria-hidden': 'true' }, name.slice(0, 1).toUpperCase()),
       h('span', { class: 'name' }, name),
       h('span', { class: 'distance', title: f.approximate ? 'They share only which ~3 km area they are in' : '' }, fmtFriendDistance(f)),
       h('span', { class: 'age', 'data-updated-at': f.updated_at }, fmtAge(Date.now() - f.updated_at)));
@@ -745,30 +781,31 @@ function renderFriends() {
   $('#friends').replaceChildren(...rows.map((f) => {
     const actions = [];
     if (f.status === 'incoming') {
-      actions.push(h('button', { type: 'button', 'data-action': 'accept' }, 'Accept'),
-        h('button', { type: 'button', class: 'secondary', 'data-action': 'remove' }, 'Decline'));
+      actions.push(h('button', { type: 'button', 'data-action': 'accept', 'aria-label': `Accept ${f.username}` }, 'Accept'),
+        h('button', { type: 'button', class: 'secondary', 'data-action': 'remove', 'aria-label': `Decline ${f.username}` }, 'Decline'));
     } else if (f.status === 'outgoing') {
-      actions.push(h('button', { type: 'button', class: 'secondary', 'data-action': 'remove' }, 'Cancel'));
+      actions.push(h('button', { type: 'button', class: 'secondary', 'data-action': 'remove', 'aria-label': `Cancel your request to ${f.username}` }, 'Cancel'));
     } else {
       const precision = f.sharing_precision ?? 'precise';
       const spans = SHARE_SPANS.map(([ms, text]) => h('option', { value: ms, selected: !f.sharing_until && ms === '' }, text));
       if (f.sharing_until) spans.unshift(h('option', { value: 'keep', selected: true }, `until ${fmtClock(f.sharing_until)}`));
       actions.push(h('label', { class: 'toggle', title: 'Share my location with this friend' },
-        h('input', { type: 'checkbox', 'data-action': 'sharing', checked: Boolean(f.sharing) }), 'sharing'),
-      h('select', { 'data-action': 'share-for', title: 'How long they see you', disabled: !f.sharing }, ...spans),
-      h('select', { 'data-action': 'precision', title: 'What they see of you', disabled: !f.sharing },
+        h('input', { type: 'checkbox', 'data-action': 'sharing', checked: Boolean(f.sharing), 'aria-label': `Share my location with ${f.username}` }), 'sharing'),
+      h('select', { 'data-action': 'share-for', title: 'How long they see you', 'aria-label': `How long ${f.username} sees you`, disabled: !f.sharing }, ...spans),
+      h('select', { 'data-action': 'precision', title: 'What they see of you', 'aria-label': `What ${f.username} sees of you`, disabled: !f.sharing },
         h('option', { value: 'precise', selected: precision === 'precise' }, 'exact distance'),
         h('option', { value: 'approximate', selected: precision === 'approximate' }, 'only ~3 km area')),
-      h('button', { type: 'button', class: 'secondary', 'data-action': 'remove' }, 'Remove'));
+      h('button', { type: 'button', class: 'secondary', 'data-action': 'remove', 'aria-label': `Remove ${f.username}` }, 'Remove'));
     }
     return h('li', {
       'data-id': f.id, 'data-username': f.username, 'data-status': f.status, 'data-sharing': String(f.sharing),
       'data-precision': f.sharing_precision ?? 'precise', 'data-until': f.sharing_until ?? '',
     },
-      h('span', { class: 'avatar', style: `background:${colourOf(f.id)}` }, f.username.slice(0, 1).toUpperCase()),
+      h('span', { class: 'avatar', style: `background:${colourOf(f.id)}`, 'aria-hidden': 'true' }, f.username.slice(0, 1).toUpperCase()),
       h('span', { class: 'name' }, f.username),
       h('span', { class: `badge ${f.status}` }, STATUS_TEXT[f.status] ?? f.status),
       f.status === 'friends' ? h('span', { class: 'they-share' }, theyShare(f)) : '',
+      f.status === 'friends' ? h('span', { class: 'you-share' }, youShare(f)) : '',
       h('span', { class: 'actions' }, ...actions));
   }));
   $('#friends-empty').hidden = state.friends.size > 0;
@@ -780,11 +817,19 @@ function renderFriends() {
 
 const SHARE_SPANS = [['', 'for good'], ['3600000', 'for 1 hour'], ['28800000', 'for 8 hours'], ['86400000', 'for 1 day']];
 
+// Both directions of a friendship, in words.
 function theyShare(f) {
-  if (!f.shares_with_you) return 'not sharing with you';
-  let text = 'shares with you';
-  if (f.shares_with_you_precision === 'approximate') text += ' approximately';
+  if (!f.shares_with_you) return 'they share with you: no';
+  let text = 'they share with you: yes';
+  if (f.shares_with_you_precision === 'approximate') text += ', approximately';
   if (f.shares_with_you_until) text += ` until ${fmtClock(f.shares_with_you_until)}`;
+  return text;
+}
+
+function youShare(f) {
+  if (!f.sharing) return 'you share: off';
+  let text = `you share: ${f.sharing_precision === 'approximate' ? 'approximate' : 'precise'}`;
+  if (f.sharing_until) text += ` until ${fmtClock(f.sharing_until)}`;
   return text;
 }
 
@@ -898,13 +943,15 @@ function placeOnMap(event) {
 function init() {
   $('#auth-form').addEventListener('submit', guard(async (e) => {
     e.preventDefault();
+    if (!checkAuthFields(false)) return;
     await logIn(credentials());
   }));
   $('#signup').addEventListener('click', guard(async () => {
+    if (!checkAuthFields(true)) return;
     const creds = credentials();
     const user = await api('POST', '/v1/users', creds);
-    notify(`Account ${user.username} created.`, 'info');
     await logIn(creds);
+    notify(`Welcome, ${user.username}! Next: add a friend by their username, and set your location (or use this device's).`, 'info', 15000, 'welcome');
   }));
   $('#logout').addEventListener('click', async () => {
     try {
