@@ -360,6 +360,7 @@ function renderGhost() {
   $('#ghost-info').textContent = g.ghost
     ? `Hidden from every friend ${g.until ? `until ${fmtClock(g.until)}` : 'until you turn it off'}; they see you as gone quiet. Your history still records.`
     : 'Friends you share with see your distance.';
+  renderLocationInfo();
   clearTimeout(state.ghostTimer);
   if (g.ghost && g.until) state.ghostTimer = setTimeout(() => loadGhost().catch((err) => report(err)), Math.max(0, g.until - Date.now()) + 500);
 }
@@ -809,6 +810,7 @@ function renderFriends() {
       h('span', { class: 'actions' }, ...actions));
   }));
   $('#friends-empty').hidden = state.friends.size > 0;
+  renderLocationInfo(); // who sees you may have changed
   // A grant that ends is not pushed to the granter: read the list again then.
   const ends = [...state.friends.values()].flatMap((f) => [f.sharing_until, f.shares_with_you_until]).filter(Boolean);
   clearTimeout(state.shareTimer);
@@ -833,22 +835,30 @@ function youShare(f) {
   return text;
 }
 
+// Who can see you, as the server would decide it now.
+function visibilityText() {
+  if (state.ghost?.ghost) return ' Ghost mode: hidden from every friend.';
+  const n = [...state.friends.values()].filter((f) => f.status === 'friends' && f.sharing).length;
+  if (!n) return ' No friend sees you: you share with nobody.';
+  return ` ${n === 1 ? '1 friend sees' : `${n} friends see`} your distance.`;
+}
+
 function renderLocationInfo() {
   const el = $('#location-info');
-  if (!state.me) { el.textContent = 'No location set yet.'; return; }
+  if (!state.me) { el.textContent = 'No location yet: friends see you once you set one.'; return; }
   const from = {
     manual: 'set by hand', map: 'placed on the map', device: 'from this device',
     server: 'as the server last had it', elsewhere: 'from another of your devices',
   }[state.me.source];
   if (REMOTE_SOURCES.has(state.me.source)) {
-    el.textContent = `${state.me.lat.toFixed(5)}, ${state.me.lon.toFixed(5)} (${from}).`;
+    el.textContent = `${state.me.lat.toFixed(5)}, ${state.me.lon.toFixed(5)} (${from}).${visibilityText()}`;
     return;
   }
   const sent = state.lastSent ? `last sent ${Math.round((Date.now() - state.lastSent) / 1000)} s ago` : 'not sent yet';
   const pace = state.intervalMs
     ? ` Reporting every ${state.intervalMs % 60000 === 0 ? `${state.intervalMs / 60000} min` : `${state.intervalMs / 1000} s`}, as the server suggests.`
     : '';
-  el.textContent = `${state.me.lat.toFixed(5)}, ${state.me.lon.toFixed(5)} (${from}); ${state.live ? sent : 'will send when connected'}.${pace}`;
+  el.textContent = `${state.me.lat.toFixed(5)}, ${state.me.lon.toFixed(5)} (${from}); ${state.live ? sent : 'will send when connected'}.${pace}${visibilityText()}`;
   el.dataset.intervalMs = state.intervalMs ?? '';
 }
 
