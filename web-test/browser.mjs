@@ -1,6 +1,10 @@
 // End-to-end test of the browser client with Debian's headless Chromium.
 //
-//   node web-test/browser.mjs BASE_URL SCREENSHOT_PATH [--restart-via-stdio]
+//   node web-test/browser.mjs BASE_URL SCREENSHOT_PATH TILES_PORT [--restart-via-stdio]
+//
+// The server's --tile-url points at TILES_PORT, where this script serves
+// stand-in street-map tiles (lib.mjs): A and B see the street map, C's
+// browser is offline for tiles and must fall back to the radar view.
 //
 // Two users sign up through the page (A also logs out and in again), A finds
 // B by username and asks, B accepts, both place themselves ~1.2 km apart and
@@ -14,20 +18,21 @@
 // their own, and see each other again at the right distance.
 // Exits 0 on success, 1 with a message on any failure.
 
-import { chromium } from 'playwright-core';
 import fs from 'node:fs';
-import { createRequire } from 'node:module';
-
-const AXE_PATH = createRequire(import.meta.url).resolve('axe-core/axe.min.js');
+import {
+  axeCheck, checkMapLabels, checkMessagesClear, checkPlaceLabels, checkTapTargets, checkVendoredLeaflet,
+  errorsShown, fail, launch, log, elapsed, serveTiles, watchPage,
+} from './lib.mjs';
 
 const EARTH_RADIUS_M = 6371008.8; // docs/protocol.md
 const WAIT_MS = 8000;
-const [BASE, SHOT, MODE] = process.argv.slice(2);
+const [BASE, SHOT, TILES_PORT, MODE] = process.argv.slice(2);
 const RESTART = MODE === '--restart-via-stdio';
-if (!BASE || !SHOT || (MODE && !RESTART)) {
-  console.error('usage: node web-test/browser.mjs BASE_URL SCREENSHOT_PATH [--restart-via-stdio]');
+if (!BASE || !SHOT || !TILES_PORT || (MODE && !RESTART)) {
+  console.error('usage: node web-test/browser.mjs BASE_URL SCREENSHOT_PATH TILES_PORT [--restart-via-stdio]');
   process.exit(2);
 }
+const TILES = `http://127.0.0.1:${TILES_PORT}/`;
 
 const rad = (d) => (d * Math.PI) / 180;
 const deg = (r) => (r * 180) / Math.PI;
@@ -59,20 +64,6 @@ const farB = destination(posA, 0, 20000);
 const expected = haversine(posA, posB);
 
 let step = 'start';
-const t0 = Date.now();
-function log(msg) { console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}`); }
-function fail(msg) { throw new Error(msg); }
-
-// axe-core on the page as it is now: no serious or critical violation.
-async function axeCheck(page, label) {
-  await page.addScriptTag({ path: AXE_PATH });
-  const res = await page.evaluate(() => window.axe.run(document, { resultTypes: ['violations'] }));
-  const bad = res.violations.filter((v) => v.impact === 'serious' || v.impact === 'critical');
-  if (bad.length) {
-    fail(`axe (${label}): ${bad.map((v) => `${v.id} [${v.impact}] ${v.help}: ${v.nodes.slice(0, 4).map((n) => n.target.join(' ')).join(', ')}`).join(' | ')}`);
-  }
-  log(`axe (${label}): no serious or critical violation (${res.violations.length} lesser)`);
-}
 
 async function signUp(page, user) {
   await page.goto(BASE);
@@ -154,16 +145,12 @@ function readLine() {
   });
 }
 
-async function errorsShown(page) {
-  return page.$$eval('#messages .msg.error', (els) => els.map((e) => e.textContent.replace(/×$/, '').trim()));
-}
-
 async function main() {
-  const browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  step = 'the embedded Leaflet and the label placement';
+  checkVendoredLeaflet();
+  await checkPlaceLabels();
+  const tiles = await serveTiles(Number(TILES_PORT));
+  const browser = await launch();
   const pages = {};
   const problems = [];
   // While the server restarts, Chromium itself logs each refused handshake
@@ -243,7 +230,31 @@ async function main() {
     // fast (5 s by default), and the page says so.
     for (const page of [A, B]) await page.waitForSelector('#location-info[data-interval-ms="5000"]');
     log(`both report every 5 s: "${await A.textContent('#location-info')}"`);
-    await A.waitForSelector(`#map g.friend[data-username="${userB.name}"]`);
+
+    step = 'A sees B on the street map, and B\'s details';
+    await A.waitForSelector('#map-card[data-view="map"][data-tiles="ok"]');
+    const pinB = `#geo-map .geo-friend[data-username="${userB.name}"]`;
+    await A.click(pinB);
+    await A.waitForSelector(`#friend-details[data-id]:not([hidden])`);
+    const facts = await A.$$eval('#friend-details dd', (dds) => Object.fromEntries(dds.map((d) => [d.dataset.fact, d.textContent])));
+    if (await A.textContent('#details-name') !== userB.name) fail(`the details name ${await A.textContent('#details-name')}`);
+    if (!/^1\.\d\d km to the (north-east|east)$/.test(facts.distance)) fail(`details distance ${JSON.stringify(facts.distance)}`);
+    if (!/^\d+ s ago \(/.test(facts.updated)) fail(`details updated ${JSON.stringify(facts.updated)}`);
+    if (facts['they-share'] !== 'yes' || facts['you-share'] !== 'precise') fail(`details sharing ${JSON.stringify(facts)}`);
+    log(`street map: A taps B and reads ${JSON.stringify(facts)}`);
+    await A.click('#details-close');
+    await A.waitForSelector('#friend-details', { state: 'hidden' });
+    await checkMapLabels(A, 'A');
+    // The radar, by keyboard: B's dot is a button.
+    await A.click('#map-view');
+    await A.waitForSelector('#map-card[data-view="radar"]');
+    await A.focus(`#map g.friend[data-username="${userB.name}"]`);
+    await A.keyboard.press('Enter');
+    await A.waitForSelector('#friend-details:not([hidden])');
+    await A.keyboard.press('Enter'); // focus went to "close"
+    await A.waitForSelector('#friend-details', { state: 'hidden' });
+    await checkMapLabels(A, 'A');
+    log('radar: B opened and closed by keyboard');
 
     step = 'the age ticks';
     const ageSel = `#nearby li[data-username="${userB.name}"] .age`;
@@ -302,10 +313,18 @@ async function main() {
       const ctx = await browser.newContext({ viewport: { width: 1200, height: 860 } });
       const C = await ctx.newPage();
       C.setDefaultTimeout(WAIT_MS);
-      C.on('pageerror', (err) => problems.push(`C page error: ${err.message}`));
-      C.on('console', (m) => { if (m.type() === 'error') problems.push(`C console: ${m.text()}`); });
+      // C's browser reaches no tile server: the page must say so and show
+      // the radar view (the failed tile loads are the expected errors).
+      await ctx.route(`${TILES}**`, (route) => route.abort('internetdisconnected'));
+      watchPage(C, 'C', problems, (text, url) => url.startsWith(TILES) && /ERR_INTERNET_DISCONNECTED/.test(text));
       pages.C = C;
       await signUp(C, userC);
+      await C.waitForSelector('#map-card[data-view="radar"][data-tiles="failed"]');
+      if (!(await C.isVisible('#map')) || await C.isVisible('#geo-map')) fail('C, offline for tiles, does not show the radar');
+      const note = await C.textContent('#map-note span');
+      if (!note.includes(`could not load its tiles from 127.0.0.1:${TILES_PORT}`)) fail(`C's fallback note reads ${JSON.stringify(note)}`);
+      await axeCheck(C, 'app, street map offline');
+      log(`offline tiles: C shows the radar and says "${note}"`);
       await setLocation(C, destination(posA, 90, 3000)); // the next cell east
       await C.check('#discoverable');
       await C.waitForSelector('#strangers-card[data-discoverable="true"]');
@@ -320,7 +339,7 @@ async function main() {
       if (row.includes(userC.name)) fail('the stranger row names C');
       if (await A.locator('#strangers li').count() !== 1) fail('A sees more than C');
       if (await B.locator('#strangers li').count() !== 0) fail('B, not discoverable, sees strangers');
-      await A.waitForSelector('#map circle.stranger');
+      await A.waitForSelector('#map circle.stranger'); // A is on the radar view
       log(`strangers: A sees "${row}"; "${await A.textContent('#strangers-info')}"`);
       await A.screenshot({ path: SHOT.replace(/\.png$/, '-strangers.png'), fullPage: true });
       // C opts out: gone from A at once.
@@ -347,17 +366,12 @@ async function main() {
     await axeCheck(A, 'app, desktop');
     await A.setViewportSize({ width: 390, height: 844 });
     await axeCheck(A, 'app, 390 × 844');
-    // Tap targets: each visible control (a checkbox: its label) is at least
-    // 44 × 44 px on a phone.
-    const small = await A.evaluate(() => [...document.querySelectorAll('button, select, input, summary')]
-      .filter((el) => el.offsetParent !== null)
-      .map((el) => {
-        const target = el.type === 'checkbox' ? el.closest('label') ?? el : el;
-        const r = target.getBoundingClientRect();
-        return { what: el.id || el.dataset.action || el.textContent.trim() || el.tagName, w: r.width, h: r.height };
-      })
-      .filter((t) => t.w < 44 || t.h < 44));
-    if (small.length) fail(`tap targets under 44 px on a phone: ${JSON.stringify(small)}`);
+    await checkTapTargets(A, 'radar, 390 × 844');
+    await A.click('#map-view'); // back to the street map
+    await A.waitForSelector('#map-card[data-view="map"]');
+    await axeCheck(A, 'app with the street map, 390 × 844');
+    await checkTapTargets(A, 'street map, 390 × 844');
+    await checkMapLabels(A, 'A on a phone');
     await A.screenshot({ path: SHOT.replace(/\.png$/, '-phone.png'), fullPage: true });
     await A.setViewportSize({ width: 1200, height: 860 });
 
@@ -399,7 +413,7 @@ async function main() {
     await setLocation(B, farB);
     await A.waitForSelector(`#nearby li[data-username="${userB.name}"]`, { state: 'detached' });
     await B.waitForSelector(`#nearby li[data-username="${userA.name}"]`, { state: 'detached' });
-    await A.waitForSelector(`#map g.friend[data-username="${userB.name}"]`, { state: 'detached' });
+    await A.waitForSelector(`#geo-map .geo-friend[data-username="${userB.name}"]`, { state: 'detached' });
     log('B left both lists');
 
     step = 'B exports, then deletes, their history';
@@ -425,20 +439,10 @@ async function main() {
     for (const [who, page] of Object.entries(pages)) {
       const errs = await errorsShown(page);
       if (errs.length) fail(`${who} shows errors: ${errs.join(' | ')}`);
-      const covered = await page.evaluate(() => {
-        const boxes = [...document.querySelectorAll('#messages .msg')].map((m) => m.getBoundingClientRect());
-        return [...document.querySelectorAll('button, input, select, summary, a')]
-          .filter((el) => el.offsetParent !== null && !el.closest('#messages'))
-          .filter((el) => {
-            const r = el.getBoundingClientRect();
-            return boxes.some((b) => r.left < b.right && b.left < r.right && r.top < b.bottom && b.top < r.bottom);
-          })
-          .map((el) => el.id || el.textContent.trim());
-      });
-      if (covered.length) fail(`${who}: messages cover ${covered.join(', ')}`);
+      await checkMessagesClear(page, who);
     }
     if (problems.length) fail(`${problems.length} problem(s): ${problems.join(" | ")}`);
-    console.log(`PASS: browser client end to end (${((Date.now() - t0) / 1000).toFixed(1)}s)`);
+    console.log(`PASS: browser client end to end (${elapsed()}s)`);
   } catch (err) {
     const lines = err.message.replace(/\x1b\[[0-9;]*m/g, "").split("\n");
     const waiting = lines.find((l) => /waiting for/.test(l));
@@ -454,6 +458,7 @@ async function main() {
     process.exitCode = 1;
   } finally {
     await browser.close();
+    tiles.close();
   }
 }
 

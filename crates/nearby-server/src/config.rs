@@ -7,6 +7,12 @@ use nearby_core::session::SessionConfig;
 const SECOND: Duration = Duration::from_secs(1);
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
+/// OpenStreetMap's standard tiles (<https://operations.osmfoundation.org/policies/tiles/>).
+pub const DEFAULT_TILE_URL: &str = "https://tile.openstreetmap.org/{z}/{x}/{y}.png";
+/// The credit OpenStreetMap's licence asks for.
+pub const DEFAULT_TILE_ATTRIBUTION: &str =
+    "&copy; <a href=\"https://www.openstreetmap.org/copyright\">OpenStreetMap</a> contributors";
+
 /// Everything the service needs to know besides its backends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
@@ -66,6 +72,17 @@ pub struct ServerConfig {
     /// reconnects to another node sees new aliases; `None`: a random key
     /// per process.
     pub stranger_secret: Option<String>,
+    /// The page's street map: a tile URL template with `{z}`, `{x}`, `{y}`
+    /// (and optionally `{s}`, `{r}`), fetched by the browser. Empty: the
+    /// page shows only its radar view. Default: OpenStreetMap's tiles,
+    /// whose usage policy suits light use; a busy deployment runs or buys
+    /// its own.
+    pub tile_url: String,
+    /// What the map credits (HTML, shown in its corner), as the tile
+    /// provider's terms require.
+    pub tile_attribution: String,
+    /// Started by `nearby demo`: the page says how to log in to it.
+    pub demo: bool,
     /// How long a drain (the first SIGTERM) may take: sessions are told to
     /// go, spread over the first 80 % of it, and the process exits when the
     /// last is gone or at its end (default 30 s; 0: all at once).
@@ -135,6 +152,9 @@ impl Default for ServerConfig {
             stranger_cap: 20,
             stranger_heartbeat: Duration::from_secs(10),
             stranger_secret: None,
+            tile_url: DEFAULT_TILE_URL.to_owned(),
+            tile_attribution: DEFAULT_TILE_ATTRIBUTION.to_owned(),
+            demo: false,
             drain: Duration::from_secs(30),
             max_connections: 0,
             max_connections_per_ip: 4096,
@@ -251,6 +271,17 @@ impl ServerConfig {
             "drain_secs",
             self.drain.as_secs(),
             "at most 3600",
+        )?;
+        check(
+            self.tile_url.is_empty()
+                || ((self.tile_url.starts_with("https://")
+                    || self.tile_url.starts_with("http://"))
+                    && ["{z}", "{x}", "{y}"]
+                        .iter()
+                        .all(|p| self.tile_url.contains(p))),
+            "tile_url",
+            &self.tile_url,
+            "empty, or an http(s) URL with {z}, {x} and {y}",
         )?;
         check(
             (100..=3_600_000).contains(&self.fast_interval_ms),

@@ -134,6 +134,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/ws-ticket", axum::routing::post(auth::ws_ticket))
+        .route("/v1/web-config", get(web::config))
         .route("/", get(web::index))
         .route("/assets/{*path}", get(web::asset))
         .fallback(rest::not_found)

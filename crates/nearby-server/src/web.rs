@@ -3,10 +3,15 @@
 //! at each request (rust-embed's default), so the page can be edited without
 //! rebuilding.
 
+use std::sync::Arc;
+
+use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 
 use crate::error::ApiError;
+use crate::state::AppState;
 
 #[derive(rust_embed::Embed)]
 #[folder = "web/"]
@@ -15,6 +20,25 @@ struct Assets;
 /// `GET /`: the page.
 pub async fn index() -> Response {
     serve("index.html")
+}
+
+/// `GET /v1/web-config`: what the page needs before anyone logs in: its
+/// street map's tiles (`null`: radar view only), the nearby radius it
+/// draws, and whether this is `nearby demo`.
+pub async fn config(State(st): State<Arc<AppState>>) -> Response {
+    let cfg = &st.cfg;
+    let map = (!cfg.tile_url.is_empty()).then(
+        || serde_json::json!({ "tile_url": cfg.tile_url, "attribution": cfg.tile_attribution }),
+    );
+    let mut resp = Json(serde_json::json!({
+        "map": map,
+        "radius_m": cfg.radius_m,
+        "demo": cfg.demo,
+    }))
+    .into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
 }
 
 /// `GET /assets/{path}`: scripts, styles, images.

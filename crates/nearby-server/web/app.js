@@ -1,5 +1,8 @@
-// The nearby browser client: plain DOM, one WebSocket, no dependencies.
-// Wire contract: docs/protocol.md.
+// The nearby browser client: plain DOM, one WebSocket; the street map is
+// Leaflet (bundled under /assets/vendor, loaded as window.L), and the page
+// works without it (the radar view). Wire contract: docs/protocol.md.
+
+import { placeLabels } from './labels.js';
 
 const EARTH_RADIUS_M = 6371008.8; // protocol.md: mean Earth radius
 const MIN_SEND_GAP_MS = 1000;     // well under the 5 frames/s limit
@@ -37,6 +40,10 @@ const state = {
   lastPollError: null,
   discoverable: { enabled: false, until: null },
   strangers: new Map(), // alias -> {id, bucket_km, bearing_deg}
+  web: { map: null, radius_m: 8047, demo: false }, // GET /v1/web-config
+  view: 'radar',        // 'map' (streets) or 'radar'
+  tiles: 'none',        // the street map's tiles: none, loading, ok, failed
+  selected: null,       // the friend whose details are open
 };
 
 // ---------- small DOM helpers ----------
@@ -214,6 +221,8 @@ function endSession(reason) {
   state.strangers.clear();
   renderStrangers();
   state.me = null;
+  state.selected = null;
+  clearStreetMap();
   $('#app-view').hidden = true;
   $('#auth-view').hidden = false;
   $('#logout').hidden = true;
@@ -521,6 +530,18 @@ function setFromInputs(event) {
   setMyLocation(lat, lon, 'manual');
 }
 
+// The point `dist` metres from `p` on the initial bearing `bearingDeg`
+// (great circle, as the server measures).
+function destination(p, bearingDeg, dist) {
+  const rad = Math.PI / 180;
+  const d = dist / EARTH_RADIUS_M;
+  const t = bearingDeg * rad;
+  const f1 = p.lat * rad;
+  const f2 = Math.asin(Math.sin(f1) * Math.cos(d) + Math.cos(f1) * Math.sin(d) * Math.cos(t));
+  const l2 = p.lon * rad + Math.atan2(Math.sin(t) * Math.sin(d) * Math.cos(f1), Math.cos(d) - Math.sin(f1) * Math.sin(f2));
+  return { lat: f2 / rad, lon: l2 / rad };
+}
+
 // Offsets (metres east/north) from a point, equirectangular: fine at these scales.
 function offsetLatLon({ lat, lon }, east, north) {
   const rad = Math.PI / 180;
@@ -758,7 +779,7 @@ function renderNearby() {
     const name = nameOf(f.id);
     return h('li', { 'data-id': f.id, 'data-username': name, 'data-distance-m': f.distance_m, 'data-approximate': String(Boolean(f.approximate)) },
       h('span', { class: 'avatar', style: `background:${colourOf(f.id)}`, 'aria-hidden': 'true' }, name.slice(0, 1).toUpperCase()),
-      h('span', { class: 'name' }, name),
+      h('button', { type: 'button', class: 'link name', 'data-action': 'details', 'aria-label': `${name}: show details` }, name),
       h('span', { class: 'distance', title: f.approximate ? 'They share only which ~3 km area they are in' : '' }, fmtFriendDistance(f)),
       h('span', { class: 'age', 'data-updated-at': f.updated_at }, fmtAge(Date.now() - f.updated_at)));
   }));
@@ -885,7 +906,30 @@ function mapScale() {
   return SCALES.find((r) => r >= want) ?? SCALES[SCALES.length - 1];
 }
 
-function renderMap() {
+// ---------- the radar ----------
+
+// Text widths for label placement, measured once per text (the radar may be
+// hidden, where the DOM measures nothing).
+const measure = (() => {
+  const ctx = document.createElement('canvas').getContext('2d');
+  const cache = new Map();
+  return (text, font) => {
+    const key = `${font}|${text}`;
+    if (!cache.has(key)) {
+      ctx.font = font;
+      if (cache.size > 500) cache.clear();
+      cache.set(key, ctx.measureText(text).width);
+    }
+    return cache.get(key);
+  };
+})();
+const RADAR_FONT = '600 11.5px system-ui, sans-serif';
+const RADAR_LABEL_H = 15;
+
+// The friend's name and distance, as the labels on both views read.
+const labelOf = (f) => `${nameOf(f.id)} · ${fmtFriendDistance(f)}`;
+
+function renderRadar() {
   const svg = $('#map');
   const range = mapScale();
   const parts = [
@@ -894,39 +938,394 @@ function renderMap() {
     s('line', { x1: 0, y1: -MAP_R, x2: 0, y2: MAP_R, class: 'axis' }),
     s('text', { x: 0, y: -MAP_R - 6, class: 'compass' }, 'N'),
   ];
+  // What a friend's label must keep clear of: ring captions, the compass,
+  // "you", every dot, and (if it can) the rings themselves.
+  const scene = { dots: [{ x: 0, y: 0, r: 9 }], boxes: [], rings: [], bounds: { x0: -198, y0: -198, x1: 198, y1: 198 } };
+  scene.boxes.push({ x0: -8, y0: -MAP_R - 19, x1: 8, y1: -MAP_R - 3 }); // N
   for (const r of [range / 10, range / 2, range]) {
-    parts.push(s('circle', { cx: 0, cy: 0, r: toUnits(r, range), class: 'ring' }),
-      s('text', { x: toUnits(r, range) - 4, y: -5, class: 'ring-label' },
-        r < 1000 ? `${r} m` : `${r / 1000} km`));
+    const ru = toUnits(r, range);
+    const caption = r < 1000 ? `${r} m` : `${r / 1000} km`;
+    const w = measure(caption, '11px system-ui, sans-serif');
+    parts.push(s('circle', { cx: 0, cy: 0, r: ru, class: 'ring' }),
+      s('text', { x: ru - 4, y: -5, class: 'ring-label' }, caption));
+    scene.rings.push({ cx: 0, cy: 0, r: ru });
+    scene.boxes.push({ x0: ru - 4 - w, y0: -16, x1: ru - 4, y1: -2 });
   }
-  const friends = [];
-  for (const f of sortedNearby().reverse()) {
+  const meText = state.me ? 'you' : 'you (no location)';
+  const meW = measure(meText, '700 11px system-ui, sans-serif');
+  scene.boxes.push({ x0: -meW / 2, y0: 10, x1: meW / 2, y1: 24 });
+  const shown = sortedNearby().map((f) => {
     // The server's bearing; a stable made-up one only for old servers that send none.
     const angle = ((f.bearing_deg ?? hashOf(f.id) % 360) * Math.PI) / 180;
     const d = toUnits(f.distance_m, range);
-    const x = d * Math.sin(angle);
-    const y = -d * Math.cos(angle);
-    const g = s('g', { class: f.approximate ? 'friend approximate' : 'friend', 'data-id': f.id, 'data-username': nameOf(f.id) });
-    // Where an approximate friend may be: a shaded area (on the square-root
-    // scale, its radius as seen from the friend's distance).
-    if (f.approximate) g.append(s('circle', { cx: x, cy: y, r: Math.max(12, toUnits(f.distance_m + APPROX_M, range) - d), class: 'area', fill: colourOf(f.id) }));
-    g.append(s('circle', { cx: x, cy: y, r: 8, fill: colourOf(f.id) }),
-      s('text', { x, y: y - 12, class: 'friend-label' }, `${nameOf(f.id)} · ${fmtFriendDistance(f)}`));
-    parts.push(s('line', { x1: 0, y1: 0, x2: x, y2: y, class: 'spoke' }));
-    friends.push(g);
-  }
+    return { f, x: d * Math.sin(angle), y: -d * Math.cos(angle) };
+  });
+  for (const { x, y } of shown) scene.dots.push({ x, y, r: 9 });
   // Strangers: anonymous dots at the middle of their band, towards their
   // area (those in your own area are listed only).
+  const strangers = [];
   for (const st of state.strangers.values()) {
     if (st.bearing_deg == null) continue;
     const angle = (st.bearing_deg * Math.PI) / 180;
     const d = toUnits((st.bucket_km[0] + st.bucket_km[1]) * 500, range);
-    parts.push(s('circle', { cx: d * Math.sin(angle), cy: -d * Math.cos(angle), r: 5, class: 'stranger', 'data-id': st.id }));
+    const x = d * Math.sin(angle);
+    const y = -d * Math.cos(angle);
+    scene.dots.push({ x, y, r: 6 });
+    strangers.push(s('circle', { cx: x, cy: y, r: 5, class: 'stranger', 'data-id': st.id }));
   }
-  parts.push(s('circle', { cx: 0, cy: 0, r: 7, class: state.me ? 'me' : 'me unknown' }),
-    s('text', { x: 0, y: 20, class: 'me-label' }, state.me ? 'you' : 'you (no location)'), ...friends);
+  // Nearest first: they get the best spots.
+  const spots = placeLabels(shown.map(({ f, x, y }) => ({ x, y, r: 9, w: measure(labelOf(f), RADAR_FONT) + 6, h: RADAR_LABEL_H })), scene);
+  const friends = [];
+  shown.forEach(({ f, x, y }, i) => {
+    const name = nameOf(f.id);
+    const g = s('g', {
+      class: f.approximate ? 'friend approximate' : 'friend', 'data-id': f.id, 'data-username': name,
+      tabindex: 0, role: 'button', 'aria-label': `${labelOf(f)}: show details`,
+    });
+    if (state.selected === f.id) g.classList.add('selected');
+    // Where an approximate friend may be: a shaded area (on the square-root
+    // scale, its radius as seen from the friend's distance).
+    if (f.approximate) g.append(s('circle', { cx: x, cy: y, r: Math.max(12, toUnits(f.distance_m + APPROX_M, range) - toUnits(f.distance_m, range)), class: 'area', fill: colourOf(f.id) }));
+    g.append(s('circle', { cx: x, cy: y, r: 28, class: 'hit' }), // a tap target of 44 px on a phone
+      s('circle', { cx: x, cy: y, r: 8, fill: colourOf(f.id), class: 'dot' }));
+    const spot = spots[i];
+    if (spot) {
+      if (spot.leader) g.append(s('line', { x1: x, y1: y, x2: spot.x, y2: spot.y, class: 'leader' }));
+      g.append(s('rect', { x: spot.box.x0, y: spot.box.y0, width: spot.box.x1 - spot.box.x0, height: spot.box.y1 - spot.box.y0, rx: 4, class: 'label-bg' }),
+        s('text', { x: spot.x, y: spot.y + 4, class: 'friend-label' }, labelOf(f)));
+    }
+    parts.push(s('line', { x1: 0, y1: 0, x2: x, y2: y, class: 'spoke' }));
+    friends.push(g);
+  });
+  parts.push(...strangers, s('circle', { cx: 0, cy: 0, r: 7, class: state.me ? 'me' : 'me unknown' }),
+    s('text', { x: 0, y: 21, class: 'me-label' }, meText), ...friends.reverse());
   svg.replaceChildren(...parts);
   $('#map-scale').textContent = `(outer ring ${range < 1000 ? `${range} m` : `${range / 1000} km`})`;
+}
+
+// ---------- the street map ----------
+
+const geo = {
+  map: null, tiles: null, overlay: null, me: null, ring: null,
+  friends: new Map(),   // id -> {marker, area, key}
+  follow: true,         // fit me and my friends until the user pans or zooms
+  fitting: false,
+  framed: '',           // who was in view at the last fit
+  loaded: 0, failed: 0, timer: null,
+};
+const TILE_WAIT_MS = 10000;   // no tile by then: the radar view
+const PIN_R = 15;             // a friend's avatar on the map, px
+const ICON_HALF = 22;         // its tap target: 44 × 44 px around the avatar
+
+// The street map is there when the server names tiles and Leaflet loaded.
+const streetMapPossible = () => Boolean(state.web.map && window.L);
+
+async function loadWebConfig() {
+  try {
+    const cfg = await api('GET', '/v1/web-config');
+    state.web = { ...state.web, ...cfg };
+  } catch { /* an older server: radar only */ }
+  $('#demo-hint').hidden = !state.web.demo;
+  if (streetMapPossible()) { state.view = 'map'; state.tiles = 'loading'; }
+}
+
+function startStreetMap() {
+  if (geo.map || !streetMapPossible() || state.view !== 'map') return;
+  const L = window.L;
+  geo.map = L.map('geo-map', { zoomControl: true, attributionControl: true, worldCopyJump: true })
+    .setView([20, 0], 2);
+  geo.map.attributionControl.setPrefix('<a href="https://leafletjs.com">Leaflet</a>');
+  geo.tiles = L.tileLayer(state.web.map.tile_url, { attribution: state.web.map.attribution, maxZoom: 19 })
+    .on('tileload', () => {
+      geo.loaded += 1;
+      clearTimeout(geo.timer);
+      if (state.tiles !== 'ok') { state.tiles = 'ok'; renderMapChrome(); }
+    })
+    .on('tileerror', () => {
+      geo.failed += 1;
+      if (!geo.loaded && geo.failed >= 3) tilesFailed();
+    })
+    .addTo(geo.map);
+  geo.overlay = L.layerGroup().addTo(geo.map);
+  const userMoved = () => { if (!geo.fitting && geo.follow) { geo.follow = false; renderMapChrome(); } };
+  geo.map.on('dragstart', userMoved);
+  geo.map.on('zoomstart', userMoved);
+  geo.map.on('zoomend moveend resize', placeStreetLabels);
+  geo.map.on('click', guard((e) => {
+    stopGeo();
+    setMyLocation(e.latlng.lat, ((e.latlng.lng + 540) % 360) - 180, 'map');
+  }));
+  waitForTiles();
+}
+
+function waitForTiles() {
+  clearTimeout(geo.timer);
+  geo.loaded = 0;
+  geo.failed = 0;
+  state.tiles = 'loading';
+  geo.timer = setTimeout(() => { if (!geo.loaded) tilesFailed(); }, TILE_WAIT_MS);
+}
+
+// Offline, blocked, or a wrong URL: the radar view, and a note saying why.
+function tilesFailed() {
+  if (state.tiles === 'failed') return;
+  clearTimeout(geo.timer);
+  state.tiles = 'failed';
+  state.view = 'radar';
+  renderMap();
+}
+
+function retryStreetMap() {
+  state.view = 'map';
+  renderMap();
+  waitForTiles();
+  geo.tiles?.redraw();
+  renderMapChrome();
+}
+
+function toggleView() {
+  state.view = state.view === 'map' ? 'radar' : 'map';
+  if (state.view === 'map' && state.tiles === 'failed') { retryStreetMap(); return; }
+  renderMap();
+}
+
+// The map card's frame: which view, its buttons, the fallback note.
+function renderMapChrome() {
+  const card = $('#map-card');
+  const street = state.view === 'map' && streetMapPossible();
+  card.dataset.view = street ? 'map' : 'radar';
+  card.dataset.tiles = streetMapPossible() ? state.tiles : 'none';
+  $('#geo-map').hidden = !street;
+  $('#map').toggleAttribute('hidden', street); // an SVG element has no .hidden
+  $('#map-scale').hidden = street;
+  $('#map-view').hidden = !streetMapPossible();
+  $('#map-view').textContent = street ? 'Radar view' : 'Street map';
+  $('#map-follow').hidden = !street || geo.follow || !state.me;
+  const failed = streetMapPossible() && state.tiles === 'failed';
+  $('#map-note').hidden = !failed || street;
+  if (failed) {
+    let host = 'the tile server';
+    try { host = new URL(state.web.map.tile_url.replace(/\{[^}]*\}/g, 'x')).host; } catch { /* as is */ }
+    $('#map-note span').textContent = `The street map could not load its tiles from ${host} (offline?), so this is the radar view: you at the centre, friends by distance and direction.`;
+  }
+  $('#map-hint').textContent = street
+    ? 'Friends are placed from their distance and direction to you. Tap a friend for details; tap the map to put yourself there.'
+    : 'You are at the centre, north up; friends are drawn at their distance and direction. Click a friend for details; click elsewhere to put yourself there.';
+}
+
+// A friend's position on the map, from their distance and bearing to me.
+function friendLatLon(f) {
+  const bearing = f.bearing_deg ?? hashOf(f.id) % 360;
+  return destination(state.me, bearing, f.distance_m);
+}
+
+function pinOf(f) {
+  const name = nameOf(f.id);
+  const el = h('div', { class: 'pin-wrap' },
+    // The initial is drawn by CSS: the marker's name is its label's text.
+    h('span', { class: 'pin', style: `background:${colourOf(f.id)}`, 'data-initial': name.slice(0, 1).toUpperCase(), 'aria-hidden': 'true' }),
+    h('span', { class: 'leader', 'aria-hidden': 'true' }),
+    h('span', { class: 'pin-label', 'aria-hidden': 'true' }));
+  return el;
+}
+
+// Nothing of the last user stays on the map.
+function clearStreetMap() {
+  geo.overlay?.clearLayers();
+  geo.friends.clear();
+  geo.me = null;
+  geo.ring = null;
+  geo.follow = true;
+  geo.framed = '';
+}
+
+function renderStreetMap() {
+  const L = window.L;
+  const m = geo.map;
+  if (!m) return;
+  const me = state.me;
+  const keep = new Set();
+  if (me) {
+    const at = [me.lat, me.lon];
+    if (!geo.me) {
+      geo.me = L.marker(at, {
+        icon: L.divIcon({ className: 'geo-me', html: '<span aria-hidden="true"></span>', iconSize: [18, 18] }),
+        interactive: false, keyboard: false, zIndexOffset: 1000, // you stay visible among friends
+      }).addTo(geo.overlay);
+      geo.ring = L.circle(at, { radius: state.web.radius_m, className: 'range-ring', interactive: false, fill: false }).addTo(geo.overlay);
+    }
+    geo.me.setLatLng(at);
+    geo.ring.setLatLng(at);
+    for (const f of sortedNearby()) {
+      keep.add(f.id);
+      const pos = friendLatLon(f);
+      const at2 = [pos.lat, pos.lon];
+      let entry = geo.friends.get(f.id);
+      if (!entry) {
+        const marker = L.marker(at2, {
+          icon: L.divIcon({ className: 'geo-friend', html: pinOf(f), iconSize: [2 * ICON_HALF, 2 * ICON_HALF] }),
+          keyboard: true, riseOnHover: true,
+        }).on('click', () => selectFriend(f.id)).addTo(geo.overlay);
+        const el = marker.getElement();
+        el.setAttribute('role', 'button');
+        el.addEventListener('keydown', (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); selectFriend(f.id); } });
+        entry = { marker, area: null };
+        geo.friends.set(f.id, entry);
+      }
+      entry.marker.setLatLng(at2);
+      const el = entry.marker.getElement();
+      el.dataset.id = f.id;
+      el.dataset.username = nameOf(f.id);
+      el.setAttribute('aria-label', `${labelOf(f)}: show details`);
+      el.classList.toggle('selected', state.selected === f.id);
+      el.querySelector('.pin-label').textContent = labelOf(f);
+      if (f.approximate && !entry.area) {
+        entry.area = L.circle(at2, { radius: APPROX_M, className: 'approx-area', color: colourOf(f.id), interactive: false }).addTo(geo.overlay);
+      } else if (!f.approximate && entry.area) {
+        entry.area.remove();
+        entry.area = null;
+      }
+      entry.area?.setLatLng(at2);
+    }
+  } else if (geo.me) {
+    geo.me.remove(); geo.ring.remove();
+    geo.me = null; geo.ring = null;
+  }
+  for (const [id, entry] of geo.friends) {
+    if (keep.has(id)) continue;
+    entry.marker.remove();
+    entry.area?.remove();
+    geo.friends.delete(id);
+  }
+  frameStreetMap();
+  placeStreetLabels();
+}
+
+// Following: me and every friend in view, refitted when someone joins or
+// leaves, I move, or someone walks out of view.
+function frameStreetMap() {
+  const m = geo.map;
+  if (!geo.follow || !state.me || $('#geo-map').hidden) return;
+  const points = [[state.me.lat, state.me.lon], ...[...geo.friends.values()].map((e) => e.marker.getLatLng())];
+  const who = `${[...geo.friends.keys()].sort().join(',')}@${state.me.lat.toFixed(4)},${state.me.lon.toFixed(4)}`;
+  const view = m.getBounds().pad(-0.1);
+  if (who === geo.framed && points.every((p) => view.contains(p))) return;
+  geo.framed = who;
+  geo.fitting = true;
+  try {
+    if (points.length === 1) m.setView(points[0], Math.max(m.getZoom(), 14), { animate: false });
+    else m.fitBounds(window.L.latLngBounds(points), { padding: [48, 48], maxZoom: 16, animate: false });
+  } finally {
+    geo.fitting = false;
+  }
+}
+
+// Labels beside their avatars, clear of each other, of every avatar, of
+// the map's controls and (where it can) of the range ring.
+function placeStreetLabels() {
+  const m = geo.map;
+  if (!m || $('#geo-map').hidden || !state.me) return;
+  const host = $('#geo-map').getBoundingClientRect();
+  const size = m.getSize();
+  const rel = (r) => ({ x0: r.left - host.left, y0: r.top - host.top, x1: r.right - host.left, y1: r.bottom - host.top });
+  const meAt = m.latLngToContainerPoint([state.me.lat, state.me.lon]);
+  const edge = destination(state.me, 90, state.web.radius_m);
+  const ringR = Math.abs(m.latLngToContainerPoint([edge.lat, edge.lon]).x - meAt.x);
+  const scene = {
+    dots: [{ x: meAt.x, y: meAt.y, r: 10 }],
+    boxes: [...document.querySelectorAll('#geo-map .leaflet-control')].map((c) => rel(c.getBoundingClientRect())),
+    rings: [{ cx: meAt.x, cy: meAt.y, r: ringR }],
+    bounds: { x0: 2, y0: 2, x1: size.x - 2, y1: size.y - 2 },
+  };
+  const order = sortedNearby().filter((f) => geo.friends.has(f.id));
+  const items = order.map((f) => {
+    const el = geo.friends.get(f.id).marker.getElement();
+    const p = m.latLngToContainerPoint(geo.friends.get(f.id).marker.getLatLng());
+    const label = el.querySelector('.pin-label');
+    label.hidden = false; // measured as it reads now
+    scene.dots.push({ x: p.x, y: p.y, r: PIN_R + 1 });
+    return { el, label, x: p.x, y: p.y, r: PIN_R + 1, w: label.offsetWidth, h: label.offsetHeight };
+  });
+  const spots = placeLabels(items, scene);
+  items.forEach((it, i) => {
+    const spot = spots[i];
+    const leader = it.el.querySelector('.leader');
+    it.el.dataset.labelled = String(Boolean(spot));
+    it.label.hidden = !spot;
+    leader.hidden = !spot?.leader;
+    if (!spot) return;
+    // Positions inside the icon, whose top left is ICON_HALF up and left of the dot.
+    it.label.style.left = `${spot.box.x0 - it.x + ICON_HALF}px`;
+    it.label.style.top = `${spot.box.y0 - it.y + ICON_HALF}px`;
+    if (spot.leader) {
+      const dx = spot.x - it.x;
+      const dy = spot.y - it.y;
+      leader.style.width = `${Math.hypot(dx, dy)}px`;
+      leader.style.transform = `rotate(${Math.atan2(dy, dx)}rad)`;
+    }
+  });
+}
+
+// ---------- a friend's details ----------
+
+function selectFriend(id) {
+  state.selected = id;
+  renderMap();
+  $('#details-close').focus({ preventScroll: true });
+}
+
+function closeDetails() {
+  const id = state.selected;
+  state.selected = null;
+  renderMap();
+  // Back to where the person was: the friend on the map, if still there.
+  document.querySelector(`#map-card [data-id="${id}"][role="button"]:not([hidden])`)?.focus({ preventScroll: true });
+}
+
+function renderDetails() {
+  const box = $('#friend-details');
+  const id = state.selected;
+  const row = id == null ? null : state.friends.get(id);
+  if (id == null || (!row && !state.nearby.has(id))) {
+    box.hidden = true;
+    if (id != null) state.selected = null;
+    return;
+  }
+  const f = state.nearby.get(id);
+  const name = nameOf(id);
+  box.hidden = false;
+  box.dataset.id = id;
+  box.querySelector('.avatar').style.background = colourOf(id);
+  box.querySelector('.avatar').textContent = name.slice(0, 1).toUpperCase();
+  $('#details-name').textContent = name;
+  const facts = [];
+  if (f) {
+    const dir = f.bearing_deg == null ? '' : ` to the ${WINDS[Math.round(f.bearing_deg / 45) % 8]}`;
+    facts.push(['Distance', `${fmtFriendDistance(f)}${dir}`, 'distance'],
+      ['Updated', `${fmtAge(Date.now() - f.updated_at).replace(/^updated /, '')} (${fmtClock(f.updated_at)})`, 'updated']);
+  } else {
+    facts.push(['Distance', 'not nearby right now', 'distance']);
+  }
+  if (row) {
+    facts.push(['Shares with you', theyShare(row).replace(/^they share with you: /, ''), 'they-share'],
+      ['You share', youShare(row).replace(/^you share: /, ''), 'you-share']);
+  }
+  box.querySelector('dl').replaceChildren(...facts.flatMap(([k, v, key]) => [h('dt', {}, k), h('dd', { 'data-fact': key }, v)]));
+}
+
+// ---------- either view ----------
+
+function renderMap() {
+  if (state.view === 'map' && streetMapPossible() && $('#app-view').hidden === false) startStreetMap();
+  const wasHidden = $('#geo-map').hidden;
+  renderMapChrome();
+  if (state.view === 'map' && geo.map) {
+    if (wasHidden) { geo.map.invalidateSize(); geo.framed = ''; }
+    renderStreetMap();
+  } else {
+    renderRadar();
+  }
+  renderDetails();
 }
 
 function renderAll() {
@@ -937,6 +1336,8 @@ function renderAll() {
 }
 
 function placeOnMap(event) {
+  const friend = event.target.closest('g.friend');
+  if (friend) { selectFriend(friend.dataset.id); return; }
   const svg = $('#map');
   const pt = new DOMPoint(event.clientX, event.clientY).matrixTransform(svg.getScreenCTM().inverse());
   const units = Math.hypot(pt.x, pt.y);
@@ -986,13 +1387,28 @@ function init() {
   $('#location-form').addEventListener('submit', guard(setFromInputs));
   $('#use-geo').addEventListener('click', guard(toggleGeo));
   $('#map').addEventListener('click', guard(placeOnMap));
+  $('#map').addEventListener('keydown', (e) => {
+    const friend = e.target.closest?.('g.friend');
+    if (friend && (e.key === 'Enter' || e.key === ' ')) { e.preventDefault(); selectFriend(friend.dataset.id); }
+  });
+  $('#nearby').addEventListener('click', (e) => {
+    const li = e.target.closest('button[data-action="details"]')?.closest('li[data-id]');
+    if (li) selectFriend(li.dataset.id);
+  });
+  $('#details-close').addEventListener('click', closeDetails);
+  $('#map-view').addEventListener('click', toggleView);
+  $('#map-retry').addEventListener('click', retryStreetMap);
+  $('#map-follow').addEventListener('click', () => { geo.follow = true; geo.framed = ''; renderMap(); });
   window.addEventListener('online', () => { if (state.session && !state.ws) { state.attempt = 0; connect(); } });
   window.addEventListener('offline', () => { if (state.session && !state.ws) setConn('offline', 'offline (no network)'); });
-  setInterval(() => { tickAges(); tickConn(); renderLocationInfo(); }, 1000);
+  setInterval(() => { tickAges(); tickConn(); renderLocationInfo(); renderDetails(); }, 1000);
 
   const saved = loadSession();
-  if (saved) startSession(saved);
-  else renderAll();
+  // The map's settings first (they decide the view); the page works without.
+  loadWebConfig().finally(() => {
+    if (saved) startSession(saved);
+    else renderAll();
+  });
 }
 
 init();

@@ -86,6 +86,12 @@ pub struct ServeArgs {
     /// Key of strangers' per-viewer, per-day aliases (16+ characters; give every node the same) [default: random per process].
     #[arg(long, env = "NEARBY_STRANGER_SECRET", hide_env_values = true)]
     pub stranger_secret: Option<String>,
+    /// The page's street-map tiles, a URL template with {z}, {x}, {y}; "" shows only the radar view [default: OpenStreetMap's].
+    #[arg(long, env = "NEARBY_TILE_URL")]
+    pub tile_url: Option<String>,
+    /// The map's credit line (HTML), as the tile provider asks [default: OpenStreetMap's].
+    #[arg(long, env = "NEARBY_TILE_ATTRIBUTION")]
+    pub tile_attribution: Option<String>,
     /// Connections served normally [default: 0, derived from the open-file limit].
     #[arg(long, env = "NEARBY_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -213,6 +219,8 @@ impl ServeArgs {
             stranger_cap,
             stranger_heartbeat_ms,
             stranger_secret,
+            tile_url,
+            tile_attribution,
             max_connections,
             max_connections_per_ip,
             connection_reserve,
@@ -286,6 +294,12 @@ impl ServeArgs {
                 .stranger_heartbeat_ms
                 .map_or(d.stranger_heartbeat, Duration::from_millis),
             stranger_secret: merged.stranger_secret.clone(),
+            tile_url: merged.tile_url.clone().unwrap_or(d.tile_url),
+            tile_attribution: merged
+                .tile_attribution
+                .clone()
+                .unwrap_or(d.tile_attribution),
+            demo: false,
             drain: merged.drain_secs.map_or(d.drain, Duration::from_secs),
             max_connections: merged.max_connections.unwrap_or(d.max_connections),
             max_connections_per_ip: merged

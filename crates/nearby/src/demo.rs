@@ -33,6 +33,9 @@ pub struct DemoArgs {
     /// How many simulated friends walk around.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(1..=8))]
     friends: u8,
+    /// The page's street-map tiles, a URL template with {z}, {x}, {y}; "" shows only the radar view [default: OpenStreetMap's].
+    #[arg(long, env = "NEARBY_TILE_URL")]
+    tile_url: Option<String>,
 }
 
 /// Where `demo` stands until told otherwise: Seoul City Hall.
@@ -126,15 +129,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         (None, Some(t)) => t.path().to_owned(),
         (None, None) => anyhow::bail!("no data dir"),
     };
-    let settings = ServeArgs {
+    let mut settings = ServeArgs {
         listen: Some(args.listen),
         data_dir: Some(data_dir.clone()),
         // A single local node with nobody to hand its clients to: Ctrl-C
         // tells every session at once instead of spreading a drain.
         drain_secs: Some(0),
+        tile_url: args.tile_url,
         ..ServeArgs::default()
     }
     .resolve()?;
+    settings.server.demo = true; // the page says how to log in
     let ttl = settings.server.location_ttl;
     let friends = usize::from(args.friends);
 

@@ -63,3 +63,56 @@ async fn openapi_documents_exactly_the_served_routes() {
         }
     }
 }
+
+/// `GET /v1/web-config` carries the tile settings as given, `map: null`
+/// with an empty `--tile-url`, and a tile URL without its placeholders
+/// stops the server at start-up with the setting named.
+#[tokio::test]
+async fn web_config_names_the_map_tiles_or_none() {
+    let server = Server::start(&[]);
+    let (status, body) = server.get("/v1/web-config", None).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    assert_eq!(
+        body["map"]["tile_url"],
+        "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
+    );
+    assert!(
+        body["map"]["attribution"]
+            .as_str()
+            .is_some_and(|a| a.contains("OpenStreetMap")),
+        "{body}"
+    );
+    assert_eq!(body["radius_m"], 8047.0);
+    assert_eq!(body["demo"], false);
+
+    let own = Server::start(&[
+        "--tile-url",
+        "https://tiles.example.org/{z}/{x}/{y}.png",
+        "--tile-attribution",
+        "example tiles",
+        "--radius-m",
+        "5000",
+    ]);
+    let (_, body) = own.get("/v1/web-config", None).await;
+    assert_eq!(
+        body["map"]["tile_url"],
+        "https://tiles.example.org/{z}/{x}/{y}.png"
+    );
+    assert_eq!(body["map"]["attribution"], "example tiles");
+    assert_eq!(body["radius_m"], 5000.0);
+
+    let none = Server::start(&["--tile-url", ""]);
+    let (_, body) = none.get("/v1/web-config", None).await;
+    assert!(body["map"].is_null(), "{body}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nearby"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(["--tile-url", "https://tiles.example.org/tile.png"])
+        .output()
+        .expect("run nearby");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with a bad tile URL");
+    assert!(stderr.contains("tile_url"), "{stderr}");
+}

@@ -1,0 +1,92 @@
+// Label placement for the map and the radar: pure geometry, no DOM, so the
+// browser test can check it on its own (web-test/browser.mjs).
+//
+// Each label belongs to a dot. It is tried beside its dot in eight
+// directions, then one and two steps further out (drawn with a leader line);
+// the first spot that overlaps no placed label, no dot, no fixed box (ring
+// captions, "you", the compass) and stays inside the bounds wins, preferring
+// one that crosses no ring (where none is left, the label's opaque
+// background hides the ring under it). A label that fits nowhere is left
+// out (its dot keeps its name for pointer and screen-reader users).
+
+const GAP = 3;      // between a dot and its label
+const PAD = 2;      // kept between two labels
+const DIRECTIONS = [
+  [0, -1], [0, 1], [1, 0], [-1, 0], [1, -1], [-1, -1], [1, 1], [-1, 1],
+];
+const STEPS = 3;
+
+const overlaps = (a, b, pad = 0) =>
+  a.x0 < b.x1 + pad && b.x0 < a.x1 + pad && a.y0 < b.y1 + pad && b.y0 < a.y1 + pad;
+
+// Distance from (cx, cy) to the nearest point of a box, and to its farthest corner.
+function reach(box, cx, cy) {
+  const dx = Math.max(box.x0 - cx, 0, cx - box.x1);
+  const dy = Math.max(box.y0 - cy, 0, cy - box.y1);
+  const fx = Math.max(Math.abs(box.x0 - cx), Math.abs(box.x1 - cx));
+  const fy = Math.max(Math.abs(box.y0 - cy), Math.abs(box.y1 - cy));
+  return [Math.hypot(dx, dy), Math.hypot(fx, fy)];
+}
+
+const touchesDot = (box, dot) => reach(box, dot.x, dot.y)[0] < dot.r;
+
+const crossesRing = (box, ring) => {
+  const [near, far] = reach(box, ring.cx, ring.cy);
+  return near < ring.r && ring.r < far;
+};
+
+/** The box of a label `w` × `h` whose centre is at (x, y). */
+export const boxAt = (x, y, w, h) => ({ x0: x - w / 2, y0: y - h / 2, x1: x + w / 2, y1: y + h / 2 });
+
+/**
+ * Places labels, most important first.
+ *
+ * - `labels`: [{x, y, r, w, h}]: the dot's centre and radius, the label's size.
+ * - `scene`: {dots: [{x, y, r}], boxes: [box], rings: [{cx, cy, r}], bounds: box}.
+ *   Every label's own dot should be among `dots`.
+ *
+ * Returns, per label, null (left out) or {x, y, box, leader}: the label's
+ * centre, its box, and whether it stands off its dot (draw a leader line).
+ */
+export function placeLabels(labels, scene) {
+  const placed = [...(scene.boxes ?? [])];
+  const dots = scene.dots ?? [];
+  const rings = scene.rings ?? [];
+  const bounds = scene.bounds;
+  return labels.map((l) => {
+    let fallback = null;
+    for (let step = 0; step < STEPS; step++) {
+      for (const [ux, uy] of DIRECTIONS) {
+        const x = l.x + ux * (l.r + GAP + l.w / 2 + step * (l.w / 2 + PAD));
+        const y = l.y + uy * (l.r + GAP + l.h / 2 + step * (l.h + PAD));
+        const box = boxAt(x, y, l.w, l.h);
+        if (bounds && (box.x0 < bounds.x0 || box.y0 < bounds.y0 || box.x1 > bounds.x1 || box.y1 > bounds.y1)) continue;
+        if (placed.some((p) => overlaps(box, p, PAD))) continue;
+        if (dots.some((d) => touchesDot(box, d))) continue;
+        const spot = { x, y, box, leader: step > 0 };
+        if (!rings.some((r) => crossesRing(box, r))) {
+          placed.push(box);
+          return spot;
+        }
+        fallback ??= spot;
+      }
+    }
+    if (fallback) placed.push(fallback.box);
+    return fallback;
+  });
+}
+
+/** The checks placeLabels keeps, for tests: what a set of boxes overlaps. */
+export function conflicts(boxes, scene) {
+  const found = [];
+  boxes.forEach((b, i) => {
+    if (!b) return;
+    boxes.forEach((o, j) => { if (o && j > i && overlaps(b, o)) found.push(`label ${i} overlaps label ${j}`); });
+    (scene.boxes ?? []).forEach((o, j) => { if (overlaps(b, o)) found.push(`label ${i} overlaps fixed box ${j}`); });
+    (scene.dots ?? []).forEach((d, j) => { if (touchesDot(b, d)) found.push(`label ${i} overlaps dot ${j}`); });
+    (scene.rings ?? []).forEach((r, j) => { if (crossesRing(b, r)) found.push(`label ${i} crosses ring ${j}`); });
+    const bd = scene.bounds;
+    if (bd && (b.x0 < bd.x0 || b.y0 < bd.y0 || b.x1 > bd.x1 || b.y1 > bd.y1)) found.push(`label ${i} leaves the bounds`);
+  });
+  return found;
+}
