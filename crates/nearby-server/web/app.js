@@ -974,7 +974,10 @@ function renderRadar() {
     strangers.push(s('circle', { cx: x, cy: y, r: 5, class: 'stranger', 'data-id': st.id }));
   }
   // Nearest first: they get the best spots.
-  const spots = placeLabels(shown.map(({ f, x, y }) => ({ x, y, r: 9, w: measure(labelOf(f), RADAR_FONT) + 6, h: RADAR_LABEL_H })), scene);
+  const spots = placeLabels(shown.map(({ f, x, y }) => ({
+    x, y, r: 9, w: measure(labelOf(f), RADAR_FONT) + 6, h: RADAR_LABEL_H,
+    short: { w: measure(nameOf(f.id), RADAR_FONT) + 6 },
+  })), scene);
   const friends = [];
   shown.forEach(({ f, x, y }, i) => {
     const name = nameOf(f.id);
@@ -992,7 +995,7 @@ function renderRadar() {
     if (spot) {
       if (spot.leader) g.append(s('line', { x1: x, y1: y, x2: spot.x, y2: spot.y, class: 'leader' }));
       g.append(s('rect', { x: spot.box.x0, y: spot.box.y0, width: spot.box.x1 - spot.box.x0, height: spot.box.y1 - spot.box.y0, rx: 4, class: 'label-bg' }),
-        s('text', { x: spot.x, y: spot.y + 4, class: 'friend-label' }, labelOf(f)));
+        s('text', { x: spot.x, y: spot.y + 4, class: 'friend-label' }, spot.short ? name : labelOf(f)));
     }
     parts.push(s('line', { x1: 0, y1: 0, x2: x, y2: y, class: 'spoke' }));
     friends.push(g);
@@ -1016,6 +1019,7 @@ const geo = {
 const TILE_WAIT_MS = 10000;   // no tile by then: the radar view
 const PIN_R = 15;             // a friend's avatar on the map, px
 const ICON_HALF = 22;         // its tap target: 44 × 44 px around the avatar
+const STREET_FONT = '600 12px system-ui, sans-serif'; // .pin-label
 
 // The street map is there when the server names tiles and Leaflet loaded.
 const streetMapPossible = () => Boolean(state.web.map && window.L);
@@ -1242,9 +1246,12 @@ function placeStreetLabels() {
     const el = geo.friends.get(f.id).marker.getElement();
     const p = m.latLngToContainerPoint(geo.friends.get(f.id).marker.getLatLng());
     const label = el.querySelector('.pin-label');
-    label.hidden = false; // measured as it reads now
+    label.hidden = false; // measured as it reads now, whole
+    label.textContent = labelOf(f);
     scene.dots.push({ x: p.x, y: p.y, r: PIN_R + 1 });
-    return { el, label, x: p.x, y: p.y, r: PIN_R + 1, w: label.offsetWidth, h: label.offsetHeight };
+    const w = label.offsetWidth;
+    const short = w - measure(labelOf(f), STREET_FONT) + measure(nameOf(f.id), STREET_FONT);
+    return { f, el, label, x: p.x, y: p.y, r: PIN_R + 1, w, h: label.offsetHeight, short: { w: Math.ceil(short) + 1 } };
   });
   const spots = placeLabels(items, scene);
   items.forEach((it, i) => {
@@ -1254,6 +1261,7 @@ function placeStreetLabels() {
     it.label.hidden = !spot;
     leader.hidden = !spot?.leader;
     if (!spot) return;
+    if (spot.short) it.label.textContent = nameOf(it.f.id);
     // Positions inside the icon, whose top left is ICON_HALF up and left of the dot.
     it.label.style.left = `${spot.box.x0 - it.x + ICON_HALF}px`;
     it.label.style.top = `${spot.box.y0 - it.y + ICON_HALF}px`;

@@ -3,11 +3,14 @@
 //
 // Each label belongs to a dot. It is tried beside its dot in eight
 // directions, then one and two steps further out (drawn with a leader line);
-// the first spot that overlaps no placed label, no dot, no fixed box (ring
-// captions, "you", the compass) and stays inside the bounds wins, preferring
-// one that crosses no ring (where none is left, the label's opaque
-// background hides the ring under it). A label that fits nowhere is left
-// out (its dot keeps its name for pointer and screen-reader users).
+// a spot must overlap no placed label, no dot, no fixed box (ring captions,
+// "you", the compass) and stay inside the bounds. Every label gets the
+// nearest such spot it can, most important labels first, preferring at each
+// distance one that crosses no ring (else the label's opaque background
+// hides the ring under it), and the whole text before the shorter one (the
+// name alone) but the shorter one beside the dot before either further out.
+// A label that fits nowhere is left out (its dot keeps its name for
+// pointer and screen-reader users).
 
 const GAP = 3;      // between a dot and its label
 const PAD = 2;      // kept between two labels
@@ -41,39 +44,50 @@ export const boxAt = (x, y, w, h) => ({ x0: x - w / 2, y0: y - h / 2, x1: x + w 
 /**
  * Places labels, most important first.
  *
- * - `labels`: [{x, y, r, w, h}]: the dot's centre and radius, the label's size.
+ * - `labels`: [{x, y, r, w, h, short?}]: the dot's centre and radius, the
+ *   label's size, and the size {w, h} of a shorter text to fall back to
+ *   where the whole one fits nowhere.
  * - `scene`: {dots: [{x, y, r}], boxes: [box], rings: [{cx, cy, r}], bounds: box}.
  *   Every label's own dot should be among `dots`.
  *
- * Returns, per label, null (left out) or {x, y, box, leader}: the label's
- * centre, its box, and whether it stands off its dot (draw a leader line).
+ * Returns, per label, null (left out) or {x, y, box, leader, short}: the
+ * label's centre, its box, whether it stands off its dot (draw a leader
+ * line) and whether it is the shorter text.
  */
 export function placeLabels(labels, scene) {
   const placed = [...(scene.boxes ?? [])];
   const dots = scene.dots ?? [];
   const rings = scene.rings ?? [];
   const bounds = scene.bounds;
-  return labels.map((l) => {
-    let fallback = null;
-    for (let step = 0; step < STEPS; step++) {
-      for (const [ux, uy] of DIRECTIONS) {
-        const x = l.x + ux * (l.r + GAP + l.w / 2 + step * (l.w / 2 + PAD));
-        const y = l.y + uy * (l.r + GAP + l.h / 2 + step * (l.h + PAD));
-        const box = boxAt(x, y, l.w, l.h);
-        if (bounds && (box.x0 < bounds.x0 || box.y0 < bounds.y0 || box.x1 > bounds.x1 || box.y1 > bounds.y1)) continue;
-        if (placed.some((p) => overlaps(box, p, PAD))) continue;
-        if (dots.some((d) => touchesDot(box, d))) continue;
-        const spot = { x, y, box, leader: step > 0 };
-        if (!rings.some((r) => crossesRing(box, r))) {
+  const spots = labels.map(() => null);
+  // Nearer spots first for everyone: one label's far spot (with a leader)
+  // must not take another's spot beside its own dot. At each distance, a
+  // spot clear of the rings first, then one over a ring.
+  const passes = [];
+  for (let step = 0; step < STEPS; step++) {
+    for (const short of [false, true]) for (const ringsOk of [false, true]) passes.push([short, step, ringsOk]);
+  }
+  for (const [short, step, ringsOk] of passes) {
+    {
+      labels.forEach((full, i) => {
+        if (spots[i] || (short && !full.short)) return;
+        const l = short ? { ...full, ...full.short } : full;
+        for (const [ux, uy] of DIRECTIONS) {
+          const x = l.x + ux * (l.r + GAP + l.w / 2 + step * (l.w / 2 + PAD));
+          const y = l.y + uy * (l.r + GAP + l.h / 2 + step * (l.h + PAD));
+          const box = boxAt(x, y, l.w, l.h);
+          if (bounds && (box.x0 < bounds.x0 || box.y0 < bounds.y0 || box.x1 > bounds.x1 || box.y1 > bounds.y1)) continue;
+          if (placed.some((p) => overlaps(box, p, PAD))) continue;
+          if (dots.some((d) => touchesDot(box, d))) continue;
+          if (!ringsOk && rings.some((r) => crossesRing(box, r))) continue;
           placed.push(box);
-          return spot;
+          spots[i] = { x, y, box, leader: step > 0, short };
+          return;
         }
-        fallback ??= spot;
-      }
+      });
     }
-    if (fallback) placed.push(fallback.box);
-    return fallback;
-  });
+  }
+  return spots;
 }
 
 /** The checks placeLabels keeps, for tests: what a set of boxes overlaps. */
