@@ -261,8 +261,7 @@ impl Client {
 
     /// `DELETE /v1/me/ghost`: be seen again.
     pub async fn end_ghost(&self) -> Result<(), ClientError> {
-        self.empty(Method::DELETE, &["v1", "me", "ghost"], None)
-            .await
+        self.end_switch("ghost").await
     }
 
     /// `GET /v1/me/discoverable`, or with `set` `PUT` (`Some(until)`:
@@ -277,12 +276,11 @@ impl Client {
 
     /// `DELETE /v1/me/discoverable`: vanish from strangers at once.
     pub async fn end_discoverable(&self) -> Result<(), ClientError> {
-        self.empty(Method::DELETE, &["v1", "me", "discoverable"], None)
-            .await
+        self.end_switch("discoverable").await
     }
 
     /// `GET /v1/me/{leaf}`, or `PUT` it with `{"until"}`.
-    async fn switch(
+    pub(crate) async fn switch(
         &self,
         leaf: &str,
         set: Option<Option<i64>>,
@@ -295,6 +293,11 @@ impl Client {
                 self.json(Method::PUT, &path, Some(body), true).await
             }
         }
+    }
+
+    /// `DELETE /v1/me/{leaf}`: turn it off.
+    pub(crate) async fn end_switch(&self, leaf: &str) -> Result<(), ClientError> {
+        self.empty(Method::DELETE, &["v1", "me", leaf], None).await
     }
 
     /// `DELETE /v1/me`: deletes the account, confirmed by its credentials.

@@ -230,37 +230,16 @@ async fn walk(b: &mut Ws, alice: &str, steps: &[(f64, f64)]) -> Vec<Observation>
     seen
 }
 
-/// A square grid of `n` × `n` points `step_m` apart, centred on `c`.
-fn grid(c: (f64, f64), n: usize, step_m: f64) -> Vec<(f64, f64)> {
-    let dlat = (step_m / nearby_geo::EARTH_RADIUS_M).to_degrees();
-    let dlon = dlat / c.0.to_radians().cos();
-    let half = (n as f64 - 1.0) / 2.0;
-    let mut v = Vec::new();
-    for i in 0..n {
-        for j in 0..n {
-            v.push((
-                c.0 + (i as f64 - half) * dlat,
-                c.1 + (j as f64 - half) * dlon,
-            ));
-        }
-    }
-    v
-}
-
-fn dist(a: (f64, f64), b: (f64, f64)) -> f64 {
-    nearby_geo::haversine_m(a.0, a.1, b.0, b.1)
-}
-
 /// The attacker's estimate: the candidate point (on a 50 m grid over
 /// ±6 km) whose distances to Bob's positions best fit the distances
 /// shown, by least squares. Observations where she was not shown are
 /// skipped.
 fn trilaterate(seen: &[Observation], around: (f64, f64)) -> (f64, f64) {
     let mut best = (f64::INFINITY, around);
-    for c in grid(around, 241, 50.0) {
+    for c in common::grid(around, 241, 50.0) {
         let err: f64 = seen
             .iter()
-            .filter_map(|(me, shown)| shown.map(|(d, _)| (dist(*me, c) - d).powi(2)))
+            .filter_map(|(me, shown)| shown.map(|(d, _)| (common::dist(*me, c) - d).powi(2)))
             .sum();
         if err < best.0 {
             best = (err, c);
@@ -291,9 +270,9 @@ async fn approximate(one: &Server, two: &Server) {
         )
     };
     let (p1, p2) = (corner(-1.0), corner(1.0));
-    let apart = dist(p1, p2);
+    let apart = common::dist(p1, p2);
     assert!(apart > 3_000.0, "{apart}");
-    let steps = grid((cell.lat(), cell.lon()), 9, 1_000.0);
+    let steps = common::grid((cell.lat(), cell.lon()), 9, 1_000.0);
 
     // Precise first: the attacker is competent.
     b.send_location(cell.lat(), cell.lon()).await;
@@ -307,7 +286,7 @@ async fn approximate(one: &Server, two: &Server) {
     let precise = walk(&mut b, &alice.id, &steps).await;
     assert!(precise.iter().all(|(_, s)| s.is_some()), "all within 8 km");
     let guess = trilaterate(&precise, (cell.lat(), cell.lon()));
-    let precise_error = dist(guess, p1);
+    let precise_error = common::dist(guess, p1);
     assert!(precise_error < 100.0, "precise: off by {precise_error} m");
 
     let (st, body) = share(
@@ -350,7 +329,7 @@ async fn approximate(one: &Server, two: &Server) {
         }
     }
     let guess = trilaterate(&first, (cell.lat(), cell.lon()));
-    let (e1, e2) = (dist(guess, p1), dist(guess, p2));
+    let (e1, e2) = (common::dist(guess, p1), common::dist(guess, p2));
     eprintln!(
         "attacker: precise estimate {precise_error:.0} m off; approximate estimate \
          {e1:.0} m from her first spot, {e2:.0} m from her second ({apart:.0} m apart, \

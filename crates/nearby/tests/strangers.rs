@@ -515,27 +515,6 @@ async fn a_stranger_cannot_be_trilaterated_across_nodes() {
 /// shown.
 type Observation = ((f64, f64), Option<(Value, Value)>);
 
-/// A square grid of `n` × `n` points `step_m` apart, centred on `c`.
-fn grid(c: (f64, f64), n: usize, step_m: f64) -> Vec<(f64, f64)> {
-    let dlat = (step_m / nearby_geo::EARTH_RADIUS_M).to_degrees();
-    let dlon = dlat / c.0.to_radians().cos();
-    let half = (n as f64 - 1.0) / 2.0;
-    let mut v = Vec::new();
-    for i in 0..n {
-        for j in 0..n {
-            v.push((
-                c.0 + (i as f64 - half) * dlat,
-                c.1 + (j as f64 - half) * dlon,
-            ));
-        }
-    }
-    v
-}
-
-fn dist(a: (f64, f64), b: (f64, f64)) -> f64 {
-    nearby_geo::haversine_m(a.0, a.1, b.0, b.1)
-}
-
 /// The attacker walks `steps`; after each move it waits out two and a
 /// half heartbeats (the victim, if now listened to, has announced
 /// herself), then a frame the server must answer (an unknown type) marks
@@ -608,7 +587,7 @@ async fn attack(one: &Server, two: &Server) {
     let spots = [corner(-1.0), corner(1.0)];
     assert_eq!(cell_id(spots[0]), cell_id(spots[1]), "one cell");
     let (victim, attacker) = (one.user("victim").await, two.user("attacker").await);
-    let steps = grid(cell, 7, 1500.0);
+    let steps = common::grid(cell, 7, 1500.0);
     let mut walks = Vec::new();
     for spot in spots {
         let mut v = Eye::connect(&victim, one).await;
@@ -642,8 +621,8 @@ async fn attack(one: &Server, two: &Server) {
         walks[1]
     );
     let guess = estimate(&walks[0]).expect("she was seen");
-    let errors = [dist(guess, spots[0]), dist(guess, spots[1])];
-    let apart = dist(spots[0], spots[1]);
+    let errors = [common::dist(guess, spots[0]), common::dist(guess, spots[1])];
+    let apart = common::dist(spots[0], spots[1]);
     println!(
         "attacker: {} sightings in {} moves; estimate {:.0} m and {:.0} m from the two spots \
          ({apart:.0} m apart; bound: at least {:.0} m from one)",

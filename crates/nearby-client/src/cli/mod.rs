@@ -403,63 +403,9 @@ async fn execute(args: ClientArgs) -> Result<(), ClientError> {
                 line
             })
         }
-        ClientCmd::Ghost { state, span } => {
-            if span.is_some() && state != GhostState::On {
-                return Err(ClientError::Invalid("--for goes with `ghost on`".into()));
-            }
-            let answer = match state {
-                GhostState::On => {
-                    let until = span.map(|d| now_ms().saturating_add(d.as_millis() as i64));
-                    client.ghost(Some(until)).await?
-                }
-                GhostState::Off => {
-                    client.end_ghost().await?;
-                    serde_json::json!({ "ghost": false, "until": null })
-                }
-                GhostState::Status => client.ghost(None).await?,
-            };
-            out.value_or(&answer, || {
-                match (answer["ghost"].as_bool(), answer["until"].as_i64()) {
-                    (Some(true), Some(until)) => format!(
-                        "ghost mode: hidden from every friend for {} more",
-                        duration_words(until.saturating_sub(now_ms()))
-                    ),
-                    (Some(true), None) => {
-                        "ghost mode: hidden from every friend until `ghost off`".into()
-                    }
-                    _ => "ghost mode off: friends you share with see you".into(),
-                }
-            })
-        }
+        ClientCmd::Ghost { state, span } => switch(&client, &out, &GHOST, state, span).await,
         ClientCmd::Discoverable { state, span } => {
-            if span.is_some() && state != GhostState::On {
-                return Err(ClientError::Invalid(
-                    "--for goes with `discoverable on`".into(),
-                ));
-            }
-            let answer = match state {
-                GhostState::On => {
-                    let until = span.map(|d| now_ms().saturating_add(d.as_millis() as i64));
-                    client.discoverable(Some(until)).await?
-                }
-                GhostState::Off => {
-                    client.end_discoverable().await?;
-                    serde_json::json!({ "enabled": false, "until": null })
-                }
-                GhostState::Status => client.discoverable(None).await?,
-            };
-            out.value_or(&answer, || {
-                match (answer["enabled"].as_bool(), answer["until"].as_i64()) {
-                    (Some(true), Some(until)) => format!(
-                        "discoverable: strangers nearby who opted in see you (and you them) for {} more",
-                        duration_words(until.saturating_sub(now_ms()))
-                    ),
-                    (Some(true), None) => "discoverable: strangers nearby who opted in see you \
-                         (and you them) until `discoverable off`"
-                        .into(),
-                    _ => "not discoverable: no stranger sees you, and you see none".into(),
-                }
-            })
+            switch(&client, &out, &DISCOVERABLE, state, span).await
         }
         ClientCmd::History {
             days,
@@ -565,6 +511,67 @@ async fn execute(args: ClientArgs) -> Result<(), ClientError> {
             feed.finish()
         }
     }
+}
+
+/// A setting of your own that is on (for good or for a while) or off:
+/// `/v1/me/{name}`, its answer's `field`, and how it reads.
+struct Switch {
+    name: &'static str,
+    field: &'static str,
+    on: &'static str,
+    off: &'static str,
+}
+
+const GHOST: Switch = Switch {
+    name: "ghost",
+    field: "ghost",
+    on: "ghost mode: hidden from every friend",
+    off: "ghost mode off: friends you share with see you",
+};
+
+const DISCOVERABLE: Switch = Switch {
+    name: "discoverable",
+    field: "enabled",
+    on: "discoverable: strangers nearby who opted in see you (and you them)",
+    off: "not discoverable: no stranger sees you, and you see none",
+};
+
+/// `ghost|discoverable on [--for SPAN] | off | status`.
+async fn switch(
+    client: &Client,
+    out: &Out,
+    sw: &Switch,
+    state: GhostState,
+    span: Option<Duration>,
+) -> Result<(), ClientError> {
+    if span.is_some() && state != GhostState::On {
+        return Err(ClientError::Invalid(format!(
+            "--for goes with `{} on`",
+            sw.name
+        )));
+    }
+    let answer = match state {
+        GhostState::On => {
+            let until = span.map(|d| now_ms().saturating_add(d.as_millis() as i64));
+            client.switch(sw.name, Some(until)).await?
+        }
+        GhostState::Off => {
+            client.end_switch(sw.name).await?;
+            serde_json::json!({ sw.field: false, "until": null })
+        }
+        GhostState::Status => client.switch(sw.name, None).await?,
+    };
+    out.value_or(&answer, || {
+        match (answer[sw.field].as_bool(), answer["until"].as_i64()) {
+            (Some(true), Some(until)) => format!(
+                "{} for {} more",
+                sw.on,
+                duration_words(until.saturating_sub(now_ms()))
+            ),
+            (Some(true), None) => format!("{} until `{} off`", sw.on, sw.name),
+            _ => sw.off.into(),
+        }
+    })
 }
 
 async fn friends(client: &Client, out: &Out, cmd: FriendsCmd) -> Result<(), ClientError> {

@@ -608,3 +608,25 @@ pub async fn until_seen(mover: &mut Ws, watcher: &mut Ws, id: &str, within: Dura
         }
     }
 }
+
+/// A square grid of `n` × `n` points `step_m` apart, centred on `c`.
+pub fn grid(c: (f64, f64), n: usize, step_m: f64) -> Vec<(f64, f64)> {
+    let dlat = (step_m / nearby_geo::EARTH_RADIUS_M).to_degrees();
+    let dlon = dlat / c.0.to_radians().cos();
+    let half = (n as f64 - 1.0) / 2.0;
+    let mut v = Vec::new();
+    for i in 0..n {
+        for j in 0..n {
+            v.push((
+                c.0 + (i as f64 - half) * dlat,
+                c.1 + (j as f64 - half) * dlon,
+            ));
+        }
+    }
+    v
+}
+
+/// Great-circle distance in metres between two (latitude, longitude).
+pub fn dist(a: (f64, f64), b: (f64, f64)) -> f64 {
+    nearby_geo::haversine_m(a.0, a.1, b.0, b.1)
+}
