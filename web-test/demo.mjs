@@ -81,6 +81,38 @@ async function main() {
     await page.click('#details-close');
     await page.waitForSelector('#friend-details', { state: 'hidden' });
 
+    step = 'panning stops the map following; "Centre on me" brings everyone back';
+    if (await page.isVisible('#map-follow')) fail('"Centre on me" shows before the map was moved');
+    const bare = await page.evaluate(() => {
+      const r = document.querySelector('#geo-map').getBoundingClientRect();
+      for (let y = r.top + 60; y < r.bottom - 40; y += 20) {
+        for (let x = r.left + 60; x < r.right - 60; x += 20) {
+          const el = document.elementFromPoint(x, y);
+          if (el?.closest('#geo-map') && !el.closest('.leaflet-marker-icon, .leaflet-control')) return { x, y };
+        }
+      }
+      return null;
+    });
+    if (!bare) fail('no bare street to drag the map by');
+    await page.mouse.move(bare.x, bare.y);
+    await page.mouse.down();
+    await page.mouse.move(bare.x + 150, bare.y + 100, { steps: 8 });
+    await page.mouse.up();
+    await page.waitForSelector('#map-follow:not([hidden])');
+    const outside = () => page.evaluate(() => {
+      const r = document.querySelector('#geo-map').getBoundingClientRect();
+      return [...document.querySelectorAll('#geo-map .geo-friend .pin, #geo-map .geo-me span')].filter((p) => {
+        const b = p.getBoundingClientRect();
+        return b.right < r.left || b.left > r.right || b.bottom < r.top || b.top > r.bottom;
+      }).length;
+    });
+    await page.click('#map-follow');
+    await page.waitForSelector('#map-follow', { state: 'hidden' });
+    const away = await outside();
+    if (away) fail(`after "Centre on me", ${away} avatar(s) are outside the map`);
+    await checkMapLabels(page, 'demo');
+    log('dragged the map: "Centre on me" appeared; pressed, every avatar is back in view');
+
     step = 'the radar shows the same friends, labels clear';
     await page.click('#map-view');
     await page.waitForSelector('#map-card[data-view="radar"]');

@@ -1054,6 +1054,10 @@ function startStreetMap() {
   const userMoved = () => { if (!geo.fitting && geo.follow) { geo.follow = false; renderMapChrome(); } };
   geo.map.on('dragstart', userMoved);
   geo.map.on('zoomstart', userMoved);
+  // Panning or zooming with the keyboard (the map has focus) too.
+  $('#geo-map').addEventListener('keydown', (e) => {
+    if (e.target === $('#geo-map') && /^(Arrow|\+|-|=)/.test(e.key)) userMoved();
+  });
   geo.map.on('zoomend moveend resize', placeStreetLabels);
   geo.map.on('click', guard((e) => {
     stopGeo();

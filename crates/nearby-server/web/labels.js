@@ -2,22 +2,23 @@
 // browser test can check it on its own (web-test/browser.mjs).
 //
 // Each label belongs to a dot. It is tried beside its dot in eight
-// directions, then one and two steps further out (drawn with a leader line);
-// a spot must overlap no placed label, no dot, no fixed box (ring captions,
-// "you", the compass) and stay inside the bounds. Every label gets the
-// nearest such spot it can, most important labels first, preferring at each
-// distance one that crosses no ring (else the label's opaque background
-// hides the ring under it), and the whole text before the shorter one (the
-// name alone) but the shorter one beside the dot before either further out.
-// A label that fits nowhere is left out (its dot keeps its name for
-// pointer and screen-reader users).
+// directions, then up to three steps further out (drawn with a leader
+// line); a spot must overlap no placed label, no dot, no fixed box (ring
+// captions, "you", the compass) and stay inside the bounds. Every label
+// gets the nearest such spot it can, most important labels first: beside
+// the dot before further out, the whole text (name and distance) before
+// the name alone, and a spot clear of the rings before any over one (the
+// label's opaque background then hides the ring under it). A label that
+// fits nowhere is left out (its dot keeps its name for pointer and
+// screen-reader users).
 
 const GAP = 3;      // between a dot and its label
 const PAD = 2;      // kept between two labels
 const DIRECTIONS = [
   [0, -1], [0, 1], [1, 0], [-1, 0], [1, -1], [-1, -1], [1, 1], [-1, 1],
 ];
-const STEPS = 3;
+const STEPS = 4;
+const FAR_STEP = 1.2; // each step further out, in label heights
 
 const overlaps = (a, b, pad = 0) =>
   a.x0 < b.x1 + pad && b.x0 < a.x1 + pad && a.y0 < b.y1 + pad && b.y0 < a.y1 + pad;
@@ -64,8 +65,10 @@ export function placeLabels(labels, scene) {
   // must not take another's spot beside its own dot. At each distance, a
   // spot clear of the rings first, then one over a ring.
   const passes = [];
-  for (let step = 0; step < STEPS; step++) {
-    for (const short of [false, true]) for (const ringsOk of [false, true]) passes.push([short, step, ringsOk]);
+  for (const ringsOk of [false, true]) {
+    for (let step = 0; step < STEPS; step++) {
+      for (const short of [false, true]) passes.push([short, step, ringsOk]);
+    }
   }
   for (const [short, step, ringsOk] of passes) {
     {
@@ -73,8 +76,9 @@ export function placeLabels(labels, scene) {
         if (spots[i] || (short && !full.short)) return;
         const l = short ? { ...full, ...full.short } : full;
         for (const [ux, uy] of DIRECTIONS) {
-          const x = l.x + ux * (l.r + GAP + l.w / 2 + step * (l.w / 2 + PAD));
-          const y = l.y + uy * (l.r + GAP + l.h / 2 + step * (l.h + PAD));
+          const far = step * FAR_STEP * l.h;
+          const x = l.x + ux * (l.r + GAP + l.w / 2 + far);
+          const y = l.y + uy * (l.r + GAP + l.h / 2 + far);
           const box = boxAt(x, y, l.w, l.h);
           if (bounds && (box.x0 < bounds.x0 || box.y0 < bounds.y0 || box.x1 > bounds.x1 || box.y1 > bounds.y1)) continue;
           if (placed.some((p) => overlaps(box, p, PAD))) continue;
