@@ -234,7 +234,7 @@ async function main() {
     step = 'A sees B on the street map, and B\'s details';
     await A.waitForSelector('#map-card[data-view="map"][data-tiles="ok"]');
     const pinB = `#geo-map .geo-friend[data-username="${userB.name}"]`;
-    await A.click(pinB);
+    await A.click(`${pinB} .pin`);
     await A.waitForSelector(`#friend-details[data-id]:not([hidden])`);
     const facts = await A.$$eval('#friend-details dd', (dds) => Object.fromEntries(dds.map((d) => [d.dataset.fact, d.textContent])));
     if (await A.textContent('#details-name') !== userB.name) fail(`the details name ${await A.textContent('#details-name')}`);

@@ -69,7 +69,7 @@ async function main() {
       return document.elementFromPoint((r.left + r.right) / 2, (r.top + r.bottom) / 2)?.closest('.geo-friend') === el;
     })?.dataset.username);
     if (!first) fail('every walker\'s avatar is covered by another');
-    await page.click(`#geo-map .geo-friend[data-username="${first}"]`);
+    await page.click(`#geo-map .geo-friend[data-username="${first}"] .pin`);
     await page.waitForSelector('#friend-details:not([hidden])');
     const facts = await page.$$eval('#friend-details dd', (dds) => Object.fromEntries(dds.map((d) => [d.dataset.fact, d.textContent])));
     if (!/^(\d+ m|\d+\.\d+ km) to the [a-z-]+$/.test(facts.distance ?? '')) fail(`details distance ${JSON.stringify(facts)}`);

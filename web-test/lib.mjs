@@ -141,6 +141,9 @@ export async function checkMapLabels(page, who) {
     };
     const street = document.querySelector('#map-card').dataset.view === 'map';
     let els; let dots; let fixed; let rings;
+    const ownDot = (el) => centre(el.closest('.geo-friend, g.friend').querySelector('.pin, circle.dot'));
+    // A label joined to its dot by a leader line is its dot's whatever is near.
+    const joined = (el) => Boolean(el.closest('.geo-friend, g.friend').querySelector('.leader:not([hidden])'));
     if (street) {
       els = [...document.querySelectorAll('#geo-map .pin-label:not([hidden])')];
       dots = [...document.querySelectorAll('#geo-map .geo-friend .pin, #geo-map .geo-me span')].map(centre);
@@ -159,6 +162,11 @@ export async function checkMapLabels(page, who) {
       labels.forEach((o, j) => { if (j > i && hit(b, o)) problems.push(`label ${i} overlaps label ${j}`); });
       fixed.forEach((o, j) => { if (hit(b, o)) problems.push(`label ${i} overlaps fixed item ${j}`); });
       dots.forEach((d, j) => { if (near(b, d.x, d.y) < d.r - 1) problems.push(`label ${i} overlaps dot ${j}`); });
+      const own = ownDot(els[i]);
+      const mine = near(b, own.x, own.y);
+      if (!joined(els[i])) dots.forEach((d, j) => {
+        if (Math.hypot(d.x - own.x, d.y - own.y) > 1 && near(b, d.x, d.y) < mine - 1) problems.push(`label ${i} is nearer dot ${j} than its own`);
+      });
       if (rings.some((r) => near(b, r.x, r.y) < r.r - 1 && r.r + 1 < far(b, r.x, r.y))) {
         onRing += 1;
         if (!opaque(els[i])) problems.push(`label ${i} lets a ring through its text`);
@@ -191,7 +199,7 @@ export async function checkPlaceLabels() {
       bounds: { x0: -200, y0: -200, x1: 200, y1: 200 },
     };
     const spots = placeLabels(items, s);
-    const hard = conflicts(spots.map((p) => p?.box ?? null), { ...s, rings: [] });
+    const hard = conflicts(spots.map((p) => p?.box ?? null), { ...s, rings: [] }, items.map((it, i) => (spots[i]?.leader ? null : it)));
     if (hard.length) fail(`placeLabels, scene ${scene} (${n} labels): ${hard.join('; ')}`);
     crossings += conflicts(spots.map((p) => p?.box ?? null), { rings: s.rings }).length;
     placedTotal += spots.filter(Boolean).length;

@@ -83,7 +83,6 @@ function notify(text, kind = 'error', ttlMs = kind === 'error' ? 0 : 5000, key =
   box.append(msg);
   while (box.children.length > 5) box.firstElementChild.remove();
   if (ttlMs) setTimeout(() => msg.remove(), ttlMs);
-  if (kind === 'error') console.warn('nearby:', text);
 }
 
 function clearNotes(key) {
@@ -1001,7 +1000,7 @@ function renderRadar() {
     friends.push(g);
   });
   parts.push(...strangers, s('circle', { cx: 0, cy: 0, r: 7, class: state.me ? 'me' : 'me unknown' }),
-    s('text', { x: 0, y: 21, class: 'me-label' }, meText), ...friends.reverse());
+    s('text', { x: 0, y: 21, class: 'me-label' }, meText), ...friends); // nearest first: the tab order of the list
   svg.replaceChildren(...parts);
   $('#map-scale').textContent = `(outer ring ${range < 1000 ? `${range} m` : `${range / 1000} km`})`;
 }
@@ -1129,12 +1128,56 @@ function friendLatLon(f) {
 
 function pinOf(f) {
   const name = nameOf(f.id);
-  const el = h('div', { class: 'pin-wrap' },
+  // The marker stands at the friend's point; the avatar (with its label)
+  // may be moved off it when avatars crowd, joined to it by a stem.
+  const el = h('div', { class: 'pin-root' },
+    h('span', { class: 'stem', hidden: true, 'aria-hidden': 'true' }),
+    h('span', { class: 'anchor', hidden: true, 'aria-hidden': 'true' }),
+    h('div', { class: 'pin-wrap' },
     // The initial is drawn by CSS: the marker's name is its label's text.
     h('span', { class: 'pin', style: `background:${colourOf(f.id)}`, 'data-initial': name.slice(0, 1).toUpperCase(), 'aria-hidden': 'true' }),
     h('span', { class: 'leader', 'aria-hidden': 'true' }),
-    h('span', { class: 'pin-label', 'aria-hidden': 'true' }));
+    h('span', { class: 'pin-label', 'aria-hidden': 'true' })));
   return el;
+}
+
+// Avatars closer than this (px, centre to centre) are spread apart.
+const CROWD_PX = 2 * PIN_R + 2;
+
+// Where each avatar is drawn: at its point, or, where avatars (or you)
+// crowd, spread on a circle around the crowd, the nearest friend first,
+// each keeping its direction from the crowd's centre as best it can.
+function spreadPins(points, me) {
+  const nodes = [me ? { x: me.x, y: me.y, me: true } : null, ...points].filter(Boolean);
+  const parent = nodes.map((_, i) => i);
+  const root = (i) => (parent[i] === i ? i : (parent[i] = root(parent[i])));
+  for (let i = 0; i < nodes.length; i++) {
+    for (let j = i + 1; j < nodes.length; j++) {
+      const gap = nodes[i].me || nodes[j].me ? PIN_R + 11 : CROWD_PX;
+      if (Math.hypot(nodes[i].x - nodes[j].x, nodes[i].y - nodes[j].y) < gap) parent[root(i)] = root(j);
+    }
+  }
+  const groups = new Map();
+  nodes.forEach((n, i) => { const r = root(i); if (!groups.has(r)) groups.set(r, []); groups.get(r).push(n); });
+  const at = new Map(points.map((p) => [p, { x: p.x, y: p.y }]));
+  for (const group of groups.values()) {
+    const friends = group.filter((n) => !n.me);
+    const centre = group.find((n) => n.me) ?? {
+      x: friends.reduce((a, n) => a + n.x, 0) / friends.length,
+      y: friends.reduce((a, n) => a + n.y, 0) / friends.length,
+    };
+    if (group.length < 2) continue;
+    const k = friends.length;
+    const radius = Math.max(group.some((n) => n.me) ? PIN_R + 14 : PIN_R + 3, ((2 * PIN_R + 6) * k) / (2 * Math.PI));
+    const angle = (n, i) => (Math.hypot(n.x - centre.x, n.y - centre.y) > 0.5 ? Math.atan2(n.y - centre.y, n.x - centre.x) : -Math.PI / 2 + i);
+    const byAngle = friends.map((n, i) => ({ n, a: angle(n, i) })).sort((a, b) => a.a - b.a);
+    const start = byAngle[0].a;
+    byAngle.forEach(({ n }, j) => {
+      const a = start + (j * 2 * Math.PI) / k;
+      at.set(n, { x: centre.x + radius * Math.cos(a), y: centre.y + radius * Math.sin(a) });
+    });
+  }
+  return at;
 }
 
 // Nothing of the last user stays on the map.
@@ -1176,6 +1219,9 @@ function renderStreetMap() {
         }).on('click', () => selectFriend(f.id)).addTo(geo.overlay);
         const el = marker.getElement();
         el.setAttribute('role', 'button');
+        // A focused avatar comes to the front, so its focus ring shows.
+        el.addEventListener('focus', () => marker.setZIndexOffset(3000));
+        el.addEventListener('blur', () => marker.setZIndexOffset(state.selected === f.id ? 2000 : 0));
         el.addEventListener('keydown', (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); selectFriend(f.id); } });
         entry = { marker, area: null };
         geo.friends.set(f.id, entry);
@@ -1186,6 +1232,7 @@ function renderStreetMap() {
       el.dataset.username = nameOf(f.id);
       el.setAttribute('aria-label', `${labelOf(f)}: show details`);
       el.classList.toggle('selected', state.selected === f.id);
+      if (document.activeElement !== el) entry.marker.setZIndexOffset(state.selected === f.id ? 2000 : 0);
       el.querySelector('.pin-label').textContent = labelOf(f);
       if (f.approximate && !entry.area) {
         entry.area = L.circle(at2, { radius: APPROX_M, className: 'approx-area', color: colourOf(f.id), interactive: false }).addTo(geo.overlay);
@@ -1246,9 +1293,26 @@ function placeStreetLabels() {
     bounds: { x0: 2, y0: 2, x1: size.x - 2, y1: size.y - 2 },
   };
   const order = sortedNearby().filter((f) => geo.friends.has(f.id));
-  const items = order.map((f) => {
-    const el = geo.friends.get(f.id).marker.getElement();
+  const points = order.map((f) => {
     const p = m.latLngToContainerPoint(geo.friends.get(f.id).marker.getLatLng());
+    return { x: p.x, y: p.y };
+  });
+  const drawn = spreadPins(points, meAt);
+  const items = order.map((f, i) => {
+    const el = geo.friends.get(f.id).marker.getElement();
+    const p = drawn.get(points[i]);
+    // The avatar off its point: moved there, with a stem back to the point.
+    const dx = p.x - points[i].x;
+    const dy = p.y - points[i].y;
+    const moved = Math.hypot(dx, dy) > 0.5;
+    el.querySelector('.pin-wrap').style.transform = moved ? `translate(${dx}px, ${dy}px)` : '';
+    const stem = el.querySelector('.stem');
+    stem.hidden = !moved;
+    el.querySelector('.anchor').hidden = !moved;
+    if (moved) {
+      stem.style.width = `${Math.hypot(dx, dy)}px`;
+      stem.style.transform = `rotate(${Math.atan2(dy, dx)}rad)`;
+    }
     const label = el.querySelector('.pin-label');
     label.hidden = false; // measured as it reads now, whole
     label.textContent = labelOf(f);
@@ -1322,7 +1386,13 @@ function renderDetails() {
     facts.push(['Shares with you', theyShare(row).replace(/^they share with you: /, ''), 'they-share'],
       ['You share', youShare(row).replace(/^you share: /, ''), 'you-share']);
   }
-  box.querySelector('dl').replaceChildren(...facts.flatMap(([k, v, key]) => [h('dt', {}, k), h('dd', { 'data-fact': key }, v)]));
+  // Rebuilt only when a fact changes (the age ticks every second).
+  const dl = box.querySelector('dl');
+  const text = JSON.stringify(facts);
+  if (dl.dataset.facts !== text) {
+    dl.dataset.facts = text;
+    dl.replaceChildren(...facts.flatMap(([k, v, key]) => [h('dt', {}, k), h('dd', { 'data-fact': key }, v)]));
+  }
 }
 
 // ---------- either view ----------
@@ -1408,9 +1478,17 @@ function init() {
     if (li) selectFriend(li.dataset.id);
   });
   $('#details-close').addEventListener('click', closeDetails);
+  document.addEventListener('keydown', (e) => {
+    if (e.key === 'Escape' && state.selected != null) closeDetails();
+  });
   $('#map-view').addEventListener('click', toggleView);
   $('#map-retry').addEventListener('click', retryStreetMap);
-  $('#map-follow').addEventListener('click', () => { geo.follow = true; geo.framed = ''; renderMap(); });
+  $('#map-follow').addEventListener('click', () => {
+    geo.follow = true;
+    geo.framed = '';
+    renderMap();
+    $('#geo-map').focus({ preventScroll: true }); // the button is gone: focus the map it moved
+  });
   window.addEventListener('online', () => { if (state.session && !state.ws) { state.attempt = 0; connect(); } });
   window.addEventListener('offline', () => { if (state.session && !state.ws) setConn('offline', 'offline (no network)'); });
   setInterval(() => { tickAges(); tickConn(); renderLocationInfo(); renderDetails(); }, 1000);

@@ -4,7 +4,9 @@
 // Each label belongs to a dot. It is tried beside its dot in eight
 // directions, then up to three steps further out (drawn with a leader
 // line); a spot must overlap no placed label, no dot, no fixed box (ring
-// captions, "you", the compass) and stay inside the bounds. Every label
+// captions, "you", the compass), stay inside the bounds, and, beside its
+// dot, have no other dot nearer than its own (so it reads as that dot's;
+// further out, the leader line says whose it is). Every label
 // gets the nearest such spot it can, most important labels first: beside
 // the dot before further out, the whole text (name and distance) before
 // the name alone, and a spot clear of the rings before any over one (the
@@ -14,6 +16,7 @@
 
 const GAP = 3;      // between a dot and its label
 const PAD = 2;      // kept between two labels
+const CLEAR = 4;    // another dot is at least this much farther from a label than its own
 const DIRECTIONS = [
   [0, -1], [0, 1], [1, 0], [-1, 0], [1, -1], [-1, -1], [1, 1], [-1, 1],
 ];
@@ -83,6 +86,10 @@ export function placeLabels(labels, scene) {
           if (bounds && (box.x0 < bounds.x0 || box.y0 < bounds.y0 || box.x1 > bounds.x1 || box.y1 > bounds.y1)) continue;
           if (placed.some((p) => overlaps(box, p, PAD))) continue;
           if (dots.some((d) => touchesDot(box, d))) continue;
+          // Beside its dot, it reads as that dot's only if no other dot is
+          // nearer (further out, its leader line says whose it is).
+          const own = reach(box, l.x, l.y)[0];
+          if (step === 0 && dots.some((d) => (d.x !== l.x || d.y !== l.y) && reach(box, d.x, d.y)[0] < own + CLEAR)) continue;
           if (!ringsOk && rings.some((r) => crossesRing(box, r))) continue;
           placed.push(box);
           spots[i] = { x, y, box, leader: step > 0, short };
@@ -94,11 +101,22 @@ export function placeLabels(labels, scene) {
   return spots;
 }
 
-/** The checks placeLabels keeps, for tests: what a set of boxes overlaps. */
-export function conflicts(boxes, scene) {
+/**
+ * The checks placeLabels keeps, for tests: what a set of boxes overlaps,
+ * and (given `owners`, each box's own dot {x, y} or null where a leader
+ * line joins them) which box has another dot nearer than its own.
+ */
+export function conflicts(boxes, scene, owners = []) {
   const found = [];
   boxes.forEach((b, i) => {
     if (!b) return;
+    const own = owners[i];
+    if (own) {
+      const mine = reach(b, own.x, own.y)[0];
+      (scene.dots ?? []).forEach((d, j) => {
+        if ((d.x !== own.x || d.y !== own.y) && reach(b, d.x, d.y)[0] < mine) found.push(`label ${i} is nearer dot ${j} than its own`);
+      });
+    }
     boxes.forEach((o, j) => { if (o && j > i && overlaps(b, o)) found.push(`label ${i} overlaps label ${j}`); });
     (scene.boxes ?? []).forEach((o, j) => { if (overlaps(b, o)) found.push(`label ${i} overlaps fixed box ${j}`); });
     (scene.dots ?? []).forEach((d, j) => { if (touchesDot(b, d)) found.push(`label ${i} overlaps dot ${j}`); });
