@@ -158,6 +158,8 @@ async function main() {
   // console error; the page retrying through those is the behaviour under
   // test (and the page must still show no error, checked at the end).
   let restarting = false;
+  let expectedHttp = new Set();
+  const expectedSeen = [];
   const refused = [];
   try {
     for (const who of ['A', 'B']) {
@@ -170,6 +172,10 @@ async function main() {
       page.on('websocket', (ws) => { if (!/[?&]ticket=[0-9a-f]{64}$/.test(ws.url())) problems.push(`${who} opened a WebSocket without a ticket: ${ws.url().replace(/token=[0-9a-f]+/, 'token=…')}`); });
       page.on('console', (m) => {
         if (m.type() !== 'error') return;
+        // The statuses a step provokes on purpose (a wrong password: 401,
+        // an unknown name: 404) are the only HTTP errors allowed.
+        const status = /^Failed to load resource: the server responded with a status of (\d+)/.exec(m.text())?.[1];
+        if (status && expectedHttp.has(Number(status))) { expectedSeen.push(`${who}: ${status}`); return; }
         if (restarting && /^(WebSocket connection to .* failed|Failed to load resource: (net::ERR_CONNECTION_REFUSED|the server responded with a status of 503))/.test(m.text())) refused.push(`${who}: ${m.text().replace(/token=[0-9a-f]+/, 'token=…')}`);
         else problems.push(`${who} console: ${m.text()}`);
       });
@@ -198,6 +204,14 @@ async function main() {
     await signUp(A, userA);
     await A.click('#logout');
     await A.waitForSelector('#auth-view', { state: 'visible' });
+    // A wrong password is said under the password field, as a sentence.
+    expectedHttp = new Set([401]);
+    await A.fill('#username', userA.name);
+    await A.fill('#password', 'not-the-password');
+    await A.click('#login');
+    await A.waitForSelector('#password-problem:not([hidden])');
+    if (await A.textContent('#password-problem') !== 'Wrong username or password.') fail(`a wrong password says ${JSON.stringify(await A.textContent('#password-problem'))}`);
+    expectedHttp = new Set();
     await logIn(A, userA);
     log(`A (${userA.name}) signed up, logged out and in; live`);
 
@@ -205,10 +219,32 @@ async function main() {
     await signUp(B, userB);
     log(`B (${userB.name}) signed up; live`);
 
+    step = 'A\'s mistakes are said where A typed';
+    expectedHttp = new Set([404]);
+    await A.fill('#friend-name', `nosuch_${rnd()}`);
+    await A.click('#friend-request');
+    await A.waitForSelector('#friend-problem:not([hidden])');
+    const noSuch = await A.textContent('#friend-problem');
+    if (!/^Nobody is called "nosuch_\w+": usernames are exact/.test(noSuch)) fail(`an unknown name says ${JSON.stringify(noSuch)}`);
+    await A.fill('#friend-name', userA.name);
+    await A.click('#friend-request');
+    await A.waitForFunction(() => document.querySelector('#friend-problem').textContent.startsWith('That is you'));
+    await A.fill('#lat', '95');
+    await A.fill('#lon', '');
+    await A.click('#set-location');
+    await A.waitForSelector('#location-problem:not([hidden])');
+    const where = await A.textContent('#location-problem');
+    if (where !== 'Latitude goes from -90 to 90. Enter a longitude.') fail(`bad coordinates say ${JSON.stringify(where)}`);
+    if (await A.getAttribute('#lat', 'aria-invalid') !== 'true' || await A.getAttribute('#lon', 'aria-invalid') !== 'true') fail('the bad fields are not marked invalid');
+    if (await A.locator('#messages .msg.error').count()) fail(`field mistakes raised page messages: ${await A.textContent('#messages')}`);
+    expectedHttp = new Set();
+    log(`mistakes: "${noSuch}" | "${where}"; the HTTP errors they provoked: ${expectedSeen.join(', ')}`);
+
     step = 'A requests B by username';
     await A.fill('#friend-name', userB.name);
     await A.click('#friend-request');
     await friendRow(A, userB.name, 'outgoing');
+    if (!(await A.isHidden('#friend-problem'))) fail('the friend form still shows a problem after a good request');
 
     step = 'B sees the request and accepts';
     await friendRow(B, userA.name, 'incoming'); // pushed over B's WebSocket (friend_update)
@@ -223,6 +259,7 @@ async function main() {
 
     step = 'both place themselves ~1.2 km apart';
     await setLocation(A, posA);
+    await A.waitForSelector('#location-problem', { state: 'hidden' });
     await setLocation(B, posB);
     checkDistance('A sees B', await nearbyDistance(A, userB.name));
     checkDistance('B sees A', await nearbyDistance(B, userA.name));

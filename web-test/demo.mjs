@@ -123,6 +123,17 @@ async function main() {
     await page.screenshot({ path: `${DIR}/demo-radar.png` });
     log(`radar: ${dots.length} friends, ${radar.labels} labels, none overlapping (${radar.onRing} over a ring)`);
     await axeCheck(page, 'demo, radar, desktop');
+    // A click on the map does not move you; "Put me on the map" first.
+    const before = await page.textContent('#location-info');
+    const corner = await page.evaluate(() => { const r = document.querySelector('#map').getBoundingClientRect(); return { x: r.left + 12, y: r.bottom - 12 }; });
+    await page.mouse.click(corner.x, corner.y);
+    await page.waitForTimeout(300);
+    if (!(await page.textContent('#location-info')).startsWith(before.slice(0, 20))) fail('a stray click on the radar moved demo');
+    await page.click('#map-place');
+    await page.mouse.click(corner.x + 150, corner.y - 150);
+    await page.waitForFunction(() => /placed on the map/.test(document.querySelector('#location-info').textContent));
+    if (await page.getAttribute('#map-place', 'aria-pressed') !== 'false') fail('placing stays on after one placement');
+    log(`a stray click did nothing; "Put me on the map" then a click: "${(await page.textContent('#location-info')).slice(0, 60)}…"`);
     await page.click('#map-view');
     await page.waitForSelector('#map-card[data-view="map"]');
     if (await page.isVisible('#map')) fail('the radar is still shown beside the street map');

@@ -103,15 +103,15 @@ export async function checkTapTargets(page, label) {
 }
 
 export async function errorsShown(page) {
-  return page.$$eval('#messages .msg.error', (els) => els.map((e) => e.textContent.replace(/×$/, '').trim()));
+  return page.$$eval('#messages .msg.error, .card-notes .msg.error, .field-problem:not([hidden])', (els) => els.map((e) => e.textContent.replace(/×$/, '').trim()));
 }
 
 // No message box lies over a control.
 export async function checkMessagesClear(page, who) {
   const covered = await page.evaluate(() => {
-    const boxes = [...document.querySelectorAll('#messages .msg')].map((m) => m.getBoundingClientRect());
+    const boxes = [...document.querySelectorAll('#messages .msg, .card-notes .msg')].map((m) => m.getBoundingClientRect());
     return [...document.querySelectorAll('button, input, select, summary, a')]
-      .filter((el) => el.offsetParent !== null && !el.closest('#messages'))
+      .filter((el) => el.offsetParent !== null && !el.closest('#messages, .card-notes'))
       .filter((el) => {
         const r = el.getBoundingClientRect();
         return boxes.some((b) => r.left < b.right && b.left < r.right && r.top < b.bottom && b.top < r.bottom);

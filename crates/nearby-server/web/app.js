@@ -44,6 +44,7 @@ const state = {
   view: 'radar',        // 'map' (streets) or 'radar'
   tiles: 'none',        // the street map's tiles: none, loading, ok, failed
   selected: null,       // the friend whose details are open
+  placing: false,       // the next click on the map puts you there
 };
 
 // ---------- small DOM helpers ----------
@@ -89,8 +90,25 @@ function clearNotes(key) {
   for (const el of document.querySelectorAll(key ? `#messages [data-key="${key}"]` : '#messages .msg')) el.remove();
 }
 
-// A failure as a sentence for people: the server's message, never its code.
-const describe = (err) => String(err?.message ?? err);
+// A failure as a sentence for people: ours for the server's codes a person
+// meets, else the server's message as a sentence; never a code.
+const SENTENCES = {
+  bad_credentials: 'Wrong username or password.',
+  username_taken: 'That username is taken: choose another.',
+  unknown_user: 'Nobody has that username: usernames are exact, check the spelling.',
+  invalid_username: 'Use 3 to 32 letters, digits, or _ - . characters.',
+  invalid_password: 'Use 8 to 128 characters.',
+  too_many_attempts: 'Too many tries: wait a little, then try again.',
+  too_many_signups: 'Too many sign-ups from this network: try again later.',
+  not_friends: 'You are not friends (any more): the list is refreshed.',
+};
+function describe(err) {
+  const known = SENTENCES[err?.code];
+  if (known) return known;
+  const text = String(err?.message ?? err).trim();
+  const sentence = text.charAt(0).toUpperCase() + text.slice(1);
+  return /[.!?]$/.test(sentence) ? sentence : `${sentence}.`;
+}
 
 // Shows a failure, unless it already ended the session (which says so
 // itself). An unreachable server is one message, cleared when the
@@ -104,6 +122,37 @@ function report(err, prefix = '') {
 const guard = (fn) => async (...args) => {
   try { await fn(...args); } catch (err) { report(err); }
 };
+
+// Runs an action of a card: its failure is said in that card, where the
+// person is looking (the top of the page may be scrolled away on a
+// phone), and cleared by the card's next success. An unreachable server
+// is said once, page-wide.
+const guardIn = (card, fn) => async (...args) => {
+  try {
+    await fn(...args);
+    card.querySelector(':scope > .card-notes')?.replaceChildren();
+  } catch (err) {
+    if (err?.handled) return;
+    if (err?.code === 'network') { report(err); return; }
+    let box = card.querySelector(':scope > .card-notes');
+    if (!box) {
+      box = h('div', { class: 'card-notes', role: 'alert' });
+      card.querySelector(':scope > h2').after(box);
+    }
+    box.replaceChildren(h('div', { class: 'msg error' }, h('span', {}, describe(err)),
+      h('button', { type: 'button', class: 'link', 'aria-label': 'Dismiss', onclick: () => box.replaceChildren() }, '×')));
+  }
+};
+
+// A problem with what was typed, said under its form; `bad` fields are
+// marked invalid, the rest of `fields` valid. No text clears it.
+function formProblem(noteId, text, bad, fields) {
+  const note = $(`#${noteId}`);
+  note.textContent = text ?? '';
+  note.hidden = !text;
+  for (const f of fields) $(`#${f}`).setAttribute('aria-invalid', String(Boolean(text) && bad.includes(f)));
+  if (text && bad.length) $(`#${bad[0]}`).focus();
+}
 
 // ---------- REST ----------
 
@@ -285,11 +334,21 @@ const lookedUp = new Map();
 async function requestFriend(event) {
   event.preventDefault();
   const name = $('#friend-name').value.trim();
-  if (!name) throw new Error('Type the exact username of the person to add.');
-  const user = await api('GET', `/v1/users/by-name/${encodeURIComponent(name)}`);
-  if (user.id === state.session.user_id) throw new Error('That is you: type a friend\'s username.');
-  lookedUp.set(user.id, user.username);
-  const res = await api('PUT', `/v1/friends/${encodeURIComponent(user.id)}`);
+  const say = (text) => formProblem('friend-problem', text, ['friend-name'], ['friend-name']);
+  if (!name) { say('Type the exact username of the person to add.'); return; }
+  let user;
+  let res;
+  try {
+    user = await api('GET', `/v1/users/by-name/${encodeURIComponent(name)}`);
+    if (user.id === state.session.user_id) { say('That is you: type a friend\'s username.'); return; }
+    lookedUp.set(user.id, user.username);
+    res = await api('PUT', `/v1/friends/${encodeURIComponent(user.id)}`);
+  } catch (err) {
+    if (err.status === 404 && err.code !== 'not_found') { say(`Nobody is called "${name}": usernames are exact, check the spelling.`); return; }
+    if (err.status === 400 || err.status === 409) { say(describe(err)); return; }
+    throw err;
+  }
+  say(null);
   $('#friend-name').value = '';
   notify(res.status === 'friends' ? `You and ${user.username} are now friends.` : `Friend request sent to ${user.username}.`, 'info');
   await refreshFriends();
@@ -307,6 +366,7 @@ async function friendAction(event) {
   else if (action === 'remove') {
     // Ending a friendship is not undone by a click: ask first.
     if (li.dataset.status === 'friends' && !window.confirm(`Remove ${name} from your friends? You stop seeing each other; to be friends again, one of you asks again.`)) return;
+    removedByMe.add(id);
     await api('DELETE', path);
   } else if (action === 'sharing') {
     try {
@@ -525,6 +585,15 @@ function setFromInputs(event) {
   event.preventDefault();
   const lat = $('#lat').valueAsNumber;
   const lon = $('#lon').valueAsNumber;
+  // Each field's problem, both at once, under the form.
+  const problems = [];
+  const bad = [];
+  if (!Number.isFinite(lat)) { problems.push('Enter a latitude.'); bad.push('lat'); }
+  else if (Math.abs(lat) > 90) { problems.push('Latitude goes from -90 to 90.'); bad.push('lat'); }
+  if (!Number.isFinite(lon)) { problems.push('Enter a longitude.'); bad.push('lon'); }
+  else if (Math.abs(lon) > 180) { problems.push('Longitude goes from -180 to 180.'); bad.push('lon'); }
+  formProblem('location-problem', problems.join(' '), bad, ['lat', 'lon']);
+  if (problems.length) return;
   stopGeo();
   setMyLocation(lat, lon, 'manual');
 }
@@ -618,6 +687,7 @@ function onFrame(data) {
       if (state.me) queueSend();
       break;
     case 'friend_location':
+      if (leaving.shown.has(msg.id)) clearNotes('left'); // back already
       state.nearby.set(msg.id, { id: msg.id, distance_m: msg.distance_m, bearing_deg: msg.bearing_deg, updated_at: msg.updated_at, approximate: msg.approximate === true });
       if (state.friends.get(msg.id)?.status !== 'friends') refreshFriendsSoon(); // a request just accepted
       break;
@@ -627,7 +697,9 @@ function onFrame(data) {
       const before = state.friends.get(row.id);
       state.friends.set(row.id, { ...row, username: row.username ?? lookedUp.get(row.id) ?? before?.username ?? `user #${row.id}` });
       if (row.status === 'incoming' && before?.status !== 'incoming') {
-        notify(`${row.username ?? `user #${row.id}`} wants to be your friend.`, 'info', 6000);
+        notify(`${row.username ?? `user #${row.id}`} wants to be your friend.`, 'info', 6000, `req-${row.id}`);
+      } else if (row.status !== 'incoming') {
+        clearNotes(`req-${row.id}`); // answered (here or on another device)
       }
       renderFriends();
       renderNearby();
@@ -635,6 +707,7 @@ function onFrame(data) {
     }
     case 'friend_removed':
       friendPushes++;
+      clearNotes(`req-${msg.id}`);
       state.friends.delete(msg.id);
       state.nearby.delete(msg.id);
       renderFriends();
@@ -667,7 +740,9 @@ function onFrame(data) {
       break;
     case 'friend_left': {
       const shown = state.nearby.delete(msg.id);
-      if (shown) notify(`${nameOf(msg.id)} ${LEFT_REASONS[msg.reason] ?? `left (${msg.reason})`}.`, 'info', 4000);
+      // Not news to the one who removed them.
+      const byMe = msg.reason === 'unfriended' && removedByMe.delete(msg.id);
+      if (shown && !byMe) sayLeft(msg.id, msg.reason);
       if (msg.reason === 'unfriended') refreshFriendsSoon();
       break;
     }
@@ -686,6 +761,28 @@ function onFrame(data) {
   }
   renderNearby();
   renderMap();
+}
+
+// Friends who left the list within a moment are told in one message
+// ("minji, jisoo and yuna moved out of range."), not one each.
+const leaving = { pending: [], timer: null, shown: new Set() };
+const removedByMe = new Set();
+
+function sayLeft(id, reason) {
+  leaving.pending.push([id, reason]);
+  clearTimeout(leaving.timer);
+  leaving.timer = setTimeout(() => {
+    const byReason = new Map();
+    for (const [who, why] of leaving.pending) {
+      if (!byReason.has(why)) byReason.set(why, []);
+      byReason.get(why).push(nameOf(who));
+    }
+    leaving.shown = new Set(leaving.pending.map(([who]) => who));
+    leaving.pending = [];
+    const names = (list) => (list.length === 1 ? list[0] : `${list.slice(0, -1).join(', ')} and ${list.at(-1)}`);
+    const text = [...byReason].map(([why, list]) => `${names(list)} ${LEFT_REASONS[why] ?? `left (${why})`}`).join('; ');
+    notify(`${text}.`, 'info', 5000, 'left');
+  }, 400);
 }
 
 function onClose(event, opened) {
@@ -1014,6 +1111,7 @@ const geo = {
   fitting: false,
   framed: '',           // who was in view at the last fit
   loaded: 0, failed: 0, timer: null,
+  retried: 0,           // when "try again" was last pressed
 };
 const TILE_WAIT_MS = 10000;   // no tile by then: the radar view
 const PIN_R = 15;             // a friend's avatar on the map, px
@@ -1042,7 +1140,7 @@ function startStreetMap() {
     .on('tileload', () => {
       geo.loaded += 1;
       clearTimeout(geo.timer);
-      if (state.tiles !== 'ok') { state.tiles = 'ok'; renderMapChrome(); }
+      if (state.tiles !== 'ok') { state.tiles = 'ok'; geo.retried = 0; renderMapChrome(); }
     })
     .on('tileerror', () => {
       geo.failed += 1;
@@ -1059,6 +1157,8 @@ function startStreetMap() {
   });
   geo.map.on('zoomend moveend resize', placeStreetLabels);
   geo.map.on('click', guard((e) => {
+    if (!state.placing) return;
+    setPlacing(false);
     stopGeo();
     setMyLocation(e.latlng.lat, ((e.latlng.lng + 540) % 360) - 180, 'map');
   }));
@@ -1083,6 +1183,7 @@ function tilesFailed() {
 }
 
 function retryStreetMap() {
+  geo.retried = Date.now();
   state.view = 'map';
   renderMap();
   waitForTiles();
@@ -1105,7 +1206,7 @@ function renderMapChrome() {
   $('#geo-map').hidden = !street;
   $('#map').toggleAttribute('hidden', street); // an SVG element has no .hidden
   $('#map-scale').hidden = street;
-  $('#map-view').hidden = !streetMapPossible();
+  $('#map-view').hidden = !streetMapPossible() || (state.tiles === 'failed' && !street);
   $('#map-view').textContent = street ? 'Radar view' : 'Street map';
   $('#map-follow').hidden = !street || geo.follow || !state.me;
   const failed = streetMapPossible() && state.tiles === 'failed';
@@ -1113,11 +1214,15 @@ function renderMapChrome() {
   if (failed) {
     let host = 'the tile server';
     try { host = new URL(state.web.map.tile_url.replace(/\{[^}]*\}/g, 'x')).host; } catch { /* as is */ }
-    $('#map-note span').textContent = `The street map could not load its tiles from ${host} (offline?), so this is the radar view: you at the centre, friends by distance and direction.`;
+    $('#map-note span').textContent = geo.retried
+      ? `Tried again at ${new Date(geo.retried).toLocaleTimeString()}: still no tiles from ${host}. This is the radar view.`
+      : `The street map could not load its tiles from ${host} (offline?), so this is the radar view: you at the centre, friends by distance and direction.`;
   }
-  $('#map-hint').textContent = street
-    ? 'Friends are placed from their distance and direction to you. Tap a friend for details; tap the map to put yourself there.'
-    : 'You are at the centre, north up; friends are drawn at their distance and direction. Click a friend for details; click elsewhere to put yourself there.';
+  $('#map-hint').textContent = state.placing
+    ? 'Click or tap the map where you are (Esc cancels).'
+    : street
+      ? 'Friends are placed from their distance and direction to you. Tap a friend for details.'
+      : 'You are at the centre, north up; friends are drawn at their distance and direction. Tap a friend for details.';
 }
 
 // A friend's position on the map, from their distance and bearing to me.
@@ -1417,9 +1522,22 @@ function renderAll() {
   renderLocationInfo();
 }
 
+// Putting yourself on the map is a mode, turned on by its button: a stray
+// click on the map must not move you kilometres away.
+function setPlacing(on) {
+  state.placing = on;
+  const btn = $('#map-place');
+  btn.setAttribute('aria-pressed', String(on));
+  btn.textContent = on ? 'Cancel' : 'Put me on the map';
+  $('#map-card').dataset.placing = String(on);
+  renderMapChrome();
+}
+
 function placeOnMap(event) {
   const friend = event.target.closest('g.friend');
   if (friend) { selectFriend(friend.dataset.id); return; }
+  if (!state.placing) return;
+  setPlacing(false);
   const svg = $('#map');
   const pt = new DOMPoint(event.clientX, event.clientY).matrixTransform(svg.getScreenCTM().inverse());
   const units = Math.hypot(pt.x, pt.y);
@@ -1434,15 +1552,31 @@ function placeOnMap(event) {
 // ---------- wiring ----------
 
 function init() {
+  // A refusal that is about a field is said under it.
+  const atField = (err) => {
+    const field = { username_taken: 'username', invalid_username: 'username', invalid_password: 'password', bad_credentials: 'password' }[err?.code];
+    if (!field) throw err;
+    const note = $(`#${field}-problem`);
+    note.textContent = describe(err);
+    note.hidden = false;
+    $(`#${field}`).setAttribute('aria-invalid', 'true');
+    $(`#${field}`).focus();
+  };
   $('#auth-form').addEventListener('submit', guard(async (e) => {
     e.preventDefault();
     if (!checkAuthFields(false)) return;
-    await logIn(credentials());
+    await logIn(credentials()).catch(atField);
   }));
   $('#signup').addEventListener('click', guard(async () => {
     if (!checkAuthFields(true)) return;
     const creds = credentials();
-    const user = await api('POST', '/v1/users', creds);
+    let user;
+    try {
+      user = await api('POST', '/v1/users', creds);
+    } catch (err) {
+      atField(err);
+      return;
+    }
     await logIn(creds);
     notify(`Welcome, ${user.username}! Next: add a friend by their username, and set your location (or use this device's).`, 'info', 15000, 'welcome');
   }));
@@ -1454,21 +1588,27 @@ function init() {
     }
     endSession();
   });
-  $('#friend-form').addEventListener('submit', guard(requestFriend));
+  $('#friend-form').addEventListener('submit', guardIn($('#friend-form').closest('.card'), requestFriend));
+  const friendsCard = $('#friends').closest('.card');
+  const privacyCard = $('#privacy');
+  const locationCard = $('#location-form').closest('.card');
   $('#friends').addEventListener('click', (e) => {
-    if (e.target.closest('button[data-action]')) guard(friendAction)(e);
+    if (e.target.closest('button[data-action]')) guardIn(friendsCard, friendAction)(e);
   });
-  $('#friends').addEventListener('change', guard(friendAction));
-  $('#friends-refresh').addEventListener('click', guard(refreshFriends));
-  $('#ghost').addEventListener('change', guard(setGhost));
-  $('#discoverable').addEventListener('change', guard(setDiscoverable));
-  $('#history-export').addEventListener('click', guard(exportHistory));
-  $('#history-delete').addEventListener('click', guard(deleteHistory));
-  $('#account-delete-form').addEventListener('submit', guard(deleteAccount));
-  $('#ghost-for').addEventListener('change', guard(async () => { if ($('#ghost').checked) await setGhost(); }));
-  $('#location-form').addEventListener('submit', guard(setFromInputs));
-  $('#use-geo').addEventListener('click', guard(toggleGeo));
-  $('#map').addEventListener('click', guard(placeOnMap));
+  $('#friends').addEventListener('change', guardIn(friendsCard, friendAction));
+  $('#friends-refresh').addEventListener('click', guardIn(friendsCard, refreshFriends));
+  $('#ghost').addEventListener('change', guardIn(privacyCard, setGhost));
+  $('#discoverable').addEventListener('change', guardIn($('#strangers-card'), setDiscoverable));
+  $('#history-export').addEventListener('click', guardIn(privacyCard, exportHistory));
+  $('#history-delete').addEventListener('click', guardIn(privacyCard, deleteHistory));
+  $('#account-delete-form').addEventListener('submit', guardIn(privacyCard, deleteAccount));
+  $('#ghost-for').addEventListener('change', guardIn(privacyCard, async () => { if ($('#ghost').checked) await setGhost(); }));
+  $('#location-form').addEventListener('submit', guardIn(locationCard, setFromInputs));
+  for (const f of ['lat', 'lon']) $(`#${f}`).addEventListener('input', () => formProblem('location-problem', null, [], ['lat', 'lon']));
+  $('#friend-name').addEventListener('input', () => formProblem('friend-problem', null, [], ['friend-name']));
+  $('#use-geo').addEventListener('click', guardIn(locationCard, toggleGeo));
+  $('#map').addEventListener('click', guardIn($('#map-card'), placeOnMap));
+  $('#map-place').addEventListener('click', () => setPlacing(!state.placing));
   $('#map').addEventListener('keydown', (e) => {
     const friend = e.target.closest?.('g.friend');
     if (friend && (e.key === 'Enter' || e.key === ' ')) { e.preventDefault(); selectFriend(friend.dataset.id); }
@@ -1479,7 +1619,9 @@ function init() {
   });
   $('#details-close').addEventListener('click', closeDetails);
   document.addEventListener('keydown', (e) => {
-    if (e.key === 'Escape' && state.selected != null) closeDetails();
+    if (e.key !== 'Escape') return;
+    if (state.placing) setPlacing(false);
+    else if (state.selected != null) closeDetails();
   });
   $('#map-view').addEventListener('click', toggleView);
   $('#map-retry').addEventListener('click', retryStreetMap);
