@@ -1535,8 +1535,10 @@ function setPlacing(on) {
 
 function placeOnMap(event) {
   const friend = event.target.closest('g.friend');
-  if (friend) { selectFriend(friend.dataset.id); return; }
-  if (!state.placing) return;
+  if (!state.placing) {
+    if (friend) selectFriend(friend.dataset.id);
+    return;
+  }
   setPlacing(false);
   const svg = $('#map');
   const pt = new DOMPoint(event.clientX, event.clientY).matrixTransform(svg.getScreenCTM().inverse());
