@@ -147,7 +147,7 @@ export async function checkMapLabels(page, who) {
     if (street) {
       els = [...document.querySelectorAll('#geo-map .pin-label:not([hidden])')];
       dots = [...document.querySelectorAll('#geo-map .geo-friend .pin, #geo-map .geo-me span')].map(centre);
-      fixed = [...document.querySelectorAll('#geo-map .leaflet-control')].map(rect);
+      fixed = [...document.querySelectorAll('#geo-map .leaflet-control, #geo-map .geo-me .me-label')].map(rect);
       rings = [...document.querySelectorAll('#geo-map path.range-ring')].map((p) => centre(p));
     } else {
       els = [...document.querySelectorAll('#map .label-bg')];
@@ -157,6 +157,12 @@ export async function checkMapLabels(page, who) {
     }
     const labels = els.map(rect);
     const problems = [];
+    // A ring's caption is not under a friend's dot either.
+    if (!street) {
+      const captions = [...document.querySelectorAll('#map .ring-label')].map(rect);
+      const friendDots = [...document.querySelectorAll('#map circle.dot')].map(centre);
+      captions.forEach((c, i) => friendDots.forEach((d, j) => { if (near(c, d.x, d.y) < d.r - 1) problems.push(`ring caption ${i} is under dot ${j}`); }));
+    }
     let onRing = 0;
     labels.forEach((b, i) => {
       labels.forEach((o, j) => { if (j > i && hit(b, o)) problems.push(`label ${i} overlaps label ${j}`); });

@@ -349,6 +349,7 @@ async function requestFriend(event) {
     throw err;
   }
   say(null);
+  if (state.me) clearNotes('welcome'); // both things it suggested are done
   $('#friend-name').value = '';
   notify(res.status === 'friends' ? `You and ${user.username} are now friends.` : `Friend request sent to ${user.username}.`, 'info');
   await refreshFriends();
@@ -508,6 +509,7 @@ function validLatLon(lat, lon) {
 
 function setMyLocation(lat, lon, source) {
   if (!validLatLon(lat, lon)) throw new Error('Latitude must be in [-90, 90] and longitude in [-180, 180].');
+  if (state.friends.size) clearNotes('welcome'); // both things it suggested are done
   state.me = { lat, lon, source };
   $('#lat').value = lat.toFixed(6);
   $('#lon').value = lon.toFixed(6);
@@ -1038,24 +1040,30 @@ function renderRadar() {
   // "you", every dot, and (if it can) the rings themselves.
   const scene = { dots: [{ x: 0, y: 0, r: 9 }], boxes: [], rings: [], bounds: { x0: -198, y0: -198, x1: 198, y1: 198 } };
   scene.boxes.push({ x0: -8, y0: -MAP_R - 19, x1: 8, y1: -MAP_R - 3 }); // N
-  for (const r of [range / 10, range / 2, range]) {
-    const ru = toUnits(r, range);
-    const caption = r < 1000 ? `${r} m` : `${r / 1000} km`;
-    const w = measure(caption, '11px system-ui, sans-serif');
-    parts.push(s('circle', { cx: 0, cy: 0, r: ru, class: 'ring' }),
-      s('text', { x: ru - 4, y: -5, class: 'ring-label' }, caption));
-    scene.rings.push({ cx: 0, cy: 0, r: ru });
-    scene.boxes.push({ x0: ru - 4 - w, y0: -16, x1: ru - 4, y1: -2 });
-  }
-  const meText = state.me ? 'you' : 'you (no location)';
-  const meW = measure(meText, '700 11px system-ui, sans-serif');
-  scene.boxes.push({ x0: -meW / 2, y0: 10, x1: meW / 2, y1: 24 });
   const shown = sortedNearby().map((f) => {
     // The server's bearing; a stable made-up one only for old servers that send none.
     const angle = ((f.bearing_deg ?? hashOf(f.id) % 360) * Math.PI) / 180;
     const d = toUnits(f.distance_m, range);
     return { f, x: d * Math.sin(angle), y: -d * Math.cos(angle) };
   });
+  // Each ring's caption inside it, on the east-west axis, on whichever
+  // side (above or below the axis) no friend's dot is.
+  for (const r of [range / 10, range / 2, range]) {
+    const ru = toUnits(r, range);
+    const caption = r < 1000 ? `${r} m` : `${r / 1000} km`;
+    const w = measure(caption, '11px system-ui, sans-serif');
+    const spots = [[ru - 4, -5], [-ru + 4 + w, -5], [ru - 4, 14], [-ru + 4 + w, 14]]
+      .map(([x, y]) => ({ x, y, box: { x0: x - w, y0: y - 11, x1: x, y1: y + 3 } }));
+    const free = (b) => !shown.some(({ x, y }) => Math.hypot(Math.max(b.x0 - x, 0, x - b.x1), Math.max(b.y0 - y, 0, y - b.y1)) < 10);
+    const at = spots.find((c) => free(c.box)) ?? spots[0];
+    parts.push(s('circle', { cx: 0, cy: 0, r: ru, class: 'ring' }),
+      s('text', { x: at.x, y: at.y, class: 'ring-label' }, caption));
+    scene.rings.push({ cx: 0, cy: 0, r: ru });
+    scene.boxes.push(at.box);
+  }
+  const meText = state.me ? 'you' : 'you (no location)';
+  const meW = measure(meText, '700 11px system-ui, sans-serif');
+  scene.boxes.push({ x0: -meW / 2, y0: 10, x1: meW / 2, y1: 24 });
   for (const { x, y } of shown) scene.dots.push({ x, y, r: 9 });
   // Strangers: anonymous dots at the middle of their band, towards their
   // area (those in your own area are listed only).
@@ -1305,7 +1313,7 @@ function renderStreetMap() {
     const at = [me.lat, me.lon];
     if (!geo.me) {
       geo.me = L.marker(at, {
-        icon: L.divIcon({ className: 'geo-me', html: '<span aria-hidden="true"></span>', iconSize: [18, 18] }),
+        icon: L.divIcon({ className: 'geo-me', html: '<span aria-hidden="true"></span><b class="me-label">you</b>', iconSize: [18, 18] }),
         interactive: false, keyboard: false, zIndexOffset: 1000, // you stay visible among friends
       }).addTo(geo.overlay);
       geo.ring = L.circle(at, { radius: state.web.radius_m, className: 'range-ring', interactive: false, fill: false }).addTo(geo.overlay);
@@ -1393,7 +1401,7 @@ function placeStreetLabels() {
   const ringR = Math.abs(m.latLngToContainerPoint([edge.lat, edge.lon]).x - meAt.x);
   const scene = {
     dots: [{ x: meAt.x, y: meAt.y, r: 10 }],
-    boxes: [...document.querySelectorAll('#geo-map .leaflet-control')].map((c) => rel(c.getBoundingClientRect())),
+    boxes: [...document.querySelectorAll('#geo-map .leaflet-control, #geo-map .geo-me .me-label')].map((c) => rel(c.getBoundingClientRect())),
     rings: [{ cx: meAt.x, cy: meAt.y, r: ringR }],
     bounds: { x0: 2, y0: 2, x1: size.x - 2, y1: size.y - 2 },
   };
@@ -1580,7 +1588,9 @@ function init() {
       return;
     }
     await logIn(creds);
-    notify(`Welcome, ${user.username}! Next: add a friend by their username, and set your location (or use this device's).`, 'info', 15000, 'welcome');
+    // It stays (dismissable) until its advice is followed: no jump of the
+    // page when it would expire.
+    notify(`Welcome, ${user.username}! Next: add a friend by their username, and set your location (or use this device's).`, 'info', 0, 'welcome');
   }));
   $('#logout').addEventListener('click', async () => {
     try {
