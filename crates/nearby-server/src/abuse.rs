@@ -118,6 +118,7 @@ pub struct Guards {
     login: Mutex<LoginBook>,
     signups: Mutex<HashMap<IpAddr, TokenBucket>>,
     users: Mutex<HashMap<UserId, UserSlot>>,
+    tickets: Mutex<HashMap<UserId, TokenBucket>>,
 }
 
 impl Guards {
@@ -128,6 +129,7 @@ impl Guards {
             login: Mutex::default(),
             signups: Mutex::default(),
             users: Mutex::default(),
+            tickets: Mutex::default(),
         })
     }
 
@@ -262,6 +264,23 @@ impl Guards {
         }
     }
 
+    /// A WebSocket ticket for `user`, or how long to wait. Each ticket is a
+    /// store write, so a token cannot be used to flood the store.
+    pub fn ticket(&self, user: UserId, now_ms: i64) -> Result<(), Duration> {
+        let per_min = self.cfg.ws_tickets_per_min;
+        let mut map = lock(&self.tickets);
+        let b = map.entry(user).or_insert_with(|| {
+            TokenBucket::new(f64::from(per_min) / 60.0, (per_min / 2).max(1), now_ms)
+        });
+        match b.wait_ms(now_ms) {
+            0 => {
+                b.try_take(now_ms);
+                Ok(())
+            }
+            wait => Err(Duration::from_millis(wait as u64)),
+        }
+    }
+
     /// A place for one more socket of `user`, or `None` at the cap.
     pub fn open_socket(self: &Arc<Self>, user: UserId, now_ms: i64) -> Option<SocketSlot> {
         let mut users = lock(&self.users);
@@ -301,7 +320,10 @@ impl Guards {
         drop(book);
         let mut signups = lock(&self.signups);
         signups.retain(|_, b| !b.is_full(now_ms));
-        login + signups.len()
+        let signups = signups.len();
+        let mut tickets = lock(&self.tickets);
+        tickets.retain(|_, b| !b.is_full(now_ms));
+        login + signups + tickets.len()
     }
 }
 

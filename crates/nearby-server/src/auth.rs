@@ -204,6 +204,13 @@ pub async fn ws_ticket(
     axum::extract::State(st): axum::extract::State<Arc<AppState>>,
     me: AuthUser,
 ) -> Result<axum::Json<nearby_proto::rest::WsTicket>, ApiError> {
+    st.guards.ticket(me.id, now_ms()).map_err(|wait| {
+        ApiError::too_many(
+            "too_many_tickets",
+            "too many WebSocket tickets for this user; wait a little",
+            wait,
+        )
+    })?;
     let (ticket, hash) = new_token();
     let ttl = i64::try_from(st.cfg.ws_ticket_ttl.as_millis()).unwrap_or(i64::MAX);
     let expires_at = now_ms().saturating_add(ttl).min(me.expires_at);

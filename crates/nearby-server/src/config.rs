@@ -120,6 +120,9 @@ pub struct ServerConfig {
     pub login_account_failures_per_hour: u32,
     /// Sign-ups per hour from one address (default 20, burst 5).
     pub signups_per_ip_per_hour: u32,
+    /// WebSocket tickets (`POST /v1/ws-ticket`) per minute per user
+    /// (default 60, burst half of it): each is a store write.
+    pub ws_tickets_per_min: u32,
     /// `SO_SNDBUF` of accepted sockets, bytes (default 0: the kernel's
     /// autotuning, which lets a client that stops reading hold megabytes).
     pub socket_send_buffer: usize,
@@ -169,6 +172,7 @@ impl Default for ServerConfig {
             login_ip_failures_per_min: 10,
             login_account_failures_per_hour: 100,
             signups_per_ip_per_hour: 20,
+            ws_tickets_per_min: 60,
             socket_send_buffer: 0,
             limit_loopback: false,
         }
@@ -371,8 +375,9 @@ impl ServerConfig {
         check(
             self.login_ip_failures_per_min >= 1
                 && self.login_account_failures_per_hour >= 1
-                && self.signups_per_ip_per_hour >= 1,
-            "login_ip_failures_per_min, login_account_failures_per_hour, signups_per_ip_per_hour",
+                && self.signups_per_ip_per_hour >= 1
+                && self.ws_tickets_per_min >= 1,
+            "login_ip_failures_per_min, login_account_failures_per_hour, signups_per_ip_per_hour, ws_tickets_per_min",
             "0",
             "at least 1",
         )?;

@@ -131,6 +131,9 @@ pub struct ServeArgs {
     /// Sign-ups per hour from one address (burst a quarter of it) [default: 20].
     #[arg(long, env = "NEARBY_SIGNUPS_PER_IP_PER_HOUR")]
     pub signups_per_ip_per_hour: Option<u32>,
+    /// WebSocket tickets per minute per user (burst half of it); each is a store write [default: 60].
+    #[arg(long, env = "NEARBY_WS_TICKETS_PER_MIN")]
+    pub ws_tickets_per_min: Option<u32>,
     /// SO_SNDBUF of accepted sockets in bytes; caps kernel memory per client that stops reading [default: 0, kernel autotuning].
     #[arg(long, env = "NEARBY_SOCKET_SEND_BUFFER")]
     pub socket_send_buffer: Option<usize>,
@@ -234,6 +237,7 @@ impl ServeArgs {
             login_ip_failures_per_min,
             login_account_failures_per_hour,
             signups_per_ip_per_hour,
+            ws_tickets_per_min,
             socket_send_buffer,
             limit_loopback,
             drain_secs,
@@ -330,6 +334,7 @@ impl ServeArgs {
             signups_per_ip_per_hour: merged
                 .signups_per_ip_per_hour
                 .unwrap_or(d.signups_per_ip_per_hour),
+            ws_tickets_per_min: merged.ws_tickets_per_min.unwrap_or(d.ws_tickets_per_min),
             socket_send_buffer: merged.socket_send_buffer.unwrap_or(d.socket_send_buffer),
             limit_loopback: merged.limit_loopback.unwrap_or(d.limit_loopback),
         };

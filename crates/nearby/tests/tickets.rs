@@ -96,3 +96,35 @@ async fn tickets(one: &Server, two: &Server) {
     assert_eq!(st, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(body["code"], json!("unauthorized"));
 }
+
+/// Tickets are store writes: one user gets `--ws-tickets-per-min` of them
+/// (burst half of it), then `429 too_many_tickets` with a `Retry-After`;
+/// another user is not held back.
+#[tokio::test]
+async fn tickets_per_user_are_limited() {
+    let server = Server::start(&["--ws-tickets-per-min", "4"]);
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    for _ in 0..2 {
+        ticket(&server, &alice).await;
+    }
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/ws-ticket", server.base))
+        .bearer_auth(&alice.token)
+        .send()
+        .await
+        .expect("ticket request");
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("a Retry-After in seconds");
+    assert!((1..=15).contains(&retry), "Retry-After {retry}");
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["code"], "too_many_tickets", "{body}");
+    // Bob's are his own.
+    let t = ticket(&server, &bob).await;
+    assert!(open(&server, &t).await.is_ok());
+}
