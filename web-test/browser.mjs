@@ -392,7 +392,7 @@ async function main() {
 
     step = 'A stops sharing with B, is told so, and shares again';
     await A.uncheck(`${aRowB} [data-action="sharing"]`);
-    await A.waitForFunction((name) => [...document.querySelectorAll('#messages .msg')]
+    await A.waitForFunction((name) => [...document.querySelectorAll('.msg')]
       .some((m) => m.textContent.includes(`You no longer share your location with ${name}`)), userB.name);
     await B.waitForSelector(bSeesA, { state: 'detached' });
     await A.check(`${aRowB} [data-action="sharing"]`);
@@ -463,7 +463,7 @@ async function main() {
     log(`B's history export: ${geo.features.length} points (${file.suggestedFilename()})`);
     B.once('dialog', (d) => d.accept());
     await B.click('#history-delete');
-    await B.waitForFunction(() => [...document.querySelectorAll('#messages .msg')].some((m) => /Deleted \d+ point/.test(m.textContent)));
+    await B.waitForFunction(() => [...document.querySelectorAll('.msg')].some((m) => /Deleted \d+ point/.test(m.textContent)));
 
     step = 'B deletes their account; A sees them go';
     await B.fill('#account-delete-password', userB.password);

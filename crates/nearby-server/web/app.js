@@ -13,11 +13,12 @@ const BACKOFF_BASE_MS = 500;
 const BACKOFF_MAX_MS = 20000;
 const DEMO_CENTRE = { lat: 37.5665, lon: 126.978 };
 const SESSION_KEY = 'nearby.session';
+// Why a friend left the list: [one friend, several].
 const LEFT_REASONS = {
-  out_of_range: 'moved out of range',
-  inactive: 'stopped updating',
-  unshared: 'stopped sharing',
-  unfriended: 'is no longer a friend',
+  out_of_range: ['is out of range now', 'are out of range now'],
+  inactive: ['stopped updating', 'stopped updating'],
+  unshared: ['stopped sharing with you', 'stopped sharing with you'],
+  unfriended: ['is no longer your friend', 'are no longer your friends'],
 };
 
 const $ = (sel) => document.querySelector(sel);
@@ -74,8 +75,10 @@ function s(tag, attrs = {}, text) {
 // Errors stay until dismissed (×); a `key` replaces the earlier message of
 // that key, and clearNotes(key) removes it once the problem is over. The
 // same text is never shown twice: the new one replaces the old.
-function notify(text, kind = 'error', ttlMs = kind === 'error' ? 0 : 5000, key = undefined) {
-  const box = $('#messages');
+// With `card`, the message goes at the top of that card (where the person
+// is looking; the top of the page may be scrolled away on a phone).
+function notify(text, kind = 'error', ttlMs = kind === 'error' ? 0 : 5000, key = undefined, card = undefined) {
+  const box = card ? cardNotes(card) : $('#messages');
   if (key) clearNotes(key);
   for (const el of box.querySelectorAll('.msg')) if (el.firstElementChild?.textContent === text) el.remove();
   const msg = h('div', { class: `msg ${kind}`, role: kind === 'error' ? 'alert' : undefined, 'data-key': key },
@@ -87,8 +90,23 @@ function notify(text, kind = 'error', ttlMs = kind === 'error' ? 0 : 5000, key =
 }
 
 function clearNotes(key) {
-  for (const el of document.querySelectorAll(key ? `#messages [data-key="${key}"]` : '#messages .msg')) el.remove();
+  for (const el of document.querySelectorAll(key ? `.msg[data-key="${key}"]` : '#messages .msg, .card-notes .msg')) el.remove();
 }
+
+// The message area at the top of a card, made on first use.
+function cardNotes(card) {
+  let box = card.querySelector(':scope > .card-notes');
+  if (!box) {
+    box = h('div', { class: 'card-notes' });
+    card.querySelector(':scope > h2').after(box);
+  }
+  return box;
+}
+const CARD = {
+  friends: () => $('#friends').closest('.card'),
+  nearby: () => $('#nearby').closest('.card'),
+  privacy: () => $('#privacy'),
+};
 
 // A failure as a sentence for people: ours for the server's codes a person
 // meets, else the server's message as a sentence; never a code.
@@ -130,17 +148,11 @@ const guard = (fn) => async (...args) => {
 const guardIn = (card, fn) => async (...args) => {
   try {
     await fn(...args);
-    card.querySelector(':scope > .card-notes')?.replaceChildren();
+    for (const el of card.querySelectorAll(':scope > .card-notes .msg.error')) el.remove();
   } catch (err) {
     if (err?.handled) return;
     if (err?.code === 'network') { report(err); return; }
-    let box = card.querySelector(':scope > .card-notes');
-    if (!box) {
-      box = h('div', { class: 'card-notes', role: 'alert' });
-      card.querySelector(':scope > h2').after(box);
-    }
-    box.replaceChildren(h('div', { class: 'msg error' }, h('span', {}, describe(err)),
-      h('button', { type: 'button', class: 'link', 'aria-label': 'Dismiss', onclick: () => box.replaceChildren() }, '×')));
+    notify(describe(err), 'error', 0, 'action', card);
   }
 };
 
@@ -238,7 +250,7 @@ function startSession(session) {
   $('#app-view').hidden = false;
   $('#logout').hidden = false;
   $('#conn-status').hidden = false; // only a signed-in page has a connection to speak of
-  $('#whoami').textContent = `signed in as ${session.username}`;
+  $('#whoami').replaceChildren(h('span', { class: 'who-prefix' }, 'signed in as '), session.username);
   state.attempt = 0;
   $('#lat').focus(); // where to start: your location
   connect();
@@ -326,7 +338,9 @@ function refreshFriendsSoon() {
   refreshSoon = setTimeout(() => { refreshSoon = null; pollFriends(); }, 200);
 }
 
-const nameOf = (id) => state.friends.get(id)?.username ?? `user #${id}`;
+// Names of friends just removed: a friend_left may follow the removal.
+const lastNames = new Map();
+const nameOf = (id) => state.friends.get(id)?.username ?? lookedUp.get(id) ?? lastNames.get(id) ?? `user #${id}`;
 
 // id -> username of the users this page looked up by name.
 const lookedUp = new Map();
@@ -351,7 +365,7 @@ async function requestFriend(event) {
   say(null);
   if (state.me) clearNotes('welcome'); // both things it suggested are done
   $('#friend-name').value = '';
-  notify(res.status === 'friends' ? `You and ${user.username} are now friends.` : `Friend request sent to ${user.username}.`, 'info');
+  notify(res.status === 'friends' ? `You and ${user.username} are now friends.` : `Friend request sent to ${user.username}.`, 'info', 5000, undefined, CARD.friends());
   await refreshFriends();
 }
 
@@ -376,7 +390,7 @@ async function friendAction(event) {
       button.checked = !button.checked;
       throw err;
     }
-    notify(button.checked ? `${name} can see your distance again.` : `You no longer share your location with ${name}.`, 'info', 5000, `sharing-${li.dataset.id}`);
+    notify(button.checked ? `${name} can see your distance again.` : `You no longer share your location with ${name}.`, 'info', 5000, `sharing-${li.dataset.id}`, CARD.friends());
   } else if (action === 'precision' || action === 'share-for') {
     // The terms are sent whole: an omitted `until` means "for good".
     const row = state.friends.get(id);
@@ -436,6 +450,7 @@ function renderGhost() {
 
 // ---------- strangers nearby ----------
 
+const LOOKING_MS = 12000; // a little over the server's default stranger heartbeat
 const WINDS = ['north', 'north-east', 'east', 'south-east', 'south', 'south-west', 'west', 'north-west'];
 
 // Opt in or out: over the socket when live (applied at once), else REST.
@@ -465,7 +480,9 @@ function renderStrangers() {
     h('span', { class: 'distance' }, `${st.bucket_km[0]}–${st.bucket_km[1]} km ${st.bearing_deg == null ? 'in your area' : `to the ${WINDS[Math.round(st.bearing_deg / 45) % 8]}`}`))));
   $('#strangers-info').textContent = !d.enabled
     ? 'Off: no stranger sees you, and you see none.'
-    : `${rows.length ? '' : 'Nobody else discoverable around you yet. '}Discoverable ${d.until ? `until ${fmtClock(d.until)}` : 'until you turn it off'}: strangers see only which ~5 km area you are in, never your position or name.`;
+    : `${rows.length ? '' : Date.now() - (state.discoverableSince ?? 0) < LOOKING_MS
+      ? 'Looking for people nearby who opted in (they show up within seconds). '
+      : 'Nobody else discoverable around you right now. '}Discoverable ${d.until ? `until ${fmtClock(d.until)}` : 'until you turn it off'}: strangers see only which ~5 km area you are in, never your position or name.`;
 }
 
 // ---------- history and account ----------
@@ -487,7 +504,7 @@ async function exportHistory() {
 async function deleteHistory() {
   if (!window.confirm('Delete all of your location history? This cannot be undone.')) return;
   const res = await api('DELETE', '/v1/me/history');
-  notify(`Deleted ${res.deleted} point(s) of your history.`, 'info');
+  notify(`Deleted ${res.deleted} point(s) of your history.`, 'info', 5000, undefined, CARD.privacy());
 }
 
 async function deleteAccount(event) {
@@ -699,7 +716,7 @@ function onFrame(data) {
       const before = state.friends.get(row.id);
       state.friends.set(row.id, { ...row, username: row.username ?? lookedUp.get(row.id) ?? before?.username ?? `user #${row.id}` });
       if (row.status === 'incoming' && before?.status !== 'incoming') {
-        notify(`${row.username ?? `user #${row.id}`} wants to be your friend.`, 'info', 6000, `req-${row.id}`);
+        notify(`${row.username ?? `user #${row.id}`} wants to be your friend.`, 'info', 0, `req-${row.id}`, CARD.friends());
       } else if (row.status !== 'incoming') {
         clearNotes(`req-${row.id}`); // answered (here or on another device)
       }
@@ -709,6 +726,7 @@ function onFrame(data) {
     }
     case 'friend_removed':
       friendPushes++;
+      lastNames.set(msg.id, nameOf(msg.id));
       clearNotes(`req-${msg.id}`);
       state.friends.delete(msg.id);
       state.nearby.delete(msg.id);
@@ -728,6 +746,11 @@ function onFrame(data) {
       adoptRemoteLocation(msg, 'elsewhere');
       break;
     case 'discoverable':
+      if (msg.enabled && !state.discoverable.enabled) {
+        // Others announce themselves every few seconds: looking, until then.
+        state.discoverableSince = Date.now();
+        setTimeout(renderStrangers, LOOKING_MS + 100);
+      }
       state.discoverable = { enabled: msg.enabled, until: msg.until ?? null };
       if (!msg.enabled) state.strangers.clear();
       renderStrangers();
@@ -771,19 +794,19 @@ const leaving = { pending: [], timer: null, shown: new Set() };
 const removedByMe = new Set();
 
 function sayLeft(id, reason) {
-  leaving.pending.push([id, reason]);
+  leaving.pending.push([id, reason, nameOf(id)]); // the name now: the row may go first
   clearTimeout(leaving.timer);
   leaving.timer = setTimeout(() => {
     const byReason = new Map();
-    for (const [who, why] of leaving.pending) {
+    for (const [, why, name] of leaving.pending) {
       if (!byReason.has(why)) byReason.set(why, []);
-      byReason.get(why).push(nameOf(who));
+      byReason.get(why).push(name);
     }
     leaving.shown = new Set(leaving.pending.map(([who]) => who));
     leaving.pending = [];
     const names = (list) => (list.length === 1 ? list[0] : `${list.slice(0, -1).join(', ')} and ${list.at(-1)}`);
-    const text = [...byReason].map(([why, list]) => `${names(list)} ${LEFT_REASONS[why] ?? `left (${why})`}`).join('; ');
-    notify(`${text}.`, 'info', 5000, 'left');
+    const text = [...byReason].map(([why, list]) => `${names(list)} ${(LEFT_REASONS[why] ?? ['left', 'left'])[list.length === 1 ? 0 : 1]}`).join('; ');
+    notify(`${text}.`, 'info', 5000, 'left', CARD.nearby());
   }, 400);
 }
 
@@ -1148,7 +1171,13 @@ function startStreetMap() {
     .on('tileload', () => {
       geo.loaded += 1;
       clearTimeout(geo.timer);
-      if (state.tiles !== 'ok') { state.tiles = 'ok'; geo.retried = 0; renderMapChrome(); }
+      if (state.tiles !== 'ok') {
+        state.tiles = 'ok';
+        geo.retried = 0;
+        renderMapChrome();
+        if (geo.refocus) $('#geo-map').focus({ preventScroll: true });
+        geo.refocus = false;
+      }
     })
     .on('tileerror', () => {
       geo.failed += 1;
@@ -1188,9 +1217,12 @@ function tilesFailed() {
   state.tiles = 'failed';
   state.view = 'radar';
   renderMap();
+  if (geo.refocus) $('#map-retry').focus(); // pressed again: still there
+  geo.refocus = false;
 }
 
 function retryStreetMap() {
+  geo.refocus = document.activeElement === $('#map-retry');
   geo.retried = Date.now();
   state.view = 'map';
   renderMap();
@@ -1228,6 +1260,7 @@ function renderMapChrome() {
   }
   $('#map-hint').textContent = state.placing
     ? 'Click or tap the map where you are (Esc cancels).'
+    : !state.me ? 'Set your location (under "My location", or "Put me on the map") to see your friends around you.'
     : street
       ? 'Friends are placed from their distance and direction to you. Tap a friend for details.'
       : 'You are at the centre, north up; friends are drawn at their distance and direction. Tap a friend for details.';
@@ -1281,12 +1314,16 @@ function spreadPins(points, me) {
     };
     if (group.length < 2) continue;
     const k = friends.length;
-    const radius = Math.max(group.some((n) => n.me) ? PIN_R + 14 : PIN_R + 3, ((2 * PIN_R + 6) * k) / (2 * Math.PI));
+    const withMe = group.some((n) => n.me);
+    // Round you, the sector below is left to your "you" label.
+    const arc = withMe ? (5 * Math.PI) / 3 : 2 * Math.PI;
+    const radius = Math.max(withMe ? PIN_R + 14 : PIN_R + 3, ((2 * PIN_R + 6) * k) / arc);
     const angle = (n, i) => (Math.hypot(n.x - centre.x, n.y - centre.y) > 0.5 ? Math.atan2(n.y - centre.y, n.x - centre.x) : -Math.PI / 2 + i);
     const byAngle = friends.map((n, i) => ({ n, a: angle(n, i) })).sort((a, b) => a.a - b.a);
-    const start = byAngle[0].a;
+    const start = withMe ? (2 * Math.PI) / 3 : byAngle[0].a; // from below-left, round by the top
+    const slot = withMe ? arc / Math.max(1, k - 1 || 1) : arc / k;
     byAngle.forEach(({ n }, j) => {
-      const a = start + (j * 2 * Math.PI) / k;
+      const a = withMe && k === 1 ? byAngle[0].a + (Math.abs(Math.sin(byAngle[0].a) - 1) < 0.5 ? Math.PI : 0) : start + j * slot;
       at.set(n, { x: centre.x + radius * Math.cos(a), y: centre.y + radius * Math.sin(a) });
     });
   }
@@ -1329,7 +1366,12 @@ function renderStreetMap() {
         const marker = L.marker(at2, {
           icon: L.divIcon({ className: 'geo-friend', html: pinOf(f), iconSize: [2 * ICON_HALF, 2 * ICON_HALF] }),
           keyboard: true, riseOnHover: true,
-        }).on('click', () => selectFriend(f.id)).addTo(geo.overlay);
+        }).on('click', (e) => {
+          if (!state.placing) { selectFriend(f.id); return; }
+          setPlacing(false); // placing means "I am here", even on a friend
+          stopGeo();
+          setMyLocation(e.latlng.lat, e.latlng.lng, 'map');
+        }).addTo(geo.overlay);
         const el = marker.getElement();
         el.setAttribute('role', 'button');
         // A focused avatar comes to the front, so its focus ring shows.
@@ -1347,6 +1389,7 @@ function renderStreetMap() {
       el.classList.toggle('selected', state.selected === f.id);
       if (document.activeElement !== el) entry.marker.setZIndexOffset(state.selected === f.id ? 2000 : 0);
       el.querySelector('.pin-label').textContent = labelOf(f);
+      el.querySelector('.pin').dataset.initial = nameOf(f.id).slice(0, 1).toUpperCase(); // the name may come late
       if (f.approximate && !entry.area) {
         entry.area = L.circle(at2, { radius: APPROX_M, className: 'approx-area', color: colourOf(f.id), interactive: false }).addTo(geo.overlay);
       } else if (!f.approximate && entry.area) {
@@ -1375,6 +1418,10 @@ function frameStreetMap() {
   const m = geo.map;
   if (!geo.follow || !state.me || $('#geo-map').hidden) return;
   const points = [[state.me.lat, state.me.lon], ...[...geo.friends.values()].map((e) => e.marker.getLatLng())];
+  // An approximate friend's whole area is in view, so its edge shows.
+  for (const e of geo.friends.values()) {
+    if (e.area) { const b = e.area.getBounds(); points.push(b.getNorthWest(), b.getSouthEast()); }
+  }
   const who = `${[...geo.friends.keys()].sort().join(',')}@${state.me.lat.toFixed(4)},${state.me.lon.toFixed(4)}`;
   const view = m.getBounds().pad(-0.1);
   if (who === geo.framed && points.every((p) => view.contains(p))) return;
@@ -1410,7 +1457,14 @@ function placeStreetLabels() {
     const p = m.latLngToContainerPoint(geo.friends.get(f.id).marker.getLatLng());
     return { x: p.x, y: p.y };
   });
-  const drawn = spreadPins(points, meAt);
+  // Spread again while a spread crowd lands on another avatar (3 rounds).
+  let drawn = new Map(points.map((p) => [p, p]));
+  for (let round = 0; round < 3; round++) {
+    const now = points.map((p) => drawn.get(p));
+    const next = spreadPins(now, meAt);
+    if (now.every((q) => { const n = next.get(q); return Math.hypot(n.x - q.x, n.y - q.y) < 0.5; })) break;
+    drawn = new Map(points.map((p, i) => [p, next.get(now[i])]));
+  }
   const items = order.map((f, i) => {
     const el = geo.friends.get(f.id).marker.getElement();
     const p = drawn.get(points[i]);
@@ -1468,7 +1522,8 @@ function closeDetails() {
   state.selected = null;
   renderMap();
   // Back to where the person was: the friend on the map, if still there.
-  document.querySelector(`#map-card [data-id="${id}"][role="button"]:not([hidden])`)?.focus({ preventScroll: true });
+  [...document.querySelectorAll(`#map-card [data-id="${id}"][role="button"]`)].find((el) => el.checkVisibility())
+    ?.focus({ preventScroll: true });
 }
 
 function renderDetails() {
@@ -1593,12 +1648,17 @@ function init() {
     notify(`Welcome, ${user.username}! Next: add a friend by their username, and set your location (or use this device's).`, 'info', 0, 'welcome');
   }));
   $('#logout').addEventListener('click', async () => {
-    try {
-      await api('DELETE', '/v1/sessions');
-    } catch (err) {
-      if (err.status !== 401) notify(`Log out failed on the server: ${describe(err)}; signed out here anyway.`);
-    }
+    // Signed out here first: the server closing this page's socket for the
+    // logout is then no news.
+    const token = state.session?.token;
     endSession();
+    $('#username').focus();
+    try {
+      const res = await fetch('/v1/sessions', { method: 'DELETE', headers: { Authorization: `Bearer ${token}` } });
+      if (!res.ok && res.status !== 401) notify(`Log out failed on the server (HTTP ${res.status}); signed out here anyway.`);
+    } catch {
+      notify('Signed out here; the server could not be reached to end the login there too.');
+    }
   });
   $('#friend-form').addEventListener('submit', guardIn($('#friend-form').closest('.card'), requestFriend));
   const friendsCard = $('#friends').closest('.card');
@@ -1616,6 +1676,12 @@ function init() {
   $('#account-delete-form').addEventListener('submit', guardIn(privacyCard, deleteAccount));
   $('#ghost-for').addEventListener('change', guardIn(privacyCard, async () => { if ($('#ghost').checked) await setGhost(); }));
   $('#location-form').addEventListener('submit', guardIn(locationCard, setFromInputs));
+  for (const f of ['username', 'password']) {
+    $(`#${f}`).addEventListener('input', () => {
+      $(`#${f}-problem`).hidden = true;
+      $(`#${f}`).setAttribute('aria-invalid', 'false');
+    });
+  }
   for (const f of ['lat', 'lon']) $(`#${f}`).addEventListener('input', () => formProblem('location-problem', null, [], ['lat', 'lon']));
   $('#friend-name').addEventListener('input', () => formProblem('friend-problem', null, [], ['friend-name']));
   $('#use-geo').addEventListener('click', guardIn(locationCard, toggleGeo));

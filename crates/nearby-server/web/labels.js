@@ -1,8 +1,8 @@
 // Label placement for the map and the radar: pure geometry, no DOM, so the
 // browser test can check it on its own (web-test/browser.mjs).
 //
-// Each label belongs to a dot. It is tried beside its dot in eight
-// directions, then up to three steps further out (drawn with a leader
+// Each label belongs to a dot. It is tried beside its dot in twelve
+// places, then up to three steps further out (drawn with a leader
 // line); a spot must overlap no placed label, no dot, no fixed box (ring
 // captions, "you", the compass), stay inside the bounds, and, beside its
 // dot, have no other dot nearer than its own (so it reads as that dot's;
@@ -17,8 +17,12 @@
 const GAP = 3;      // between a dot and its label
 const PAD = 2;      // kept between two labels
 const CLEAR = 4;    // another dot is at least this much farther from a label than its own
+// Above, below, right, left; above or below shifted half a side; then
+// the corners.
 const DIRECTIONS = [
-  [0, -1], [0, 1], [1, 0], [-1, 0], [1, -1], [-1, -1], [1, 1], [-1, 1],
+  [0, -1], [0, 1], [1, 0], [-1, 0],
+  [0.5, -1], [-0.5, -1], [0.5, 1], [-0.5, 1],
+  [1, -1], [-1, -1], [1, 1], [-1, 1],
 ];
 const STEPS = 4;
 const FAR_STEP = 1.2; // each step further out, in label heights
