@@ -170,6 +170,20 @@ export async function checkMapLabels(page, who) {
       dots.forEach((d, j) => { if (near(b, d.x, d.y) < d.r - 1) problems.push(`label ${i} overlaps dot ${j}`); });
       const own = ownDot(els[i]);
       const mine = near(b, own.x, own.y);
+      if (joined(els[i])) {
+        // Its leader line (dot to label centre) runs through no other label.
+        const cx = (b.x0 + b.x1) / 2;
+        const cy = (b.y0 + b.y1) / 2;
+        labels.forEach((o, j) => {
+          if (j === i) return;
+          const inner = { x0: o.x0 + 1, y0: o.y0 + 1, x1: o.x1 - 1, y1: o.y1 - 1 };
+          for (let t = 0; t <= 1; t += 0.02) {
+            const x = own.x + (cx - own.x) * t;
+            const y = own.y + (cy - own.y) * t;
+            if (x > inner.x0 && x < inner.x1 && y > inner.y0 && y < inner.y1) { problems.push(`label ${i}'s leader crosses label ${j}`); break; }
+          }
+        });
+      }
       if (!joined(els[i])) dots.forEach((d, j) => {
         if (Math.hypot(d.x - own.x, d.y - own.y) > 1 && near(b, d.x, d.y) < mine - 1) problems.push(`label ${i} is nearer dot ${j} than its own`);
       });
@@ -205,7 +219,9 @@ export async function checkPlaceLabels() {
       bounds: { x0: -200, y0: -200, x1: 200, y1: 200 },
     };
     const spots = placeLabels(items, s);
-    const hard = conflicts(spots.map((p) => p?.box ?? null), { ...s, rings: [] }, items.map((it, i) => (spots[i]?.leader ? null : it)));
+    // Each label's leader (label i's, or none), as drawn: dot to label centre.
+    const leaders = spots.map((p, i) => (p?.leader ? [items[i].x, items[i].y, p.x, p.y] : [0, 0, 0, 0]));
+    const hard = conflicts(spots.map((p) => p?.box ?? null), { ...s, rings: [], leaders: leaders.map((l) => (l[0] === l[2] && l[1] === l[3] ? [1e9, 1e9, 1e9, 1e9] : l)) }, items.map((it, i) => (spots[i]?.leader ? null : it)));
     if (hard.length) fail(`placeLabels, scene ${scene} (${n} labels): ${hard.join('; ')}`);
     crossings += conflicts(spots.map((p) => p?.box ?? null), { rings: s.rings }).length;
     placedTotal += spots.filter(Boolean).length;

@@ -1069,6 +1069,10 @@ function renderRadar() {
     const d = toUnits(f.distance_m, range);
     return { f, x: d * Math.sin(angle), y: -d * Math.cos(angle) };
   });
+  // Crowded dots are spread apart (a stem to their true point), like the
+  // street map's avatars; from here on x, y are where a dot is drawn.
+  const spread = spreadAll(shown.map(({ x, y }) => ({ x, y })), { x: 0, y: 0 }, 9);
+  [...spread.entries()].forEach(([truth, at], i) => Object.assign(shown[i], { tx: truth.x, ty: truth.y, x: at.x, y: at.y }));
   // Each ring's caption inside it, on the east-west axis, on whichever
   // side (above or below the axis) no friend's dot is.
   for (const r of [range / 10, range / 2, range]) {
@@ -1116,6 +1120,10 @@ function renderRadar() {
     // Where an approximate friend may be: a shaded area (on the square-root
     // scale, its radius as seen from the friend's distance).
     if (f.approximate) g.append(s('circle', { cx: x, cy: y, r: Math.max(12, toUnits(f.distance_m + APPROX_M, range) - toUnits(f.distance_m, range)), class: 'area', fill: colourOf(f.id) }));
+    const { tx, ty } = shown[i];
+    if (Math.hypot(x - tx, y - ty) > 0.5) {
+      g.append(s('line', { x1: tx, y1: ty, x2: x, y2: y, class: 'stem' }), s('circle', { cx: tx, cy: ty, r: 2.5, class: 'anchor' }));
+    }
     g.append(s('circle', { cx: x, cy: y, r: 28, class: 'hit' }), // a tap target of 44 px on a phone
       s('circle', { cx: x, cy: y, r: 8, fill: colourOf(f.id), class: 'dot' }));
     const spot = spots[i];
@@ -1124,7 +1132,7 @@ function renderRadar() {
       g.append(s('rect', { x: spot.box.x0, y: spot.box.y0, width: spot.box.x1 - spot.box.x0, height: spot.box.y1 - spot.box.y0, rx: 4, class: 'label-bg' }),
         s('text', { x: spot.x, y: spot.y + 4, class: 'friend-label' }, spot.short ? name : labelOf(f)));
     }
-    parts.push(s('line', { x1: 0, y1: 0, x2: x, y2: y, class: 'spoke' }));
+    parts.push(s('line', { x1: 0, y1: 0, x2: shown[i].tx, y2: shown[i].ty, class: 'spoke' }));
     friends.push(g);
   });
   parts.push(...strangers, s('circle', { cx: 0, cy: 0, r: 7, class: state.me ? 'me' : 'me unknown' }),
@@ -1287,19 +1295,17 @@ function pinOf(f) {
   return el;
 }
 
-// Avatars closer than this (px, centre to centre) are spread apart.
-const CROWD_PX = 2 * PIN_R + 2;
 
 // Where each avatar is drawn: at its point, or, where avatars (or you)
 // crowd, spread on a circle around the crowd, the nearest friend first,
 // each keeping its direction from the crowd's centre as best it can.
-function spreadPins(points, me) {
+function spreadPins(points, me, pinR) {
   const nodes = [me ? { x: me.x, y: me.y, me: true } : null, ...points].filter(Boolean);
   const parent = nodes.map((_, i) => i);
   const root = (i) => (parent[i] === i ? i : (parent[i] = root(parent[i])));
   for (let i = 0; i < nodes.length; i++) {
     for (let j = i + 1; j < nodes.length; j++) {
-      const gap = nodes[i].me || nodes[j].me ? PIN_R + 11 : CROWD_PX;
+      const gap = nodes[i].me || nodes[j].me ? pinR + 11 : 2 * pinR + 2;
       if (Math.hypot(nodes[i].x - nodes[j].x, nodes[i].y - nodes[j].y) < gap) parent[root(i)] = root(j);
     }
   }
@@ -1317,7 +1323,7 @@ function spreadPins(points, me) {
     const withMe = group.some((n) => n.me);
     // Round you, the sector below is left to your "you" label.
     const arc = withMe ? (5 * Math.PI) / 3 : 2 * Math.PI;
-    const radius = Math.max(withMe ? PIN_R + 14 : PIN_R + 3, ((2 * PIN_R + 6) * k) / arc);
+    const radius = Math.max(withMe ? pinR + 14 : pinR + 3, ((2 * pinR + 6) * k) / arc);
     const angle = (n, i) => (Math.hypot(n.x - centre.x, n.y - centre.y) > 0.5 ? Math.atan2(n.y - centre.y, n.x - centre.x) : -Math.PI / 2 + i);
     const byAngle = friends.map((n, i) => ({ n, a: angle(n, i) })).sort((a, b) => a.a - b.a);
     const start = withMe ? (2 * Math.PI) / 3 : byAngle[0].a; // from below-left, round by the top
@@ -1457,14 +1463,7 @@ function placeStreetLabels() {
     const p = m.latLngToContainerPoint(geo.friends.get(f.id).marker.getLatLng());
     return { x: p.x, y: p.y };
   });
-  // Spread again while a spread crowd lands on another avatar (3 rounds).
-  let drawn = new Map(points.map((p) => [p, p]));
-  for (let round = 0; round < 3; round++) {
-    const now = points.map((p) => drawn.get(p));
-    const next = spreadPins(now, meAt);
-    if (now.every((q) => { const n = next.get(q); return Math.hypot(n.x - q.x, n.y - q.y) < 0.5; })) break;
-    drawn = new Map(points.map((p, i) => [p, next.get(now[i])]));
-  }
+  const drawn = spreadAll(points, meAt, PIN_R);
   const items = order.map((f, i) => {
     const el = geo.friends.get(f.id).marker.getElement();
     const p = drawn.get(points[i]);
@@ -1507,6 +1506,19 @@ function placeStreetLabels() {
       leader.style.transform = `rotate(${Math.atan2(dy, dx)}rad)`;
     }
   });
+}
+
+// spreadPins again while a spread crowd lands on another avatar (up to 3
+// rounds): point -> where it is drawn.
+function spreadAll(points, me, pinR) {
+  let drawn = new Map(points.map((p) => [p, p]));
+  for (let round = 0; round < 3; round++) {
+    const now = points.map((p) => drawn.get(p));
+    const next = spreadPins(now, me, pinR);
+    if (now.every((q) => { const n = next.get(q); return Math.hypot(n.x - q.x, n.y - q.y) < 0.5; })) break;
+    drawn = new Map(points.map((p, i) => [p, next.get(now[i])]));
+  }
+  return drawn;
 }
 
 // ---------- a friend's details ----------

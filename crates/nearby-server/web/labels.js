@@ -3,7 +3,8 @@
 //
 // Each label belongs to a dot. It is tried beside its dot in twelve
 // places, then up to three steps further out (drawn with a leader
-// line); a spot must overlap no placed label, no dot, no fixed box (ring
+// line, which crosses no other label); a spot must overlap no placed label,
+// no leader line, no dot, no fixed box (ring
 // captions, "you", the compass), stay inside the bounds, and, beside its
 // dot, have no other dot nearer than its own (so it reads as that dot's;
 // further out, the leader line says whose it is). Every label
@@ -46,6 +47,21 @@ const crossesRing = (box, ring) => {
   return near < ring.r && ring.r < far;
 };
 
+// Whether the segment (x0, y0)–(x1, y1) passes through the box (Liang–Barsky).
+function cuts(x0, y0, x1, y1, b) {
+  let t0 = 0;
+  let t1 = 1;
+  const dx = x1 - x0;
+  const dy = y1 - y0;
+  for (const [p, q] of [[-dx, x0 - b.x0], [dx, b.x1 - x0], [-dy, y0 - b.y0], [dy, b.y1 - y0]]) {
+    if (p === 0) { if (q < 0) return false; continue; }
+    const t = q / p;
+    if (p < 0) t0 = Math.max(t0, t); else t1 = Math.min(t1, t);
+    if (t0 > t1) return false;
+  }
+  return true;
+}
+
 /** The box of a label `w` × `h` whose centre is at (x, y). */
 export const boxAt = (x, y, w, h) => ({ x0: x - w / 2, y0: y - h / 2, x1: x + w / 2, y1: y + h / 2 });
 
@@ -64,6 +80,7 @@ export const boxAt = (x, y, w, h) => ({ x0: x - w / 2, y0: y - h / 2, x1: x + w 
  */
 export function placeLabels(labels, scene) {
   const placed = [...(scene.boxes ?? [])];
+  const leaders = []; // [x0, y0, x1, y1] of the leader lines drawn so far
   const dots = scene.dots ?? [];
   const rings = scene.rings ?? [];
   const bounds = scene.bounds;
@@ -95,6 +112,10 @@ export function placeLabels(labels, scene) {
           const own = reach(box, l.x, l.y)[0];
           if (step === 0 && dots.some((d) => (d.x !== l.x || d.y !== l.y) && reach(box, d.x, d.y)[0] < own + CLEAR)) continue;
           if (!ringsOk && rings.some((r) => crossesRing(box, r))) continue;
+          // No leader line through another label, nor this label over one.
+          if (leaders.some(([ax, ay, bx, by]) => cuts(ax, ay, bx, by, box))) continue;
+          if (step > 0 && placed.some((p) => cuts(l.x, l.y, x, y, p))) continue;
+          if (step > 0) leaders.push([l.x, l.y, x, y]);
           placed.push(box);
           spots[i] = { x, y, box, leader: step > 0, short };
           return;
@@ -124,6 +145,7 @@ export function conflicts(boxes, scene, owners = []) {
     boxes.forEach((o, j) => { if (o && j > i && overlaps(b, o)) found.push(`label ${i} overlaps label ${j}`); });
     (scene.boxes ?? []).forEach((o, j) => { if (overlaps(b, o)) found.push(`label ${i} overlaps fixed box ${j}`); });
     (scene.dots ?? []).forEach((d, j) => { if (touchesDot(b, d)) found.push(`label ${i} overlaps dot ${j}`); });
+    (scene.leaders ?? []).forEach(([ax, ay, bx, by], j) => { if (j !== i && cuts(ax, ay, bx, by, b)) found.push(`leader ${j} crosses label ${i}`); });
     (scene.rings ?? []).forEach((r, j) => { if (crossesRing(b, r)) found.push(`label ${i} crosses ring ${j}`); });
     const bd = scene.bounds;
     if (bd && (b.x0 < bd.x0 || b.y0 < bd.y0 || b.x1 > bd.x1 || b.y1 > bd.y1)) found.push(`label ${i} leaves the bounds`);
