@@ -75,8 +75,8 @@ export const boxAt = (x, y, w, h) => ({ x0: x - w / 2, y0: y - h / 2, x1: x + w 
  *   Every label's own dot should be among `dots`.
  *
  * Returns, per label, null (left out) or {x, y, box, leader, short}: the
- * label's centre, its box, whether it stands off its dot (draw a leader
- * line) and whether it is the shorter text.
+ * label's centre, its box, whether to draw a leader line to it (it stands
+ * off its dot, or at its corner) and whether it is the shorter text.
  */
 export function placeLabels(labels, scene) {
   const placed = [...(scene.boxes ?? [])];
@@ -112,12 +112,14 @@ export function placeLabels(labels, scene) {
           const own = reach(box, l.x, l.y)[0];
           if (step === 0 && dots.some((d) => (d.x !== l.x || d.y !== l.y) && reach(box, d.x, d.y)[0] < own + CLEAR)) continue;
           if (!ringsOk && rings.some((r) => crossesRing(box, r))) continue;
-          // No leader line through another label, nor this label over one.
+          // Off its dot, or at its corner, a label has a leader line: none
+          // runs through another label, and no label lies over one.
+          const leader = step > 0 || (Math.abs(ux) === 1 && Math.abs(uy) === 1);
           if (leaders.some(([ax, ay, bx, by]) => cuts(ax, ay, bx, by, box))) continue;
-          if (step > 0 && placed.some((p) => cuts(l.x, l.y, x, y, p))) continue;
-          if (step > 0) leaders.push([l.x, l.y, x, y]);
+          if (leader && placed.some((p) => cuts(l.x, l.y, x, y, p))) continue;
+          if (leader) leaders.push([l.x, l.y, x, y]);
           placed.push(box);
-          spots[i] = { x, y, box, leader: step > 0, short };
+          spots[i] = { x, y, box, leader, short };
           return;
         }
       });
