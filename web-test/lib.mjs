@@ -146,8 +146,8 @@ export async function checkMapLabels(page, who) {
     const joined = (el) => Boolean(el.closest('.geo-friend, g.friend').querySelector('.leader:not([hidden])'));
     if (street) {
       els = [...document.querySelectorAll('#geo-map .pin-label:not([hidden])')];
-      dots = [...document.querySelectorAll('#geo-map .geo-friend .pin, #geo-map .geo-me span')].map(centre);
-      fixed = [...document.querySelectorAll('#geo-map .leaflet-control, #geo-map .geo-me .me-label')].map(rect);
+      dots = [...document.querySelectorAll('#geo-map .geo-friend .pin')].map(centre);
+      fixed = [...document.querySelectorAll('#geo-map .leaflet-control, #geo-map .geo-me span')].map(rect);
       rings = [...document.querySelectorAll('#geo-map path.range-ring')].map((p) => centre(p));
     } else {
       els = [...document.querySelectorAll('#map .label-bg')];
@@ -157,6 +157,11 @@ export async function checkMapLabels(page, who) {
     }
     const labels = els.map(rect);
     const problems = [];
+    // No avatar covers you.
+    if (street) {
+      const me = document.querySelector('#geo-map .geo-me span');
+      if (me) dots.forEach((d, j) => { if (near(rect(me), d.x, d.y) < d.r - 1) problems.push(`avatar ${j} covers "you"`); });
+    }
     // A ring's caption is not under a friend's dot either.
     if (!street) {
       const captions = [...document.querySelectorAll('#map .ring-label')].map(rect);

@@ -1071,7 +1071,7 @@ function renderRadar() {
   });
   // Crowded dots are spread apart (a stem to their true point), like the
   // street map's avatars; from here on x, y are where a dot is drawn.
-  const spread = spreadAll(shown.map(({ x, y }) => ({ x, y })), { x: 0, y: 0 }, 9);
+  const spread = spreadAll(shown.map(({ x, y }) => ({ x, y })), { x: 0, y: 0 }, 9, 7, true);
   [...spread.entries()].forEach(([truth, at], i) => Object.assign(shown[i], { tx: truth.x, ty: truth.y, x: at.x, y: at.y }));
   // Each ring's caption inside it, on the east-west axis, on whichever
   // side (above or below the axis) no friend's dot is.
@@ -1155,6 +1155,8 @@ const geo = {
 const TILE_WAIT_MS = 10000;   // no tile by then: the radar view
 const PIN_R = 15;             // a friend's avatar on the map, px
 const ICON_HALF = 22;         // its tap target: 44 × 44 px around the avatar
+const ME_PILL_HALF = 19;      // half the width of your "you" pill, px
+const FRONT = 900;            // z of a focused or selected avatar; you are at 1000
 const STREET_FONT = '600 12px system-ui, sans-serif'; // .pin-label
 
 // The street map is there when the server names tiles and Leaflet loaded.
@@ -1299,13 +1301,13 @@ function pinOf(f) {
 // Where each avatar is drawn: at its point, or, where avatars (or you)
 // crowd, spread on a circle around the crowd, the nearest friend first,
 // each keeping its direction from the crowd's centre as best it can.
-function spreadPins(points, me, pinR) {
+function spreadPins(points, me, pinR, meR, labelBelow) {
   const nodes = [me ? { x: me.x, y: me.y, me: true } : null, ...points].filter(Boolean);
   const parent = nodes.map((_, i) => i);
   const root = (i) => (parent[i] === i ? i : (parent[i] = root(parent[i])));
   for (let i = 0; i < nodes.length; i++) {
     for (let j = i + 1; j < nodes.length; j++) {
-      const gap = nodes[i].me || nodes[j].me ? pinR + 11 : 2 * pinR + 2;
+      const gap = nodes[i].me || nodes[j].me ? pinR + meR + 2 : 2 * pinR + 2;
       if (Math.hypot(nodes[i].x - nodes[j].x, nodes[i].y - nodes[j].y) < gap) parent[root(i)] = root(j);
     }
   }
@@ -1321,15 +1323,17 @@ function spreadPins(points, me, pinR) {
     if (group.length < 2) continue;
     const k = friends.length;
     const withMe = group.some((n) => n.me);
-    // Round you, the sector below is left to your "you" label.
-    const arc = withMe ? (5 * Math.PI) / 3 : 2 * Math.PI;
-    const radius = Math.max(withMe ? pinR + 14 : pinR + 3, ((2 * pinR + 6) * k) / arc);
+    // Round you, the third below is left to a "you" label drawn there.
+    const arc = withMe && labelBelow ? (4 * Math.PI) / 3 : 2 * Math.PI;
+    const radius = Math.max(withMe ? pinR + meR + 4 : pinR + 3, ((2 * pinR + 6) * k) / arc);
     const angle = (n, i) => (Math.hypot(n.x - centre.x, n.y - centre.y) > 0.5 ? Math.atan2(n.y - centre.y, n.x - centre.x) : -Math.PI / 2 + i);
     const byAngle = friends.map((n, i) => ({ n, a: angle(n, i) })).sort((a, b) => a.a - b.a);
-    const start = withMe ? (2 * Math.PI) / 3 : byAngle[0].a; // from below-left, round by the top
-    const slot = withMe ? arc / Math.max(1, k - 1 || 1) : arc / k;
+    const skip = withMe && labelBelow;
+    const start = skip ? (5 * Math.PI) / 6 : byAngle[0].a; // from below-left, round by the top
+    const slot = skip ? arc / Math.max(1, k - 1) : arc / k;
     byAngle.forEach(({ n }, j) => {
-      const a = withMe && k === 1 ? byAngle[0].a + (Math.abs(Math.sin(byAngle[0].a) - 1) < 0.5 ? Math.PI : 0) : start + j * slot;
+      // Alone with you: its own direction (turned up if that is the label's).
+      const a = withMe && k === 1 ? byAngle[0].a + (skip && Math.sin(byAngle[0].a) > 0.5 ? Math.PI : 0) : start + j * slot;
       at.set(n, { x: centre.x + radius * Math.cos(a), y: centre.y + radius * Math.sin(a) });
     });
   }
@@ -1356,7 +1360,8 @@ function renderStreetMap() {
     const at = [me.lat, me.lon];
     if (!geo.me) {
       geo.me = L.marker(at, {
-        icon: L.divIcon({ className: 'geo-me', html: '<span aria-hidden="true"></span><b class="me-label">you</b>', iconSize: [18, 18] }),
+        // You: a pill saying so, one thing to keep clear of.
+        icon: L.divIcon({ className: 'geo-me', html: '<span aria-hidden="true">you</span>', iconSize: [2 * ME_PILL_HALF, 22] }),
         interactive: false, keyboard: false, zIndexOffset: 1000, // you stay visible among friends
       }).addTo(geo.overlay);
       geo.ring = L.circle(at, { radius: state.web.radius_m, className: 'range-ring', interactive: false, fill: false }).addTo(geo.overlay);
@@ -1380,9 +1385,10 @@ function renderStreetMap() {
         }).addTo(geo.overlay);
         const el = marker.getElement();
         el.setAttribute('role', 'button');
-        // A focused avatar comes to the front, so its focus ring shows.
-        el.addEventListener('focus', () => marker.setZIndexOffset(3000));
-        el.addEventListener('blur', () => marker.setZIndexOffset(state.selected === f.id ? 2000 : 0));
+        // A focused avatar comes to the front (of friends; you stay on top),
+        // so its focus ring shows.
+        el.addEventListener('focus', () => marker.setZIndexOffset(FRONT));
+        el.addEventListener('blur', () => marker.setZIndexOffset(state.selected === f.id ? FRONT : 0));
         el.addEventListener('keydown', (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); selectFriend(f.id); } });
         entry = { marker, area: null };
         geo.friends.set(f.id, entry);
@@ -1393,7 +1399,7 @@ function renderStreetMap() {
       el.dataset.username = nameOf(f.id);
       el.setAttribute('aria-label', `${labelOf(f)}: show details`);
       el.classList.toggle('selected', state.selected === f.id);
-      if (document.activeElement !== el) entry.marker.setZIndexOffset(state.selected === f.id ? 2000 : 0);
+      if (document.activeElement !== el) entry.marker.setZIndexOffset(state.selected === f.id ? FRONT : 0);
       el.querySelector('.pin-label').textContent = labelOf(f);
       el.querySelector('.pin').dataset.initial = nameOf(f.id).slice(0, 1).toUpperCase(); // the name may come late
       if (f.approximate && !entry.area) {
@@ -1453,8 +1459,8 @@ function placeStreetLabels() {
   const edge = destination(state.me, 90, state.web.radius_m);
   const ringR = Math.abs(m.latLngToContainerPoint([edge.lat, edge.lon]).x - meAt.x);
   const scene = {
-    dots: [{ x: meAt.x, y: meAt.y, r: 10 }],
-    boxes: [...document.querySelectorAll('#geo-map .leaflet-control, #geo-map .geo-me .me-label')].map((c) => rel(c.getBoundingClientRect())),
+    dots: [],
+    boxes: [...document.querySelectorAll('#geo-map .leaflet-control, #geo-map .geo-me span')].map((c) => rel(c.getBoundingClientRect())),
     rings: [{ cx: meAt.x, cy: meAt.y, r: ringR }],
     bounds: { x0: 2, y0: 2, x1: size.x - 2, y1: size.y - 2 },
   };
@@ -1463,7 +1469,7 @@ function placeStreetLabels() {
     const p = m.latLngToContainerPoint(geo.friends.get(f.id).marker.getLatLng());
     return { x: p.x, y: p.y };
   });
-  const drawn = spreadAll(points, meAt, PIN_R);
+  const drawn = spreadAll(points, meAt, PIN_R, ME_PILL_HALF, false);
   const items = order.map((f, i) => {
     const el = geo.friends.get(f.id).marker.getElement();
     const p = drawn.get(points[i]);
@@ -1510,11 +1516,11 @@ function placeStreetLabels() {
 
 // spreadPins again while a spread crowd lands on another avatar (up to 3
 // rounds): point -> where it is drawn.
-function spreadAll(points, me, pinR) {
+function spreadAll(points, me, pinR, meR, labelBelow) {
   let drawn = new Map(points.map((p) => [p, p]));
   for (let round = 0; round < 3; round++) {
     const now = points.map((p) => drawn.get(p));
-    const next = spreadPins(now, me, pinR);
+    const next = spreadPins(now, me, pinR, meR, labelBelow);
     if (now.every((q) => { const n = next.get(q); return Math.hypot(n.x - q.x, n.y - q.y) < 0.5; })) break;
     drawn = new Map(points.map((p, i) => [p, next.get(now[i])]));
   }
