@@ -21,7 +21,7 @@
 import fs from 'node:fs';
 import {
   axeCheck, checkMapLabels, checkMessagesClear, checkPlaceLabels, checkTapTargets, checkVendoredLeaflet,
-  errorsShown, fail, launch, log, elapsed, serveTiles, watchPage,
+  errorsShown, fail, launch, log, elapsed, reportFailure, serveTiles, watchPage,
 } from './lib.mjs';
 
 const EARTH_RADIUS_M = 6371008.8; // docs/protocol.md
@@ -481,17 +481,7 @@ async function main() {
     if (problems.length) fail(`${problems.length} problem(s): ${problems.join(" | ")}`);
     console.log(`PASS: browser client end to end (${elapsed()}s)`);
   } catch (err) {
-    const lines = err.message.replace(/\x1b\[[0-9;]*m/g, "").split("\n");
-    const waiting = lines.find((l) => /waiting for/.test(l));
-    console.error(`FAIL at step "${step}": ${lines[0]}${waiting ? `\n  ${waiting.trim()}` : ''}`);
-    for (const [who, page] of Object.entries(pages)) {
-      try {
-        const conn = await page.textContent('#conn-status', { timeout: 1000 });
-        const msgs = await page.$$eval('#messages .msg', (els) => els.map((e) => e.textContent.trim()));
-        console.error(`  ${who}: connection "${conn}", messages: ${JSON.stringify(msgs)}`);
-      } catch { /* page gone */ }
-    }
-    for (const p of problems) console.error(`  ${p}`);
+    await reportFailure(step, err, pages, problems);
     process.exitCode = 1;
   } finally {
     await browser.close();

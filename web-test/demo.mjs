@@ -12,7 +12,7 @@
 
 import {
   axeCheck, checkMapLabels, checkMessagesClear, checkTapTargets, errorsShown, fail, launch, log, elapsed,
-  serveTiles, watchPage,
+  reportFailure, serveTiles, watchPage,
 } from './lib.mjs';
 
 const WAIT_MS = 15000;
@@ -158,16 +158,7 @@ async function main() {
     if (problems.length) fail(`${problems.length} problem(s): ${problems.join(' | ')}`);
     console.log(`PASS: the demo in Chromium (${elapsed()}s)`);
   } catch (err) {
-    const lines = err.message.replace(/\x1b\[[0-9;]*m/g, '').split('\n');
-    console.error(`FAIL at step "${step}": ${lines[0]}`);
-    if (page) {
-      try {
-        const msgs = await page.$$eval('#messages .msg', (els) => els.map((e) => e.textContent.trim()));
-        console.error(`  messages: ${JSON.stringify(msgs)}`);
-        await page.screenshot({ path: `${DIR}/demo-failed.png` });
-      } catch { /* page gone */ }
-    }
-    for (const p of problems) console.error(`  ${p}`);
+    await reportFailure(step, err, page ? { demo: page } : {}, problems, () => `${DIR}/demo-failed.png`);
     process.exitCode = 1;
   } finally {
     await browser.close();

@@ -241,3 +241,22 @@ export async function checkPlaceLabels() {
   }
   log(`placeLabels: 300 random scenes, ${placedTotal}/${total} labels placed (${shortTotal} by name only), none overlapping; ${crossings} over a ring`);
 }
+
+// Says where and why a walk failed: the step, the error's first line (and
+// what it was waiting for), each page's connection and messages (and a
+// screenshot of it, given a path), and the problems collected.
+export async function reportFailure(step, err, pages, problems, shotOf = () => null) {
+  const lines = err.message.replace(/\x1b\[[0-9;]*m/g, '').split('\n');
+  const waiting = lines.find((l) => /waiting for/.test(l));
+  console.error(`FAIL at step "${step}": ${lines[0]}${waiting ? `\n  ${waiting.trim()}` : ''}`);
+  for (const [who, page] of Object.entries(pages)) {
+    try {
+      const conn = await page.textContent('#conn-status', { timeout: 1000 });
+      const msgs = await page.$$eval('.msg', (els) => els.map((e) => e.textContent.trim()));
+      console.error(`  ${who}: connection "${conn}", messages: ${JSON.stringify(msgs)}`);
+      const shot = shotOf(who);
+      if (shot) await page.screenshot({ path: shot });
+    } catch { /* page gone */ }
+  }
+  for (const p of problems) console.error(`  ${p}`);
+}

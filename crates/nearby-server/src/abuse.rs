@@ -255,13 +255,7 @@ impl Guards {
         let b = map.entry(ip).or_insert_with(|| {
             TokenBucket::new(f64::from(per_hour) / 3600.0, (per_hour / 4).max(1), now_ms)
         });
-        match b.wait_ms(now_ms) {
-            0 => {
-                b.try_take(now_ms);
-                Ok(())
-            }
-            wait => Err(Duration::from_millis(wait as u64)),
-        }
+        take(b, now_ms)
     }
 
     /// A WebSocket ticket for `user`, or how long to wait. Each ticket is a
@@ -272,13 +266,7 @@ impl Guards {
         let b = map.entry(user).or_insert_with(|| {
             TokenBucket::new(f64::from(per_min) / 60.0, (per_min / 2).max(1), now_ms)
         });
-        match b.wait_ms(now_ms) {
-            0 => {
-                b.try_take(now_ms);
-                Ok(())
-            }
-            wait => Err(Duration::from_millis(wait as u64)),
-        }
+        take(b, now_ms)
     }
 
     /// A place for one more socket of `user`, or `None` at the cap.
@@ -324,6 +312,17 @@ impl Guards {
         let mut tickets = lock(&self.tickets);
         tickets.retain(|_, b| !b.is_full(now_ms));
         login + signups + tickets.len()
+    }
+}
+
+/// One token from `b`, or how long until there is one.
+fn take(b: &mut TokenBucket, now_ms: i64) -> Result<(), Duration> {
+    match b.wait_ms(now_ms) {
+        0 => {
+            b.try_take(now_ms);
+            Ok(())
+        }
+        wait => Err(Duration::from_millis(wait as u64)),
     }
 }
 

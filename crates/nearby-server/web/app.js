@@ -221,10 +221,10 @@ function checkAuthFields(signingUp) {
   const problems = {};
   if (!username) problems.username = 'Enter your username.';
   else if (signingUp && !/^[A-Za-z0-9_.-]{3,32}$/.test(username.normalize('NFKC'))) {
-    problems.username = 'Use 3 to 32 letters, digits, or _ - . characters.';
+    problems.username = SENTENCES.invalid_username;
   }
   if (!password) problems.password = 'Enter your password.';
-  else if (signingUp && (password.length < 8 || password.length > 128)) problems.password = 'Use 8 to 128 characters.';
+  else if (signingUp && (password.length < 8 || password.length > 128)) problems.password = SENTENCES.invalid_password;
   for (const field of ['username', 'password']) {
     const note = $(`#${field}-problem`);
     note.textContent = problems[field] ?? '';
