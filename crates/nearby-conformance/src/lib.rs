@@ -500,10 +500,27 @@ pub async fn user_store(store: &dyn UserStore, ns: &str) {
         store.delete_user(alice).await,
         Err(StoreError::NotFound(_))
     ));
-    store
+    let again = store
         .create_user(&name("alice"), "phc")
         .await
         .expect("the name is free again");
+    assert_ne!(again, alice, "a new account, a new id");
+
+    // Ids are never reused, even the highest one given (SQLite's plain
+    // rowid hands it out again): nothing keyed by a deleted account's id
+    // can surface under the next sign-up.
+    for round in 0..3 {
+        let last = store
+            .create_user(&name(&format!("last{round}")), "phc")
+            .await
+            .expect("create");
+        store.delete_user(last).await.expect("delete");
+        let next = store
+            .create_user(&name(&format!("next{round}")), "phc")
+            .await
+            .expect("create");
+        assert!(next.0 > last.0, "id {} given again as {}", last.0, next.0);
+    }
 }
 
 /// [`HistoryStore`]: batches land whole, ranges are half-open, ordered and

@@ -1,15 +1,18 @@
 //! The update interval the server suggests to a client.
 //!
 //! A phone spends battery on every report, and a report only matters to
-//! friends who can see it. [`Pace`] says *fast* while at least one of the
-//! user's viewers (the friends the user shares with) is active within the
-//! radius, and *slow* otherwise, or while the user is hidden (ghost mode).
+//! friends who can see it. [`Pace`] says *fast* while the user's session
+//! shows at least one friend the user shares with (a friend who shares
+//! back, active within the radius), and *slow* otherwise, or while the user
+//! is hidden (ghost mode).
 //!
-//! A viewer who also shares with the user is followed by the user's
-//! [`crate::session::Session`]: it is "active within the radius" exactly
-//! when the session shows them. A viewer who does not share back is not
-//! followed; the connection checks their cached positions now and then and
-//! reports the answer with [`Pace::set_remote_near`].
+//! **The privacy property.** The answer is a function of the user's own
+//! grants, the user's ghost mode and the set of friends the session shows
+//! the user, nothing else. So the interval tells the user nothing they are
+//! not already shown: it never depends on the position of anyone who does
+//! not share with them. A viewer who does not share back therefore never
+//! makes the pace fast, however near they are (an earlier rule did, and
+//! let a client locate such a friend by moving and watching its interval).
 //!
 //! Cheap on the hot path: [`Pace::may_change`] tells, from what a batch of
 //! events did, whether the answer can have changed at all (while slow, only
@@ -43,7 +46,6 @@ pub struct Pace {
     /// The friends the user shares with, sorted, each with when that
     /// sharing ends (`i64::MAX`: it does not).
     viewers: Vec<(UserId, i64)>,
-    remote_near: bool,
     hidden: bool,
     fast: bool,
 }
@@ -54,7 +56,6 @@ impl Pace {
         Self {
             cfg,
             viewers: Vec::new(),
-            remote_near: false,
             hidden: false,
             fast: false,
         }
@@ -81,23 +82,6 @@ impl Pace {
         self.viewers = v;
     }
 
-    /// The viewers the session does not follow (they do not share back).
-    pub fn unfollowed<'a>(
-        &'a self,
-        followed: impl Fn(UserId) -> bool + 'a,
-        now_ms: i64,
-    ) -> impl Iterator<Item = UserId> + 'a {
-        self.viewers
-            .iter()
-            .filter(move |(id, until)| now_ms < *until && !followed(*id))
-            .map(|(id, _)| *id)
-    }
-
-    /// Whether a viewer who is not followed is active within the radius.
-    pub fn set_remote_near(&mut self, near: bool) {
-        self.remote_near = near;
-    }
-
     /// Whether the user is hidden from everyone (ghost mode).
     pub fn set_hidden(&mut self, hidden: bool) {
         self.hidden = hidden;
@@ -121,10 +105,11 @@ impl Pace {
         }
     }
 
-    /// Decides again from the friends the session shows now. Returns the
-    /// new interval if it changed.
+    /// Decides again from the friends the session shows now (the only
+    /// input about other people's positions). Returns the new interval if
+    /// it changed.
     pub fn decide(&mut self, mut shown: impl Iterator<Item = UserId>, now_ms: i64) -> Option<u32> {
-        let fast = !self.hidden && (self.remote_near || shown.any(|id| self.is_viewer(id, now_ms)));
+        let fast = !self.hidden && shown.any(|id| self.is_viewer(id, now_ms));
         (std::mem::replace(&mut self.fast, fast) != fast).then(|| self.interval_ms())
     }
 }
@@ -157,12 +142,8 @@ mod tests {
         // A grant that ended no longer counts.
         assert_eq!(p.decide([UserId(3)].into_iter(), 50), Some(5));
         assert_eq!(p.decide([UserId(3)].into_iter(), 100), Some(60));
-        // A viewer the session does not follow, near.
-        p.set_remote_near(true);
-        assert_eq!(p.decide(std::iter::empty(), 0), Some(5));
-        let followed = |id: UserId| id == UserId(2);
-        assert_eq!(p.unfollowed(followed, 0).collect::<Vec<_>>(), [UserId(3)]);
-        assert_eq!(p.unfollowed(followed, 100).count(), 0);
+        // Nobody shown: slow, whoever else exists.
+        assert_eq!(p.decide(std::iter::empty(), 0), None);
     }
 
     #[test]
@@ -177,19 +158,17 @@ mod tests {
 
     proptest! {
         /// Whatever the sequence, the answer is exactly "not hidden, and a
-        /// viewer is shown or near elsewhere", and `decide` reports each
-        /// change once.
+        /// viewer is shown", and `decide` reports each change once.
         #[test]
         fn decide_matches_the_rule(steps in proptest::collection::vec(
-            (proptest::collection::vec(0i64..6, 0..4), any::<bool>(), any::<bool>()), 0..30)
+            (proptest::collection::vec(0i64..6, 0..4), any::<bool>()), 0..30)
         ) {
             let mut p = pace();
             let mut last = p.interval_ms();
-            for (shown, hidden, remote) in steps {
+            for (shown, hidden) in steps {
                 p.set_hidden(hidden);
-                p.set_remote_near(remote);
                 let changed = p.decide(shown.iter().map(|i| UserId(*i)), 0);
-                let want_fast = !hidden && (remote || shown.iter().any(|i| *i == 2 || *i == 3));
+                let want_fast = !hidden && shown.iter().any(|i| *i == 2 || *i == 3);
                 let want = if want_fast { 5 } else { 60 };
                 prop_assert_eq!(p.interval_ms(), want);
                 prop_assert_eq!(changed, (want != last).then_some(want));

@@ -12,9 +12,18 @@
 //! stranger down below their cell, which rounded or noisy distances did
 //! not (trilateration).
 //!
+//! **Relations change nothing here.** Who is shown, and under which alias,
+//! depends on the strangers' own notices, the viewer's cell, the time and
+//! the cap, never on the viewer's friends or requests: a friend who is
+//! discoverable is shown like anyone else. Hiding relations let a viewer
+//! name the account behind an alias (send a request: the alias that
+//! vanishes was that user; cancel it: the alias comes back), and any rule
+//! that hides on a relation the viewer can make or unmake alone leaks the
+//! same way.
+//!
 //! The table is a pure state machine like [`crate::session::Session`]: it
-//! takes "I settled in a cell", "a notice arrived", "time passed", "these
-//! users are related to me", and returns what to show. Aliases are the
+//! takes "I settled in a cell", "a notice arrived", "time passed", and
+//! returns what to show. Aliases are the
 //! caller's: an event names the stranger's user id and the day its alias
 //! belongs to, and the caller turns both into an id that is never the user
 //! id. The table shows at most `cap` strangers: once full, newcomers are
@@ -138,9 +147,6 @@ pub struct Strangers {
     home: Option<GeoCell>,
     listening: Vec<GeoCell>,
     shown: Vec<Shown>,
-    /// Users never shown as strangers (friends and pending requests, either
-    /// way), sorted.
-    related: Vec<UserId>,
 }
 
 impl Strangers {
@@ -154,7 +160,6 @@ impl Strangers {
             home: None,
             listening: Vec::new(),
             shown: Vec::new(),
-            related: Vec::new(),
         }
     }
 
@@ -244,7 +249,7 @@ impl Strangers {
         now_ms: i64,
     ) -> Option<StrangerEvent> {
         let home = self.home?;
-        if user == self.me || self.related.binary_search(&user).is_ok() {
+        if user == self.me {
             return None;
         }
         let cell = cell
@@ -325,24 +330,6 @@ impl Strangers {
                     .min((s.day + 1).saturating_mul(DAY_MS))
             })
             .min()
-    }
-
-    /// The users never shown as strangers (the user's relations, read from
-    /// the store): those shown leave.
-    pub fn set_related(&mut self, mut related: Vec<UserId>) -> Vec<StrangerEvent> {
-        related.sort_unstable();
-        related.dedup();
-        self.related = related;
-        let related = &self.related;
-        let mut events = Vec::new();
-        self.shown.retain(|s| {
-            let keep = related.binary_search(&s.user).is_err();
-            if !keep {
-                events.push(left(*s));
-            }
-            keep
-        });
-        events
     }
 
     /// Keeps only the strangers in `discoverable` (read from the store):
@@ -439,15 +426,12 @@ mod tests {
     }
 
     #[test]
-    fn older_notices_friends_and_self_are_ignored() {
+    fn older_notices_and_self_are_ignored() {
         let here = at(48.85, 2.35);
         let mut t = settled(here);
         assert!(t.on_notice(UserId(2), cell(here), 10, 0).is_some());
         assert_eq!(t.on_notice(UserId(2), None, 9, 0), None, "older");
         assert_eq!(t.on_notice(ME, cell(here), 1, 0), None);
-        let events = t.set_related(vec![UserId(2)]);
-        assert_eq!(events.len(), 1);
-        assert_eq!(t.on_notice(UserId(2), cell(here), 11, 0), None);
     }
 
     #[test]

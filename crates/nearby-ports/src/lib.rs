@@ -243,6 +243,15 @@ enum Control {
 /// (`FriendVisible`) is always delivered as such a re-read request: a grant
 /// is confirmed from the store anyway, and requests coalesce, so a flood of
 /// grants takes one slot.
+///
+/// **The last change wins.** A re-read request coalesces only with one at
+/// the *back* of the control queue, never with one queued before a
+/// revocation, and every revocation (`FriendHidden`) is followed by a
+/// re-read: so whatever order grants and revocations arrive in (two nodes
+/// may publish them in either order), the last thing a session does about
+/// them is read the store, after every revocation was applied. Coalescing
+/// a grant into an earlier pending re-read let a quick off/on leave the
+/// friend hidden while the store said shared.
 #[derive(Debug, Clone)]
 pub struct Subscriber {
     id: u64,
@@ -258,7 +267,6 @@ pub struct Subscriber {
 struct Shared {
     overflowed: AtomicBool,
     gate: StrangerGate,
-    resync_pending: AtomicBool,
     /// The mailbox was dropped: the session is gone.
     closed: AtomicBool,
     capacity: usize,
@@ -385,7 +393,6 @@ impl Subscriber {
         let shared = Arc::new(Shared {
             overflowed: AtomicBool::new(false),
             gate: StrangerGate::default(),
-            resync_pending: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             capacity: capacity.max(1),
             queues: Mutex::default(),
@@ -451,19 +458,19 @@ impl Subscriber {
                 }
                 self.send_location(msg, arrived)
             }
-            BusMessage::FriendVisible { .. } => self.resync(),
-            _ => self.send_control(Control::Message(msg)),
+            BusMessage::FriendVisible { .. } => self.send_control(None),
+            // A revocation is applied at once, then confirmed by a re-read
+            // queued behind it (see `send_control`).
+            _ => self.send_control(Some(msg)),
         }
     }
 
     /// Asks the session to re-read its friends and token from the user
-    /// store (the bus may have lost messages). Requests coalesce: at most
-    /// one is pending per session. Returns false if it overflowed.
+    /// store (the bus may have lost messages). Requests coalesce with one
+    /// still waiting at the back of the queue. Returns false if it
+    /// overflowed.
     pub fn resync(&self) -> bool {
-        if self.shared.resync_pending.swap(true, Ordering::AcqRel) {
-            return true;
-        }
-        self.send_control(Control::Resync)
+        self.send_control(None)
     }
 
     /// Queues `msg`, a move of `user` (or a stranger notice), in place of
@@ -510,50 +517,64 @@ impl Subscriber {
         queued
     }
 
-    fn send_control(&self, c: Control) -> bool {
+    /// Queues `msg` (`None`: a re-read request), and after a revocation a
+    /// re-read; a re-read already at the back of the queue takes the new
+    /// request.
+    fn send_control(&self, msg: Option<BusMessage>) -> bool {
         if self.shared.closed.load(Ordering::Acquire) {
             return false; // the session is gone
         }
+        let reread = matches!(msg, None | Some(BusMessage::FriendHidden { .. }));
         let queued = {
             let mut q = self.shared.queues();
-            if q.control.len() < CONTROL_QUEUE {
-                q.control.push_back(c);
-                true
-            } else {
-                self.shared.overflowed.store(true, Ordering::Release);
-                false
+            let mut ok = true;
+            if let Some(m) = msg {
+                ok = push_control(&mut q.control, Control::Message(m));
             }
+            if ok && reread && !matches!(q.control.back(), Some(Control::Resync)) {
+                ok = push_control(&mut q.control, Control::Resync);
+            }
+            if !ok {
+                self.shared.overflowed.store(true, Ordering::Release);
+            }
+            ok
         };
         self.shared.waker.wake();
         queued
     }
 }
 
-impl Mailbox {
-    fn open(&self, c: Control) -> Mail {
-        match c {
-            Control::Message(m) => Mail::Message(m),
-            Control::Resync => {
-                // Cleared before the session reads the store: a request made
-                // during the read queues another.
-                self.shared.resync_pending.store(false, Ordering::Release);
-                Mail::Resync
-            }
-        }
+/// Queues `c` if the control queue has room.
+fn push_control(q: &mut VecDeque<Control>, c: Control) -> bool {
+    let room = q.len() < CONTROL_QUEUE;
+    if room {
+        q.push_back(c);
     }
+    room
+}
 
+impl Mailbox {
     /// An overflow first (as a re-read request: the flag is cleared before
     /// the session reads the store, so an overflow during the read asks
-    /// again), then the oldest control message, then the oldest location
-    /// update.
+    /// again; and a second re-read goes behind the control messages still
+    /// queued, so the last word is the store's), then the oldest control
+    /// message, then the oldest location update.
     fn next(&mut self) -> Option<Mail> {
         if self.shared.overflowed.swap(false, Ordering::AcqRel) {
+            let mut q = self.shared.queues();
+            if !q.control.is_empty() && !matches!(q.control.back(), Some(Control::Resync)) {
+                // Room was made by the overflow's own drop: at most one over.
+                q.control.push_back(Control::Resync);
+            }
             return Some(Mail::Resync);
         }
         let mut q = self.shared.queues();
         if let Some(c) = pop_front_releasing(&mut q.control) {
             drop(q);
-            return Some(self.open(c));
+            return Some(match c {
+                Control::Message(m) => Mail::Message(m),
+                Control::Resync => Mail::Resync,
+            });
         }
         let (msg, at) = pop_front_releasing(&mut q.locations)?;
         drop(q);
@@ -613,20 +634,27 @@ mod mailbox_tests {
         assert!(!sub.deliver(loc(3)), "the location queue is full");
         assert!(sub.deliver(HIDDEN), "control has its own queue");
         assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
+        assert_eq!(mb.try_recv(), Some(Mail::Resync));
         assert_eq!(mb.try_recv(), Some(Mail::Message(loc(1))));
         assert_eq!(mb.try_recv(), Some(Mail::Message(loc(2))));
         assert_eq!(mb.try_recv(), None);
     }
 
+    const CHANGED: BusMessage = BusMessage::FriendsChanged { friend: UserId(7) };
+
     #[test]
-    fn a_full_control_queue_asks_for_a_re_read_first() {
+    fn a_full_control_queue_asks_for_a_re_read_first_and_last() {
         let (sub, mut mb) = Subscriber::new(1);
         for _ in 0..CONTROL_QUEUE {
-            assert!(sub.deliver(HIDDEN));
+            assert!(sub.deliver(CHANGED));
         }
-        assert!(!sub.deliver(HIDDEN));
+        assert!(!sub.deliver(CHANGED));
         assert_eq!(mb.try_recv(), Some(Mail::Resync), "before the queued ones");
-        assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
+        for _ in 0..CONTROL_QUEUE {
+            assert_eq!(mb.try_recv(), Some(Mail::Message(CHANGED)));
+        }
+        assert_eq!(mb.try_recv(), Some(Mail::Resync), "and after them");
+        assert_eq!(mb.try_recv(), None);
     }
 
     #[test]
@@ -639,7 +667,40 @@ mod mailbox_tests {
         assert!(sub.deliver(HIDDEN));
         assert_eq!(mb.try_recv(), Some(Mail::Resync));
         assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
+        assert_eq!(mb.try_recv(), Some(Mail::Resync), "a revocation is re-read");
         assert_eq!(mb.try_recv(), None);
+    }
+
+    /// Off/on/off/on… in any order: whatever arrives, the last mail is a
+    /// re-read that comes after every revocation (the sharing race: a grant
+    /// coalesced into a re-read queued before a revocation was lost).
+    #[test]
+    fn the_last_word_on_grants_and_revocations_is_a_re_read() {
+        let grant = BusMessage::FriendVisible { friend: UserId(7) };
+        for pattern in 0u32..256 {
+            let (sub, mut mb) = Subscriber::new(1);
+            for bit in 0..8 {
+                assert!(sub.deliver(if pattern >> bit & 1 == 1 {
+                    grant
+                } else {
+                    HIDDEN
+                }));
+            }
+            let mut mails = Vec::new();
+            while let Some(m) = mb.try_recv() {
+                mails.push(m);
+            }
+            let last_hidden = mails.iter().rposition(|m| *m == Mail::Message(HIDDEN));
+            let last_reread = mails.iter().rposition(|m| *m == Mail::Resync);
+            assert!(last_reread.is_some(), "{pattern:08b}: {mails:?}");
+            assert!(last_hidden < last_reread, "{pattern:08b}: {mails:?}");
+            assert!(
+                mails
+                    .windows(2)
+                    .all(|w| w[0] != Mail::Resync || w[1] != Mail::Resync),
+                "re-reads side by side coalesce: {mails:?}"
+            );
+        }
     }
 
     #[test]
@@ -695,10 +756,10 @@ mod mailbox_tests {
         assert_eq!(mb.try_recv(), Some(Mail::Message(moved(2, 10))));
         assert_eq!(mb.try_recv(), None);
         // Control messages are never conflated.
-        assert!(sub.deliver(HIDDEN));
-        assert!(sub.deliver(HIDDEN));
-        assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
-        assert_eq!(mb.try_recv(), Some(Mail::Message(HIDDEN)));
+        assert!(sub.deliver(CHANGED));
+        assert!(sub.deliver(CHANGED));
+        assert_eq!(mb.try_recv(), Some(Mail::Message(CHANGED)));
+        assert_eq!(mb.try_recv(), Some(Mail::Message(CHANGED)));
     }
 
     #[test]

@@ -119,6 +119,7 @@ pub struct Guards {
     signups: Mutex<HashMap<IpAddr, TokenBucket>>,
     users: Mutex<HashMap<UserId, UserSlot>>,
     tickets: Mutex<HashMap<UserId, TokenBucket>>,
+    changes: Mutex<HashMap<UserId, TokenBucket>>,
 }
 
 impl Guards {
@@ -130,6 +131,7 @@ impl Guards {
             signups: Mutex::default(),
             users: Mutex::default(),
             tickets: Mutex::default(),
+            changes: Mutex::default(),
         })
     }
 
@@ -261,12 +263,15 @@ impl Guards {
     /// A WebSocket ticket for `user`, or how long to wait. Each ticket is a
     /// store write, so a token cannot be used to flood the store.
     pub fn ticket(&self, user: UserId, now_ms: i64) -> Result<(), Duration> {
-        let per_min = self.cfg.ws_tickets_per_min;
-        let mut map = lock(&self.tickets);
-        let b = map.entry(user).or_insert_with(|| {
-            TokenBucket::new(f64::from(per_min) / 60.0, (per_min / 2).max(1), now_ms)
-        });
-        take(b, now_ms)
+        per_user(&self.tickets, self.cfg.ws_tickets_per_min, user, now_ms)
+    }
+
+    /// A state change by `user` (a friend request or removal, sharing,
+    /// ghost mode, discoverable, a history delete), or how long to wait:
+    /// each is a store write and pushes frames to other people, so a
+    /// flood of toggles costs every viewer a bounded number of frames.
+    pub fn change(&self, user: UserId, now_ms: i64) -> Result<(), Duration> {
+        per_user(&self.changes, self.cfg.changes_per_min, user, now_ms)
     }
 
     /// A place for one more socket of `user`, or `None` at the cap.
@@ -309,10 +314,28 @@ impl Guards {
         let mut signups = lock(&self.signups);
         signups.retain(|_, b| !b.is_full(now_ms));
         let signups = signups.len();
-        let mut tickets = lock(&self.tickets);
-        tickets.retain(|_, b| !b.is_full(now_ms));
-        login + signups + tickets.len()
+        let mut per_user = 0;
+        for book in [&self.tickets, &self.changes] {
+            let mut book = lock(book);
+            book.retain(|_, b| !b.is_full(now_ms));
+            per_user += book.len();
+        }
+        login + signups + per_user
     }
+}
+
+/// One token from `user`'s bucket in `book` (`per_min`, burst half of it).
+fn per_user(
+    book: &Mutex<HashMap<UserId, TokenBucket>>,
+    per_min: u32,
+    user: UserId,
+    now_ms: i64,
+) -> Result<(), Duration> {
+    let mut map = lock(book);
+    let b = map.entry(user).or_insert_with(|| {
+        TokenBucket::new(f64::from(per_min) / 60.0, (per_min / 2).max(1), now_ms)
+    });
+    take(b, now_ms)
 }
 
 /// One token from `b`, or how long until there is one.

@@ -123,6 +123,11 @@ pub struct ServerConfig {
     /// WebSocket tickets (`POST /v1/ws-ticket`) per minute per user
     /// (default 60, burst half of it): each is a store write.
     pub ws_tickets_per_min: u32,
+    /// State changes per minute per user (default 60, burst half of it):
+    /// friend requests and removals, sharing, ghost mode, discoverable
+    /// (REST and the WebSocket frame), history deletes. Each is a store
+    /// write and pushes frames to other people.
+    pub changes_per_min: u32,
     /// `SO_SNDBUF` of accepted sockets, bytes (default 0: the kernel's
     /// autotuning, which lets a client that stops reading hold megabytes).
     pub socket_send_buffer: usize,
@@ -173,6 +178,7 @@ impl Default for ServerConfig {
             login_account_failures_per_hour: 100,
             signups_per_ip_per_hour: 20,
             ws_tickets_per_min: 60,
+            changes_per_min: 60,
             socket_send_buffer: 0,
             limit_loopback: false,
         }
@@ -376,8 +382,9 @@ impl ServerConfig {
             self.login_ip_failures_per_min >= 1
                 && self.login_account_failures_per_hour >= 1
                 && self.signups_per_ip_per_hour >= 1
-                && self.ws_tickets_per_min >= 1,
-            "login_ip_failures_per_min, login_account_failures_per_hour, signups_per_ip_per_hour, ws_tickets_per_min",
+                && self.ws_tickets_per_min >= 1
+                && self.changes_per_min >= 1,
+            "login_ip_failures_per_min, login_account_failures_per_hour, signups_per_ip_per_hour, ws_tickets_per_min, changes_per_min",
             "0",
             "at least 1",
         )?;

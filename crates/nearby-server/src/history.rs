@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nearby_core::UserId;
 use nearby_ports::{HistoryEntry, HistoryStore};
 use tokio::sync::Notify;
 
@@ -27,7 +28,21 @@ pub struct HistoryQueue {
     closed: AtomicBool,
     dropped: AtomicU64,
     written: AtomicU64,
+    /// Batches taken by the writer, and those it finished with (written,
+    /// or given up at shutdown): [`HistoryQueue::forget`] waits for the
+    /// batch in flight.
+    taken: AtomicU64,
+    settled: AtomicU64,
+    settle: Notify,
+    /// Accounts deleted lately on this node, whose points are refused
+    /// (a session may report between the delete and its close).
+    forgotten: Mutex<Vec<(UserId, std::time::Instant)>>,
+    any_forgotten: AtomicBool,
 }
+
+/// How long a deleted account's points are refused by [`HistoryQueue::push`]:
+/// far longer than its sessions take to learn of the deletion.
+const FORGET_FOR: Duration = Duration::from_secs(120);
 
 impl HistoryQueue {
     /// Creates the queue and spawns its writer over `store`.
@@ -48,6 +63,11 @@ impl HistoryQueue {
             closed: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
+            settled: AtomicU64::new(0),
+            settle: Notify::new(),
+            forgotten: Mutex::new(Vec::new()),
+            any_forgotten: AtomicBool::new(false),
         });
         tokio::spawn(write_loop(q.clone(), store, metrics));
         q
@@ -55,6 +75,9 @@ impl HistoryQueue {
 
     /// Queues one entry; never waits. Drops the oldest entry if full.
     pub fn push(&self, entry: HistoryEntry) {
+        if self.any_forgotten.load(Ordering::Acquire) && self.is_forgotten(entry.user) {
+            return;
+        }
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         if q.len() >= self.capacity {
             q.pop_front();
@@ -63,6 +86,43 @@ impl HistoryQueue {
         q.push_back(entry);
         drop(q);
         self.wake.notify_one();
+    }
+
+    fn is_forgotten(&self, user: UserId) -> bool {
+        let mut f = self.forgotten.lock().unwrap_or_else(|e| e.into_inner());
+        f.retain(|(_, at)| at.elapsed() < FORGET_FOR);
+        self.any_forgotten.store(!f.is_empty(), Ordering::Release);
+        f.iter().any(|(u, _)| *u == user)
+    }
+
+    /// An account was deleted: from now on (for [`FORGET_FOR`]) its points
+    /// are refused, whichever session of this node still reports them.
+    pub fn refuse(&self, user: UserId) {
+        let mut f = self.forgotten.lock().unwrap_or_else(|e| e.into_inner());
+        f.push((user, std::time::Instant::now()));
+        self.any_forgotten.store(true, Ordering::Release);
+    }
+
+    /// `user`'s queued points go, and this waits (up to `wait`) for the
+    /// batch the writer holds to land, so that a delete of the user's
+    /// history made after this returns leaves nothing of this node's behind.
+    /// Returns whether the writer settled in time.
+    pub async fn discard(&self, user: UserId, wait: Duration) -> bool {
+        let target = {
+            let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.retain(|e| e.user != user);
+            self.taken.load(Ordering::Acquire)
+        };
+        let settled = async {
+            loop {
+                let notified = self.settle.notified();
+                if self.settled.load(Ordering::Acquire) >= target {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(wait, settled).await.is_ok()
     }
 
     /// Entries waiting.
@@ -96,6 +156,11 @@ impl HistoryQueue {
     fn take_batch(&self) -> Vec<HistoryEntry> {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         let n = q.len().min(self.batch);
+        if n > 0 {
+            // Under the queue's lock: `forget` sees the batch as taken or
+            // still queued, never neither.
+            self.taken.fetch_add(1, Ordering::AcqRel);
+        }
         q.drain(..n).collect()
     }
 }
@@ -139,5 +204,7 @@ async fn write_loop(q: Arc<HistoryQueue>, store: Arc<dyn HistoryStore>, metrics:
                 }
             }
         }
+        q.settled.fetch_add(1, Ordering::AcqRel);
+        q.settle.notify_waiters();
     }
 }

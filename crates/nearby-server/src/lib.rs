@@ -61,6 +61,14 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Most request headers accepted.
 pub const MAX_HEADERS: usize = 64;
 
+/// Most request headers the HTTP layer parses (above it, hyper answers an
+/// empty 431 before the request reaches [`guard`]); well above
+/// [`MAX_HEADERS`], so a client with too many is told so in JSON. The other
+/// limits of the HTTP layer itself, which answer with an empty body: a
+/// request target over 65 534 bytes (414) and a head over about 400 KiB
+/// (431); `docs/protocol.md` says so.
+pub const HTTP_MAX_HEADERS: usize = 512;
+
 /// Refuses oversized request heads with a JSON body (414, 431), and gives
 /// every request `request_timeout` to be answered, body read included
 /// (408 otherwise), so a slow body cannot hold a connection.

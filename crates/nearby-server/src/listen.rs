@@ -400,7 +400,11 @@ pub async fn accept_loop(
             } else {
                 header_timeout
             })
-            .keep_alive(!reserved);
+            .keep_alive(!reserved)
+            // Past hyper's default of 100 headers it answers 431 itself,
+            // with an empty body: parse up to this many, so that our own
+            // limit (`MAX_HEADERS`, answered in JSON) is the one met.
+            .max_headers(crate::HTTP_MAX_HEADERS);
         let stop = shutdown.clone();
         conns.spawn(async move {
             let conn = http.serve_connection(io, service).with_upgrades();

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
@@ -28,19 +28,61 @@ use crate::state::{now_ms, AppState};
 
 type St = State<Arc<AppState>>;
 
-/// A JSON body whose rejections are [`ApiError`]s with JSON bodies, not
-/// axum's plain-text ones.
+/// A JSON object body whose rejections are [`ApiError`]s with JSON bodies,
+/// not axum's plain-text ones. Only an object is taken (serde would read a
+/// struct from an array too, `["name", "pw"]`); a call without a body needs
+/// no `Content-Type` and is answered `400 bad_json`, one with a body must
+/// say it is JSON (`415` otherwise).
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Self(v)),
-            Err(rej) => Err(json_rejection(rej)),
+        let json_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .map(|v| is_json_type(v.to_str().unwrap_or_default()));
+        let bytes = match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(rej) if rej.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::new(rej.status(), "too_large", rej.body_text()))
+            }
+            Err(rej) => return Err(ApiError::bad_request("bad_json", rej.body_text())),
+        };
+        let body = bytes.trim_ascii_start();
+        if body.is_empty() {
+            return Err(ApiError::bad_request(
+                "bad_json",
+                "this call needs a JSON object body",
+            ));
         }
+        if json_type != Some(true) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body with `Content-Type: application/json`",
+            ));
+        }
+        if body.first() != Some(&b'{') {
+            return Err(ApiError::bad_request(
+                "bad_json",
+                "the body must be a JSON object",
+            ));
+        }
+        serde_json::from_slice(body)
+            .map(Self)
+            .map_err(|e| ApiError::bad_request("bad_json", format!("bad JSON body: {e}")))
     }
+}
+
+/// `application/json`, or `application/<anything>+json`, with any
+/// parameters.
+fn is_json_type(value: &str) -> bool {
+    let essence = value.split(';').next().unwrap_or_default().trim();
+    let essence = essence.to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 /// One path parameter, whose rejection (percent-encoding that does not
@@ -59,20 +101,6 @@ impl<S: Send + Sync> FromRequestParts<S> for PathParam {
             )),
         }
     }
-}
-
-fn json_rejection(rej: JsonRejection) -> ApiError {
-    let code = match rej.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        _ => "bad_json",
-    };
-    let status = if code == "bad_json" {
-        StatusCode::BAD_REQUEST
-    } else {
-        rej.status()
-    };
-    ApiError::new(status, code, rej.body_text())
 }
 
 /// `GET /healthz`: the process is up.
@@ -338,6 +366,8 @@ pub async fn delete_me(
     }
     let b = &st.backends;
     let others = b.users.delete_user(me.id).await?;
+    // From here this node keeps no new point of the account's.
+    st.history.refuse(me.id);
     if let Err(e) = b.cache.remove(me.id).await {
         tracing::warn!(user = %me.id, error = %e, "could not remove a deleted user's position");
     }
@@ -495,6 +525,7 @@ pub async fn request_friend(
     PathParam(raw): PathParam,
 ) -> ApiResult<Json<serde_json::Value>> {
     let other = other_user(&raw, me)?;
+    limit_change(&st, me.id)?;
     let before = st
         .backends
         .users
@@ -530,6 +561,7 @@ pub async fn remove_friend(
     PathParam(raw): PathParam,
 ) -> ApiResult<StatusCode> {
     let other = other_user(&raw, me)?;
+    limit_change(&st, me.id)?;
     match st.backends.users.remove_friend(me.id, other).await? {
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -577,6 +609,7 @@ pub async fn set_sharing(
     JsonBody(body): JsonBody<SharingUpdate>,
 ) -> ApiResult<Json<serde_json::Value>> {
     let other = other_user(&raw, me)?;
+    limit_change(&st, me.id)?;
     let now = now_ms();
     check_until(body.until, now)?;
     if body.until.is_some() && !body.enabled {
@@ -687,6 +720,7 @@ pub async fn start_ghost(
     JsonBody(body): JsonBody<GhostUpdate>,
 ) -> ApiResult<Json<GhostState>> {
     check_until(body.until, now_ms())?;
+    limit_change(&st, me.id)?;
     let until = body.until.unwrap_or(nearby_ports::GHOST_FOREVER);
     let users = &st.backends.users;
     users.set_ghost(me.id, Some(until)).await?;
@@ -711,6 +745,7 @@ pub async fn start_ghost(
 
 /// `DELETE /v1/me/ghost`: be seen again (from the next position sent).
 pub async fn end_ghost(State(st): St, me: AuthUser) -> ApiResult<StatusCode> {
+    limit_change(&st, me.id)?;
     st.backends.users.set_ghost(me.id, None).await?;
     announce_shown(&st, me.id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -860,23 +895,44 @@ pub async fn history(
         .into_response())
 }
 
-/// History may still be in the write queue when it is deleted: the delete
-/// runs again once that queue has been flushed.
+/// Another node's history queue may still hold points when they are
+/// deleted (this node's is emptied first): the delete runs again once such
+/// a queue has been flushed.
 const HISTORY_REDELETE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How long a history delete waits for this node's writer to land the batch
+/// it holds (it may be retrying against a store that is down).
+const HISTORY_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Spends one of `me`'s state changes (`--changes-per-min`), or answers
+/// `429 too_many_changes` with `Retry-After`.
+pub(crate) fn limit_change(st: &AppState, me: UserId) -> ApiResult<()> {
+    st.guards.change(me, now_ms()).map_err(|wait| {
+        ApiError::too_many(
+            "too_many_changes",
+            "too many changes (friends, sharing, ghost mode, discoverable) in a short time; wait a little",
+            wait,
+        )
+    })
+}
 
 /// `DELETE /v1/me/history`: deletes all of the caller's history.
 pub async fn delete_history(State(st): St, me: AuthUser) -> ApiResult<Json<serde_json::Value>> {
+    limit_change(&st, me.id)?;
     let deleted = delete_history_twice(&st, me.id).await?;
     Ok(Json(serde_json::json!({ "deleted": deleted })))
 }
 
-/// Deletes `user`'s history now (how many points), and again after
-/// [`HISTORY_REDELETE`]: points the history writer still held are written
-/// after the first delete.
+/// Deletes `user`'s history now (how many points), after this node's queued
+/// points are dropped and its writer's batch in flight has landed; and
+/// again after [`HISTORY_REDELETE`], for points still queued on other nodes.
 async fn delete_history_twice(
     st: &Arc<AppState>,
     user: UserId,
 ) -> Result<u64, nearby_ports::StoreError> {
+    if !st.history.discard(user, HISTORY_SETTLE).await {
+        tracing::warn!(%user, "the history writer is stuck; the second delete will follow");
+    }
     let later = st.clone();
     tokio::spawn(async move {
         tokio::time::sleep(HISTORY_REDELETE).await;

@@ -84,6 +84,7 @@ pub(crate) async fn set_discoverable(
     } else {
         None
     };
+    crate::rest::limit_change(st, me)?;
     st.backends.users.set_discoverable(me, until).await?;
     crate::rest::announce(st, &[(me, BusMessage::FriendVisible { friend: me })]).await;
     Ok(state_of(until))

@@ -202,7 +202,6 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
             pace.set_viewers(crate::rest::viewers_in(&list, now));
             pace.set_hidden(ghost_until.is_some_and(|u| now < u));
             pace.decide(session.shown(), now);
-            let related: Vec<UserId> = list.iter().map(|f| f.id).collect();
             let discovery = discovery::Discovery::new(user, &st.cfg, discoverable_until);
             let frame = ServerFrame::Snapshot {
                 friends: snapshot.into_iter().map(Into::into).collect(),
@@ -232,7 +231,6 @@ async fn run(st: Arc<AppState>, me: AuthUser, slot: SocketSlot, mut socket: WebS
                 discovery,
             };
             conn.sub.subscriber().limit_strangers(st.cfg.stranger_cap);
-            conn.set_related(related);
             conn.sync_discovery(now).await;
             conn
         }
@@ -717,26 +715,6 @@ impl Conn {
         }
     }
 
-    /// Whether a viewer this session does not follow (they see the user,
-    /// the user does not see them) is active within the radius: read from
-    /// the location cache, as the session has no feed of them.
-    async fn viewers_elsewhere_near(&self, now: i64) -> StoreResult<bool> {
-        let session = &self.session;
-        let unfollowed: Vec<UserId> = self.pace.unfollowed(|id| session.tracks(id), now).collect();
-        let Some(own) = session.own_location() else {
-            return Ok(false);
-        };
-        if unfollowed.is_empty() {
-            return Ok(false);
-        }
-        let cfg = self.st.cfg.session();
-        let locs = self.st.backends.cache.get_many(&unfollowed).await?;
-        Ok(locs.into_iter().flatten().any(|l| {
-            now.saturating_sub(l.ts_ms) < cfg.ttl_ms
-                && own.point.distance_m(l.point) <= cfg.radius_m
-        }))
-    }
-
     /// Friends whose sharing with this user ran out leave as `unshared`,
     /// their channels are dropped, and their rows are pushed again (they
     /// no longer share): no message is needed, every node does this alone.
@@ -760,7 +738,6 @@ impl Conn {
         match self.st.backends.users.friends(me).await {
             Ok(list) => {
                 let now = now_ms();
-                self.set_related(list.iter().map(|f| f.id).collect());
                 // What the user shares may have changed too.
                 self.pace.set_viewers(crate::rest::viewers_in(&list, now));
                 self.decide_pace();
@@ -875,12 +852,6 @@ impl Conn {
                 self.apply_visible(visible).await;
                 let now = now_ms();
                 self.pace.set_hidden(ghost.is_some_and(|u| now < u));
-                match self.viewers_elsewhere_near(now).await {
-                    Ok(near) => self.pace.set_remote_near(near),
-                    Err(e) => {
-                        tracing::debug!(user = %me, error = %e, "reading viewers' positions failed")
-                    }
-                }
                 self.decide_pace();
                 self.discovery.until = discoverable;
                 self.sync_discovery(now).await;

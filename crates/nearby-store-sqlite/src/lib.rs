@@ -64,19 +64,51 @@ async fn migrate(pool: &SqlitePool, migrations: &[&str]) -> Result<(), StoreErro
         .await
         .map_err(backend)?;
     for (i, script) in migrations.iter().enumerate().skip(version.max(0) as usize) {
+        // A script that rebuilds a parent table runs with foreign keys off
+        // (a pragma that only takes effect outside a transaction, on the
+        // pool's one writer connection) and checks them before committing.
+        let fk_off = script.starts_with(FOREIGN_KEYS_OFF);
+        if fk_off {
+            sqlx::raw_sql("PRAGMA foreign_keys = OFF")
+                .execute(pool)
+                .await
+                .map_err(backend)?;
+        }
         let mut tx = pool.begin().await.map_err(backend)?;
         sqlx::raw_sql(script)
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
+        if fk_off {
+            let broken = sqlx::query("PRAGMA foreign_key_check")
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(backend)?;
+            if !broken.is_empty() {
+                return Err(StoreError::Invalid(format!(
+                    "migration {} would break {} foreign key(s)",
+                    i + 1,
+                    broken.len()
+                )));
+            }
+        }
         sqlx::raw_sql(&format!("PRAGMA user_version = {}", i + 1))
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
         tx.commit().await.map_err(backend)?;
+        if fk_off {
+            sqlx::raw_sql("PRAGMA foreign_keys = ON")
+                .execute(pool)
+                .await
+                .map_err(backend)?;
+        }
     }
     Ok(())
 }
+
+/// The first line of a migration that must run with foreign keys off.
+const FOREIGN_KEYS_OFF: &str = "-- foreign keys off";
 
 fn backend(e: sqlx::Error) -> StoreError {
     StoreError::unavailable(e)

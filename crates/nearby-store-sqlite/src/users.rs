@@ -88,6 +88,28 @@ ALTER TABLE friend_edges_v3 RENAME TO friend_edges;
     expires_at  INTEGER NOT NULL
 );
 CREATE INDEX ws_tickets_token ON ws_tickets(token_hash);",
+    // Ids are never reused: a plain `INTEGER PRIMARY KEY` hands a deleted
+    // account's id (when it was the highest) to the next sign-up, and with
+    // it whatever of the old account still pointed at the id (history
+    // points written after the delete, stranger aliases). AUTOINCREMENT
+    // keeps the highest id ever given in `sqlite_sequence`. Rebuilt with
+    // foreign keys off (SQLite's own procedure for a changed table), so
+    // dropping the old table cascades nothing.
+    r#"-- foreign keys off
+CREATE TABLE users_v10 (
+    id                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    username           TEXT NOT NULL UNIQUE,
+    password_hash      TEXT NOT NULL,
+    created_at         INTEGER NOT NULL DEFAULT (unixepoch() * 1000),
+    ghost_until        INTEGER,
+    discoverable_until INTEGER
+);
+INSERT INTO users_v10 (id, username, password_hash, created_at, ghost_until, discoverable_until)
+    SELECT id, username, password_hash, created_at, ghost_until, discoverable_until
+    FROM users ORDER BY id;
+DROP TABLE users;
+ALTER TABLE users_v10 RENAME TO users;
+"#,
 ];
 
 /// `friend_edges.status` of a mutual friendship (migration 3), spelled as

@@ -134,6 +134,9 @@ pub struct ServeArgs {
     /// WebSocket tickets per minute per user (burst half of it); each is a store write [default: 60].
     #[arg(long, env = "NEARBY_WS_TICKETS_PER_MIN")]
     pub ws_tickets_per_min: Option<u32>,
+    /// State changes per minute per user (burst half of it): friend requests, sharing, ghost, discoverable, history deletes [default: 60].
+    #[arg(long, env = "NEARBY_CHANGES_PER_MIN")]
+    pub changes_per_min: Option<u32>,
     /// SO_SNDBUF of accepted sockets in bytes; caps kernel memory per client that stops reading [default: 0, kernel autotuning].
     #[arg(long, env = "NEARBY_SOCKET_SEND_BUFFER")]
     pub socket_send_buffer: Option<usize>,
@@ -238,6 +241,7 @@ impl ServeArgs {
             login_account_failures_per_hour,
             signups_per_ip_per_hour,
             ws_tickets_per_min,
+            changes_per_min,
             socket_send_buffer,
             limit_loopback,
             drain_secs,
@@ -335,6 +339,7 @@ impl ServeArgs {
                 .signups_per_ip_per_hour
                 .unwrap_or(d.signups_per_ip_per_hour),
             ws_tickets_per_min: merged.ws_tickets_per_min.unwrap_or(d.ws_tickets_per_min),
+            changes_per_min: merged.changes_per_min.unwrap_or(d.changes_per_min),
             socket_send_buffer: merged.socket_send_buffer.unwrap_or(d.socket_send_buffer),
             limit_loopback: merged.limit_loopback.unwrap_or(d.limit_loopback),
         };

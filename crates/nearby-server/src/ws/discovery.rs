@@ -209,13 +209,6 @@ impl Conn {
         self.show_strangers(event);
     }
 
-    /// The user's relations changed (read from the store): none of them is
-    /// ever shown as a stranger.
-    pub(super) fn set_related(&mut self, related: Vec<UserId>) {
-        let events = self.discovery.table.set_related(related);
-        self.show_strangers(events);
-    }
-
     /// Drops the strangers shown whom the store no longer holds
     /// discoverable (their notice may have been lost).
     pub(super) async fn recheck_strangers(&mut self) {
@@ -242,7 +235,9 @@ impl Conn {
     }
 
     /// The `discoverable` frame: the same as the REST call, then applied
-    /// here at once (the user's other sessions re-read the store).
+    /// here at once (the user's other sessions re-read the store). Always
+    /// answered: a `discoverable` frame with the state, even if it did not
+    /// change, or an `error`.
     pub(super) async fn on_discoverable(&mut self, enabled: bool, until: Option<i64>) {
         let me = self.session.user();
         match crate::strangers::set_discoverable(&self.st, me, enabled, until).await {
@@ -251,7 +246,12 @@ impl Conn {
                     (false, _) => None,
                     (true, until) => Some(until.unwrap_or(nearby_ports::GHOST_FOREVER)),
                 };
-                self.sync_discovery(now_ms()).await;
+                let now = now_ms();
+                if self.discoverable_state(now) == self.discovery.told {
+                    self.out
+                        .push(ServerFrame::Discoverable(self.discovery.told));
+                }
+                self.sync_discovery(now).await;
             }
             Err(e) => self.out.push(ServerFrame::error(e.code, e.message)),
         }
