@@ -174,11 +174,8 @@ async fn delete_account(one: &Server, two: &Server) {
     let (st, err) = delete(None).await;
     assert_eq!(
         (st, &err["code"]),
-        (
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            &json!("unsupported_media_type")
-        ),
-        "{err}"
+        (StatusCode::BAD_REQUEST, &json!("bad_json")),
+        "a call without a body needs no Content-Type: {err}"
     );
     let (st, err) = delete(Some(json!({ "password": "correct horse" }))).await;
     assert_eq!(
@@ -266,4 +263,162 @@ async fn delete_account(one: &Server, two: &Server) {
     );
     let (st, list) = one.get("/v1/friends", Some(&again.token)).await;
     assert_eq!((st, &list["friends"]), (StatusCode::OK, &json!([])));
+}
+
+#[tokio::test]
+async fn a_deleted_account_leaves_nothing_for_the_next_sign_up() {
+    let server = Server::start(&FAST);
+    let dir = server.data_dir().join("history.db");
+    leaves_nothing(&server, &server, Leftovers::Sqlite(dir)).await;
+}
+
+#[tokio::test]
+async fn a_deleted_account_leaves_nothing_for_the_next_sign_up_on_two_nodes() {
+    let Some(nodes) = TwoNodes::start_with(&FAST).await else {
+        return;
+    };
+    let url = nodes.db.url.clone();
+    leaves_nothing(&nodes.a, &nodes.b, Leftovers::Postgres(url)).await;
+}
+
+/// Reports as fast as a user may.
+const FAST: [&str; 4] = ["--user-updates-per-sec", "100", "--updates-per-sec", "100"];
+
+/// Where to count the points a deleted id still has, behind the API.
+enum Leftovers {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Leftovers {
+    async fn points_of(&self, id: &str) -> i64 {
+        let id: i64 = id.parse().expect("numeric id");
+        match self {
+            Self::Sqlite(path) => {
+                use sqlx::Connection;
+                let opts = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(path)
+                    .read_only(true);
+                let mut conn = sqlx::SqliteConnection::connect_with(&opts)
+                    .await
+                    .expect("open history.db");
+                let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM history WHERE user_id = ?")
+                    .bind(id)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("count");
+                n
+            }
+            Self::Postgres(url) => {
+                sqlx_count(
+                    url,
+                    &format!("SELECT count(*) FROM location_history WHERE user_id = {id}"),
+                )
+                .await
+                .0
+            }
+        }
+    }
+}
+
+/// The rounds: an account reporting right up to its deletion (its
+/// socket on `two`, the delete through `one`), then a new sign-up. The new
+/// account never gets the old id, and nothing of the old one (history,
+/// cached position, relations, discoverability, tokens) ever shows under
+/// it; the old id's history is gone when the delete answers on the node
+/// that holds the socket, and within the second pass elsewhere.
+async fn leaves_nothing(one: &Server, two: &Server, leftovers: Leftovers) {
+    let watcher = one.user("watcher").await;
+    for round in 0..4 {
+        let victim = two.user(&format!("victim{round}")).await;
+        victim.befriend(&watcher).await;
+        watcher.befriend(&victim).await;
+        let (st, body) = victim
+            .req(Method::PUT, "/v1/me/discoverable", Some(json!({})))
+            .await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        let (mut ws, _) = victim.connect(two).await;
+        // Reporting until the socket is closed under it.
+        let reporter = tokio::spawn(async move {
+            for i in 0..u32::MAX {
+                let north = 10.0 * f64::from(i % 50);
+                let (lat, lon) = common::north_of(37.5665, 126.978, north);
+                if futures_util::SinkExt::send(
+                    &mut ws.stream,
+                    Message::text(
+                        json!({ "type": "location", "lat": lat, "lon": lon }).to_string(),
+                    ),
+                )
+                .await
+                .is_err()
+                {
+                    return i;
+                }
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            u32::MAX
+        });
+        // Some points are written before the delete.
+        let mut before = Vec::new();
+        for _ in 0..50 {
+            before = history_ts(two, &victim).await;
+            if !before.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!before.is_empty(), "round {round}: no point written");
+        let (st, body) = victim
+            .req(
+                Method::DELETE,
+                "/v1/me",
+                Some(json!({ "username": victim.name, "password": "correct horse" })),
+            )
+            .await;
+        assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+        if std::ptr::eq(one, two) {
+            // One node: complete when it answers, and stays so while the
+            // socket still reports until it learns.
+            assert_eq!(leftovers.points_of(&victim.id).await, 0, "round {round}");
+        }
+        let newbie = one.user(&format!("newbie{round}")).await;
+        let (old, new): (i64, i64) = (
+            victim.id.parse().expect("id"),
+            newbie.id.parse().expect("id"),
+        );
+        assert!(new > old, "round {round}: id {old} given again as {new}");
+        let sent = tokio::time::timeout(Duration::from_secs(10), reporter)
+            .await
+            .expect("the deleted account's socket is closed")
+            .expect("reporter");
+        assert!(sent > 0);
+        // Nothing of the old account under the new one.
+        assert!(history_ts(one, &newbie).await.is_empty(), "round {round}");
+        let (mut ws, snap) = newbie.connect(one).await;
+        assert!(snap["self_location"].is_null(), "round {round}: {snap}");
+        assert_eq!(snap["relations"], json!([]), "round {round}: {snap}");
+        assert_eq!(snap["discoverable"]["enabled"], false, "{snap}");
+        let (_, list) = one.get("/v1/friends", Some(&watcher.token)).await;
+        assert!(
+            list["friends"].as_array().is_some_and(|f| f
+                .iter()
+                .all(|f| f["id"] != newbie.id && f["id"] != victim.id)),
+            "round {round}: {list}"
+        );
+        let (st, _) = one.get("/v1/friends", Some(&victim.token)).await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED);
+        // The old id's points are gone for good (the second pass covers a
+        // queue on another node), and the newcomer's own are kept.
+        ws.send_location(37.5665, 126.978).await;
+        let mut left = -1;
+        for _ in 0..100 {
+            left = leftovers.points_of(&victim.id).await;
+            if left == 0 && history_ts(one, &newbie).await.len() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(left, 0, "round {round}: the deleted id keeps points");
+        assert_eq!(history_ts(one, &newbie).await.len(), 1, "round {round}");
+    }
 }

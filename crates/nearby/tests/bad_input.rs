@@ -522,3 +522,246 @@ async fn logout_closes_the_sessions_of_that_token_only() {
     let (st, _) = laptop.req(Method::GET, "/v1/friends", None).await;
     assert_eq!(st, StatusCode::OK);
 }
+
+/// The contract breaks the adversarial client found: arrays where the docs
+/// say object, a body-less call that needs a body, and a `discoverable`
+/// frame that changes nothing (each is answered).
+#[tokio::test]
+async fn bodies_are_objects_and_every_discoverable_frame_is_answered() {
+    let server = Server::start(&[]);
+    let alice = server.user("alice").await;
+    let bob = server.user("bob").await;
+    alice.befriend(&bob).await;
+    bob.befriend(&alice).await;
+    let http = reqwest::Client::new();
+    let sharing = format!("/v1/friends/{}/sharing", bob.id);
+    for (method, path, token, body) in [
+        (
+            Method::POST,
+            "/v1/users",
+            None,
+            json!(["carol", "correct horse"]),
+        ),
+        (
+            Method::POST,
+            "/v1/sessions",
+            None,
+            json!(["alice", "correct horse"]),
+        ),
+        (
+            Method::PUT,
+            sharing.as_str(),
+            Some(&alice.token),
+            json!([false]),
+        ),
+        (Method::PUT, "/v1/me/ghost", Some(&alice.token), json!([])),
+        (
+            Method::PUT,
+            "/v1/me/discoverable",
+            Some(&alice.token),
+            json!([null]),
+        ),
+        (
+            Method::DELETE,
+            "/v1/me",
+            Some(&alice.token),
+            json!(["alice", "correct horse"]),
+        ),
+        (Method::PUT, "/v1/me/ghost", Some(&alice.token), json!("x")),
+        (Method::PUT, "/v1/me/ghost", Some(&alice.token), json!(5)),
+    ] {
+        let (st, resp) = common::call(
+            &http,
+            method.clone(),
+            &format!("{}{path}", server.base),
+            token.map(String::as_str),
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(
+            (st, code(&resp)),
+            (StatusCode::BAD_REQUEST, "bad_json"),
+            "{method} {path} {body}"
+        );
+    }
+    // Nothing of those happened.
+    let (st, _) = server
+        .post(
+            "/v1/sessions",
+            None,
+            json!({ "username": "carol", "password": "correct horse" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "no carol was made");
+    let (_, ghost) = alice.req(Method::GET, "/v1/me/ghost", None).await;
+    assert_eq!(ghost["ghost"], false, "{ghost}");
+    // Body-less calls that need a body: 400, no Content-Type needed.
+    for (method, path) in [
+        (Method::DELETE, "/v1/me"),
+        (Method::PUT, "/v1/me/ghost"),
+        (Method::PUT, sharing.as_str()),
+    ] {
+        let (st, resp) = alice.req(method.clone(), path, None).await;
+        assert_eq!(
+            (st, code(&resp)),
+            (StatusCode::BAD_REQUEST, "bad_json"),
+            "{method} {path}"
+        );
+    }
+
+    // Six `discoverable` frames, three of them changing nothing: six answers.
+    let (mut ws, snap) = alice.connect(&server).await;
+    assert_eq!(snap["discoverable"]["enabled"], false);
+    for enabled in [false, true, true, false, false, true] {
+        ws.send_text(json!({ "type": "discoverable", "enabled": enabled }).to_string())
+            .await;
+        let f = ws.next_json().await;
+        assert_eq!(
+            (f["type"].as_str(), f["enabled"].as_bool()),
+            (Some("discoverable"), Some(enabled)),
+            "{f}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn state_changes_are_limited_per_user_and_viewers_get_a_bounded_number_of_frames() {
+    let server = Server::start(&[]);
+    toggle_flood(&server, &server).await;
+}
+
+#[tokio::test]
+async fn state_changes_are_limited_per_user_across_nodes() {
+    let Some(nodes) = common::TwoNodes::start().await else {
+        return;
+    };
+    toggle_flood(&nodes.a, &nodes.b).await;
+}
+
+/// Frames of `ws` for `d`, counting those that say something about `id`
+/// (a friend's place or row, a stranger's) or any stranger.
+async fn count_frames(ws: &mut common::Ws, d: Duration) -> usize {
+    let end = tokio::time::Instant::now() + d;
+    let mut n = 0;
+    while let Some(m) = ws
+        .next_message(end.saturating_duration_since(tokio::time::Instant::now()))
+        .await
+    {
+        if matches!(m, Message::Text(_)) {
+            n += 1;
+        }
+    }
+    n + std::mem::take(&mut ws.account).len()
+}
+
+/// 600 sharing toggles and 600 discoverable toggles as fast as a client
+/// can send them (the flood), on the default limit of 60 changes
+/// a minute (burst 30): the rest are `429 too_many_changes` with
+/// `Retry-After`, and the friend and the stranger watching get a number
+/// of frames bounded by the changes accepted, not by the flood.
+async fn toggle_flood(one: &Server, two: &Server) {
+    let (alice, bob) = one.friends("alice", "bob").await;
+    let (mut b, _) = bob.connect(two).await;
+    let (mut a, _) = alice.connect(one).await;
+    b.send_location(37.5665, 126.978).await;
+    common::until_seen(&mut a, &mut b, &alice.id, Duration::from_secs(5)).await;
+    let http = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let mut accepted = 0u32;
+    for i in 0..600 {
+        let resp = http
+            .put(format!("{}/v1/friends/{}/sharing", one.base, bob.id))
+            .bearer_auth(&alice.token)
+            .json(&json!({ "enabled": i % 2 == 1 }))
+            .send()
+            .await
+            .expect("send");
+        match resp.status() {
+            StatusCode::OK => accepted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                let wait: u64 = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .expect("Retry-After");
+                assert!((1..=60).contains(&wait), "{wait}");
+                assert_eq!(code(&resp.json().await.expect("json")), "too_many_changes");
+            }
+            other => panic!("toggle {i}: {other}"),
+        }
+    }
+    let secs = started.elapsed().as_secs() as u32;
+    println!("sharing: {accepted} of 600 toggles accepted in {secs} s");
+    // (Her friend request took one change of the burst of 30.)
+    assert!(accepted >= 29, "the burst is there: {accepted}");
+    assert!(accepted <= 29 + secs + 1, "{accepted} accepted in {secs} s");
+    // Each accepted toggle costs Bob at most three frames (Alice's place or
+    // her leaving, her row, and a re-read's answer).
+    let frames = count_frames(&mut b, Duration::from_millis(500)).await;
+    println!("sharing: {frames} frames reached the friend");
+    assert!(
+        frames <= 3 * accepted as usize,
+        "{frames} frames for {accepted} changes"
+    );
+    // The other calls that change state share the same budget.
+    for (method, path, body) in [
+        (Method::PUT, "/v1/me/ghost".to_owned(), Some(json!({}))),
+        (Method::DELETE, format!("/v1/friends/{}", bob.id), None),
+        (
+            Method::PUT,
+            "/v1/me/discoverable".to_owned(),
+            Some(json!({})),
+        ),
+        (Method::DELETE, "/v1/me/history".to_owned(), None),
+    ] {
+        let (st, resp) = alice.req(method.clone(), &path, body).await;
+        assert_eq!(
+            (st, code(&resp)),
+            (StatusCode::TOO_MANY_REQUESTS, "too_many_changes"),
+            "{method} {path}"
+        );
+    }
+    // So does the WebSocket frame, answered with an error.
+    a.send_text(json!({ "type": "discoverable", "enabled": true }).to_string())
+        .await;
+    a.expect_error("too_many_changes").await;
+
+    // Discoverable toggles by Carol, next to Dave, who watches strangers.
+    let (carol, dave) = (two.user("carol").await, one.user("dave").await);
+    let (mut c, _) = carol.connect(two).await;
+    let (mut d, _) = dave.connect(one).await;
+    c.send_location(37.5665, 126.978).await;
+    d.send_location(37.5670, 126.978).await;
+    d.send_text(json!({ "type": "discoverable", "enabled": true }).to_string())
+        .await;
+    assert_eq!(d.next_json().await["type"], "discoverable");
+    let (st, resp) = carol
+        .req(Method::PUT, "/v1/me/discoverable", Some(json!({})))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{resp}");
+    assert_eq!(d.next_json().await["type"], "stranger_nearby");
+    let started = std::time::Instant::now();
+    let mut accepted = 0u32;
+    for i in 0..600 {
+        let on = i % 2 == 1;
+        let method = if on { Method::PUT } else { Method::DELETE };
+        let (st, resp) = carol
+            .req(method, "/v1/me/discoverable", on.then(|| json!({})))
+            .await;
+        match st {
+            StatusCode::OK | StatusCode::NO_CONTENT => accepted += 1,
+            StatusCode::TOO_MANY_REQUESTS => assert_eq!(code(&resp), "too_many_changes"),
+            other => panic!("toggle {i}: {other} {resp}"),
+        }
+    }
+    let secs = started.elapsed().as_secs() as u32;
+    println!("discoverable: {accepted} of 600 toggles accepted in {secs} s");
+    assert!(accepted <= 29 + secs + 1, "{accepted} accepted in {secs} s");
+    let frames = count_frames(&mut d, Duration::from_millis(500)).await;
+    println!("discoverable: {frames} frames reached the stranger");
+    assert!(
+        frames <= accepted as usize,
+        "{frames} frames for {accepted} changes"
+    );
+    drop(c);
+}

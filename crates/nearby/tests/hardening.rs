@@ -508,6 +508,21 @@ async fn contract_refusals_have_json_bodies() {
         431,
         "headers_too_large",
     );
+    // Past the HTTP layer's own default of 100 headers too: still our JSON.
+    for n in [120, 200, 500] {
+        let mut req = http.get(format!("{}/healthz", server.base));
+        for i in 0..n {
+            req = req.header(format!("x-h{i}"), "v");
+        }
+        let resp = req.send().await.expect("send");
+        let st = resp.status();
+        check(
+            st,
+            &resp.text().await.expect("body"),
+            431,
+            "headers_too_large",
+        );
+    }
     for limit in ["-1", "99999999999999999999", "0"] {
         let (st, body) = alice
             .req(

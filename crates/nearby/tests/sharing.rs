@@ -11,6 +11,7 @@ use common::{assert_left, until_seen, Server, TwoNodes, User, Ws};
 use nearby_geo::{Point, CELL_DEG};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 const SEOUL: (f64, f64) = (37.5665, 126.978);
 
@@ -336,4 +337,82 @@ async fn approximate(one: &Server, two: &Server) {
          same observations)"
     );
     assert!(e1.max(e2) >= apart / 2.0 - 1.0);
+}
+
+/// Changes as fast as the race needs them.
+const UNLIMITED: [&str; 2] = ["--changes-per-min", "1000000"];
+
+#[tokio::test]
+async fn the_last_sharing_toggle_wins_at_once() {
+    let server = Server::start(&UNLIMITED);
+    last_toggle_wins(&server, &server).await;
+}
+
+#[tokio::test]
+async fn the_last_sharing_toggle_wins_at_once_across_nodes() {
+    let Some(nodes) = TwoNodes::start_with(&UNLIMITED).await else {
+        return;
+    };
+    last_toggle_wins(&nodes.a, &nodes.b).await;
+}
+
+/// The issue's race, 500 rounds: Alice turns sharing with Bob off, on and
+/// off (or on, off and on) as fast as she can, the calls through both
+/// nodes in turn when there are two. Once Bob's socket has the changes' rows,
+/// what it shows of Alice must be what the store says within a second, in
+/// both directions: shown after a final "on", hidden after a final "off".
+async fn last_toggle_wins(one: &Server, two: &Server) {
+    let (alice, bob) = one.friends("alice", "bob").await;
+    let (mut a, _) = alice.connect(one).await;
+    let (mut b, _) = bob.connect(two).await;
+    b.send_location(SEOUL.0, SEOUL.1).await;
+    until_seen(&mut a, &mut b, &alice.id, Duration::from_secs(5)).await;
+    let mut shown = true;
+    let mut healed_late = 0u32;
+    for round in 0..500 {
+        // Off, on, off (or on, off, on): every call changes the store.
+        let last_on = round % 2 == 1;
+        for (server, enabled) in [(one, last_on), (two, !last_on), (one, last_on)] {
+            let (st, body) = share(server, &alice, &bob, json!({ "enabled": enabled })).await;
+            assert_eq!(st, StatusCode::OK, "round {round}: {body}");
+        }
+        // The three rows reached Bob: every message of the round was taken.
+        let mut rows = 0;
+        let mut late = false;
+        let end = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            while let Some(row) = b.account.pop_front() {
+                assert_eq!(row["id"], alice.id.as_str(), "{row}");
+                rows += 1;
+            }
+            if rows >= 3 {
+                if shown == last_on {
+                    healed_late += u32::from(late);
+                    break;
+                }
+                late = true;
+            }
+            let now = tokio::time::Instant::now();
+            assert!(
+                now < end,
+                "round {round}: sharing is {} in the store, Bob's socket shows her {} ({rows} rows)",
+                if last_on { "on" } else { "off" },
+                if shown { "shown" } else { "hidden" },
+            );
+            if let Some(Message::Text(t)) = b.next_message_or_account(end - now).await {
+                let f: Value = serde_json::from_str(t.as_str()).expect("json");
+                if f["id"] == alice.id.as_str() {
+                    match f["type"].as_str() {
+                        Some("friend_location") => shown = true,
+                        Some("friend_left") => shown = false,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        assert!(rows == 3, "round {round}: {rows} rows");
+        while a.next_message(Duration::ZERO).await.is_some() {}
+        a.account.clear();
+    }
+    println!("500 rounds; {healed_late} waited for a re-read after the last row");
 }

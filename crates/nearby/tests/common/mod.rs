@@ -479,6 +479,12 @@ impl Ws {
         self.next_until(within, None).await
     }
 
+    /// Like [`Ws::next_message`], but also returns (`None`) as soon as an
+    /// account event is set aside in `account`.
+    pub async fn next_message_or_account(&mut self, within: Duration) -> Option<Message> {
+        self.next_until(within, Some(Aside::Account)).await
+    }
+
     /// The next message, or (with `stop_at`) the next account event or
     /// interval (set aside, `None` returned), or `None` at `within`.
     async fn next_until(&mut self, within: Duration, stop_at: Option<Aside>) -> Option<Message> {
