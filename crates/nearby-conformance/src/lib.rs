@@ -119,10 +119,15 @@ pub async fn pubsub(bus: &dyn PubSub, ns: i64) {
     bus.unsubscribe(&s2, &[ch, Channel::Inbox(u2)]);
 }
 
+/// The next message, past the re-read requests a revocation queues behind
+/// itself (`Mail::Resync`, not a message of the bus).
 async fn recv(r: &mut Mailbox) -> Option<BusMessage> {
-    match tokio::time::timeout(Duration::from_secs(5), r.recv()).await {
-        Ok(Some(Mail::Message(m))) => Some(m),
-        _ => None,
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), r.recv()).await {
+            Ok(Some(Mail::Message(m))) => return Some(m),
+            Ok(Some(Mail::Resync)) => continue,
+            _ => return None,
+        }
     }
 }
 
