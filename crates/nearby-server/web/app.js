@@ -118,6 +118,7 @@ const SENTENCES = {
   invalid_password: 'Use 8 to 128 characters.',
   too_many_attempts: 'Too many tries: wait a little, then try again.',
   too_many_signups: 'Too many sign-ups from this network: try again later.',
+  too_many_changes: 'Too many changes in a short time: wait a moment, then try again.',
   not_friends: 'You are not friends (any more): the list is refreshed.',
 };
 function describe(err) {
