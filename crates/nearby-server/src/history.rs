@@ -99,6 +99,7 @@ impl HistoryQueue {
     /// are refused, whichever session of this node still reports them.
     pub fn refuse(&self, user: UserId) {
         let mut f = self.forgotten.lock().unwrap_or_else(|e| e.into_inner());
+        f.retain(|(_, at)| at.elapsed() < FORGET_FOR);
         f.push((user, std::time::Instant::now()));
         self.any_forgotten.store(true, Ordering::Release);
     }
@@ -206,5 +207,53 @@ async fn write_loop(q: Arc<HistoryQueue>, store: Arc<dyn HistoryStore>, metrics:
         }
         q.settled.fetch_add(1, Ordering::AcqRel);
         q.settle.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nearby_core::Location;
+
+    fn at(user: i64, ts: i64) -> HistoryEntry {
+        HistoryEntry {
+            user: UserId(user),
+            loc: Location::new(37.5, 127.0, ts).expect("valid"),
+        }
+    }
+
+    /// A deleted account: its queued points are dropped, the writer's batch
+    /// in flight lands before `discard` returns, and its later points are
+    /// refused, while another user's are all kept.
+    #[tokio::test]
+    async fn a_deleted_account_leaves_nothing_behind_in_the_queue() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(
+            nearby_store_sqlite::SqliteHistoryStore::open(&dir.path().join("h.db"))
+                .await
+                .expect("open"),
+        );
+        let q = HistoryQueue::start(
+            store.clone(),
+            1000,
+            7,
+            Duration::from_millis(5),
+            Arc::new(Metrics::new()),
+        );
+        for ts in 1..=100 {
+            q.push(at(1, ts));
+            q.push(at(2, ts));
+        }
+        q.refuse(UserId(1));
+        assert!(q.discard(UserId(1), Duration::from_secs(5)).await);
+        store.delete_user(UserId(1)).await.expect("delete");
+        for ts in 101..=150 {
+            q.push(at(1, ts));
+            q.push(at(2, ts));
+        }
+        q.close_and_flush(Duration::from_secs(5)).await;
+        let points = |u| store.range(UserId(u), 0, i64::MAX, 10_000);
+        assert!(points(1).await.expect("range").is_empty());
+        assert_eq!(points(2).await.expect("range").len(), 150);
     }
 }
