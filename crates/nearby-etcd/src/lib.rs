@@ -18,6 +18,9 @@
 //!
 //! A value that is not valid JSON with a `redis://` or `rediss://` URL, or a
 //! name that is not a valid member name, is logged and skipped.
+//!
+//! etcd is spoken to through its JSON gateway (`gateway`), so building needs
+//! nothing but Rust.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -25,11 +28,11 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions, WatchResponse,
-};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+
+mod gateway;
+use gateway::{Gateway, WatchResponse, REQUEST_TIMEOUT};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/nearby/ring/";
@@ -39,7 +42,7 @@ pub const DEFAULT_PREFIX: &str = "/nearby/ring/";
 pub enum Error {
     /// etcd could not be reached or refused the request.
     #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(String),
     /// A name or URL that cannot be a ring member.
     #[error("{0}")]
     Invalid(String),
@@ -115,30 +118,16 @@ fn parse(prefix: &str, key: &[u8], value: &[u8]) -> Option<Member> {
     member
 }
 
-/// How long one request to etcd may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-
-fn options() -> ConnectOptions {
-    // HTTP/2 pings find a silently dead connection (a partition; a killed
-    // etcd resets it at once). Not more often than every 5 s: etcd's
-    // default `--grpc-keepalive-min-time`, below which it closes the
-    // connection for "too many pings".
-    ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(REQUEST_TIMEOUT)
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-}
-
 /// A connection to etcd, scoped to one key prefix.
 pub struct Registry {
-    client: Client,
+    client: Gateway,
     prefix: String,
 }
 
 impl Registry {
     /// Connects to `endpoints` (`http://host:port`, or `host:port`).
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, Error> {
-        let client = Client::connect(endpoints, Some(options())).await?;
+        let client = Gateway::connect(endpoints).await?;
         Ok(Self {
             client,
             prefix: prefix.to_owned(),
@@ -152,15 +141,10 @@ impl Registry {
     /// The members, by name, and the store's revision they were read at.
     pub async fn list(&mut self) -> Result<(Vec<Member>, i64), Error> {
         let start = format!("{}members/", self.prefix);
-        let resp = self
-            .client
-            .get(start, Some(GetOptions::new().with_prefix()))
-            .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let members = resp
-            .kvs()
+        let (kvs, revision) = self.client.range_prefix(&start).await?;
+        let members = kvs
             .iter()
-            .filter_map(|kv| parse(&self.prefix, kv.key(), kv.value()))
+            .filter_map(|kv| parse(&self.prefix, &kv.key, &kv.value))
             .collect();
         Ok((members, revision))
     }
@@ -168,8 +152,8 @@ impl Registry {
     /// Removes `name`; returns whether it was a member.
     pub async fn leave(&mut self, name: &str) -> Result<bool, Error> {
         validate_name(name)?;
-        let resp = self.client.delete(self.key(name), None).await?;
-        Ok(resp.deleted() > 0)
+        let key = self.key(name);
+        Ok(self.client.delete(&key).await? > 0)
     }
 
     /// Registers `name` → `url` under a lease of `ttl` and keeps it alive
@@ -249,14 +233,9 @@ impl Registry {
     }
 
     async fn register(&mut self, name: &str, value: &str, ttl_s: i64) -> Result<i64, Error> {
-        let id = self.client.lease_grant(ttl_s, None).await?.id();
-        self.client
-            .put(
-                self.key(name),
-                value,
-                Some(PutOptions::new().with_lease(id)),
-            )
-            .await?;
+        let id = self.client.lease_grant(ttl_s).await?;
+        let key = self.key(name);
+        self.client.put(&key, value, id).await?;
         Ok(id)
     }
 
@@ -275,16 +254,7 @@ impl Registry {
 
     /// One keep-alive round trip; false if the lease no longer exists.
     async fn renew(&mut self, id: i64) -> Result<bool, Error> {
-        let round = async {
-            let (mut keeper, mut stream) = self.client.lease_keep_alive(id).await?;
-            keeper.keep_alive().await?;
-            let resp = stream.message().await?;
-            Ok::<_, Error>(resp.is_some_and(|r| r.ttl() > 0))
-        };
-        match tokio::time::timeout(REQUEST_TIMEOUT, round).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::Invalid("lease keep-alive timed out".into())),
-        }
+        self.client.keep_alive(id).await
     }
 }
 
@@ -365,8 +335,7 @@ impl Follower {
                     rev + 1
                 }
             };
-            let opts = WatchOptions::new().with_prefix().with_start_revision(from);
-            let (_watcher, mut stream) = reg.client.watch(start.clone(), Some(opts)).await?;
+            let mut stream = reg.client.watch(&start, from).await?;
             if self.stale {
                 self.stale = false;
                 if self.events.send(Event::Stale(false)).await.is_err() {
@@ -374,14 +343,12 @@ impl Follower {
                 }
             }
             loop {
-                let Some(resp) = stream.message().await? else {
-                    return Err(Error::Invalid("etcd closed the watch".into()));
-                };
-                if resp.compact_revision() > 0 || resp.canceled() {
+                let resp = stream.message().await?;
+                if resp.compact_revision > 0 || resp.canceled {
                     // What was missed is gone from etcd's history: start
                     // over from a full load.
                     tracing::warn!(
-                        compacted = resp.compact_revision(),
+                        compacted = resp.compact_revision,
                         "ring watch compacted or canceled; reloading the members"
                     );
                     self.revision = None;
@@ -410,31 +377,30 @@ fn apply(
     resp: &WatchResponse,
 ) -> bool {
     let before = members.clone();
-    for ev in resp.events() {
-        let Some(kv) = ev.kv() else { continue };
-        let name = std::str::from_utf8(kv.key())
+    for ev in &resp.events {
+        let Some(kv) = &ev.kv else { continue };
+        let name = std::str::from_utf8(&kv.key)
             .ok()
             .and_then(|k| k.strip_prefix(prefix))
             .and_then(|k| k.strip_prefix("members/"))
             .map(str::to_owned);
         let Some(name) = name else { continue };
-        match ev.event_type() {
-            EventType::Put => match parse(prefix, kv.key(), kv.value()) {
+        if ev.kind == "DELETE" {
+            members.remove(&name);
+        } else {
+            match parse(prefix, &kv.key, &kv.value) {
                 Some(m) => {
                     members.insert(name, m);
                 }
                 None => {
                     members.remove(&name);
                 }
-            },
-            EventType::Delete => {
-                members.remove(&name);
             }
         }
-        *revision = Some(revision.unwrap_or(0).max(kv.mod_revision()));
+        *revision = Some(revision.unwrap_or(0).max(kv.mod_revision));
     }
-    if let Some(h) = resp.header() {
-        *revision = Some(revision.unwrap_or(0).max(h.revision()));
+    if resp.header.revision > 0 {
+        *revision = Some(revision.unwrap_or(0).max(resp.header.revision));
     }
     *members != before
 }
