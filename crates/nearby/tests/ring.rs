@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{north_of, until_seen, Server, User, Ws, SEOUL};
+use futures_util::StreamExt;
 use nearby_conformance::services::{self, EtcdProcess, RedisProcess, TempDatabase};
 use serde_json::Value;
 
@@ -138,20 +139,23 @@ const PAIRS: usize = 40;
 
 /// `PAIRS` friend pairs, one of each on each node, all connected.
 async fn pairs(a: &Server, b: &Server) -> Vec<(User, User, Ws, Ws)> {
-    let mut out = Vec::new();
-    for i in 0..PAIRS {
-        let x = a.user(&format!("xx{i}")).await;
-        let y = b.user(&format!("yy{i}")).await;
-        x.befriend(&y).await;
-        y.befriend(&x).await;
-        let (mut wx, _) = x.connect(a).await;
-        let (mut wy, _) = y.connect(b).await;
-        // Both have a position, so each can see the other.
-        wx.send_location(SEOUL.0, SEOUL.1).await;
-        wy.send_location(SEOUL.0, SEOUL.1).await;
-        out.push((x, y, wx, wy));
-    }
-    out
+    // A few at a time: each sign-up and login is a full argon2id hash.
+    futures_util::stream::iter(0..PAIRS)
+        .map(|i| async move {
+            let x = a.user(&format!("xx{i}")).await;
+            let y = b.user(&format!("yy{i}")).await;
+            x.befriend(&y).await;
+            y.befriend(&x).await;
+            let (mut wx, _) = x.connect(a).await;
+            let (mut wy, _) = y.connect(b).await;
+            // Both have a position, so each can see the other.
+            wx.send_location(SEOUL.0, SEOUL.1).await;
+            wy.send_location(SEOUL.0, SEOUL.1).await;
+            (x, y, wx, wy)
+        })
+        .buffered(8)
+        .collect()
+        .await
 }
 
 /// Every pair delivers both ways within `within` (each side moves until the
