@@ -197,7 +197,7 @@ impl Registry {
             }
             let ok = healthy().await;
             lease = match (lease, ok) {
-                (Some(id), true) => match self.renew(id).await {
+                (Some(id), true) => match self.client.keep_alive(id).await {
                     Ok(true) => Some(id),
                     Ok(false) => {
                         tracing::warn!(name, "lease expired; joining again");
@@ -250,11 +250,6 @@ impl Registry {
                 None
             }
         }
-    }
-
-    /// One keep-alive round trip; false if the lease no longer exists.
-    async fn renew(&mut self, id: i64) -> Result<bool, Error> {
-        self.client.keep_alive(id).await
     }
 }
 

@@ -89,19 +89,23 @@ impl HistoryQueue {
     }
 
     fn is_forgotten(&self, user: UserId) -> bool {
-        let mut f = self.forgotten.lock().unwrap_or_else(|e| e.into_inner());
-        f.retain(|(_, at)| at.elapsed() < FORGET_FOR);
-        self.any_forgotten.store(!f.is_empty(), Ordering::Release);
-        f.iter().any(|(u, _)| *u == user)
+        self.forgotten_now(|f| f.iter().any(|(u, _)| *u == user))
+    }
+
+    /// Runs `f` on the accounts still refused, the expired ones dropped.
+    fn forgotten_now<R>(&self, f: impl FnOnce(&mut Vec<(UserId, std::time::Instant)>) -> R) -> R {
+        let mut list = self.forgotten.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|(_, at)| at.elapsed() < FORGET_FOR);
+        let r = f(&mut list);
+        self.any_forgotten
+            .store(!list.is_empty(), Ordering::Release);
+        r
     }
 
     /// An account was deleted: from now on (for [`FORGET_FOR`]) its points
     /// are refused, whichever session of this node still reports them.
     pub fn refuse(&self, user: UserId) {
-        let mut f = self.forgotten.lock().unwrap_or_else(|e| e.into_inner());
-        f.retain(|(_, at)| at.elapsed() < FORGET_FOR);
-        f.push((user, std::time::Instant::now()));
-        self.any_forgotten.store(true, Ordering::Release);
+        self.forgotten_now(|f| f.push((user, std::time::Instant::now())));
     }
 
     /// `user`'s queued points go, and this waits (up to `wait`) for the

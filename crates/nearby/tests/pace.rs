@@ -68,27 +68,11 @@ async fn pace(one: &Server, two: &Server) {
     // slow. Bob still shares with her and she is near, but he no longer
     // sees her: what he is told may not depend on where she is, so he
     // goes slow too.
-    let (st, body) = common::call(
-        &reqwest::Client::new(),
-        Method::PUT,
-        &format!("{}/v1/friends/{}/sharing", one.base, bob.id),
-        Some(&alice.token),
-        Some(json!({ "enabled": false })),
-    )
-    .await;
-    assert_eq!(st, StatusCode::OK, "{body}");
+    share_via(one, &alice, &bob, false).await;
     assert_eq!(a.next_interval().await, 30000);
     assert_eq!(b.next_interval().await, 30000, "Bob no longer sees Alice");
     // She shares again: both fast.
-    let (st, body) = common::call(
-        &reqwest::Client::new(),
-        Method::PUT,
-        &format!("{}/v1/friends/{}/sharing", one.base, bob.id),
-        Some(&alice.token),
-        Some(json!({ "enabled": true })),
-    )
-    .await;
-    assert_eq!(st, StatusCode::OK, "{body}");
+    share_via(one, &alice, &bob, true).await;
     assert_eq!(a.next_interval().await, 1000);
     assert_eq!(b.next_interval().await, 1000);
 
@@ -151,15 +135,7 @@ async fn reread(server: &Server, user: &common::User, ws: &mut Ws, on: bool) {
 /// tell fast when it is allowed to).
 async fn oracle(one: &Server, two: &Server) {
     let (alice, fay) = one.friends("alice", "fay").await;
-    let (st, body) = common::call(
-        &reqwest::Client::new(),
-        Method::PUT,
-        &format!("{}/v1/friends/{}/sharing", two.base, alice.id),
-        Some(&fay.token),
-        Some(json!({ "enabled": false })),
-    )
-    .await;
-    assert_eq!(st, StatusCode::OK, "{body}");
+    share_via(two, &fay, &alice, false).await;
     let (mut f, _) = fay.connect(two).await;
     f.send_location(SEOUL.0, SEOUL.1).await;
     let (mut a, snap) = alice.connect(one).await;
@@ -180,17 +156,22 @@ async fn oracle(one: &Server, two: &Server) {
     }
     // Fay shares again and Alice comes back near her: Alice sees her and
     // goes fast.
-    let (st, body) = common::call(
-        &reqwest::Client::new(),
-        Method::PUT,
-        &format!("{}/v1/friends/{}/sharing", two.base, alice.id),
-        Some(&fay.token),
-        Some(json!({ "enabled": true })),
-    )
-    .await;
-    assert_eq!(st, StatusCode::OK, "{body}");
+    share_via(two, &fay, &alice, true).await;
     let (lat, lon) = north_of(SEOUL.0, SEOUL.1, 200.0);
     a.send_location(lat, lon).await;
     assert_eq!(a.next_interval().await, 1000, "Alice sees Fay near now");
     drop(f);
+}
+
+/// `user` turns sharing with `friend` on or off through `server`.
+async fn share_via(server: &Server, user: &common::User, friend: &common::User, enabled: bool) {
+    let (st, body) = common::call(
+        &reqwest::Client::new(),
+        Method::PUT,
+        &format!("{}/v1/friends/{}/sharing", server.base, friend.id),
+        Some(&user.token),
+        Some(json!({ "enabled": enabled })),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
 }
